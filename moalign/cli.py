@@ -1,0 +1,231 @@
+"""The ``moalign`` command line: flags are generated from the config dataclasses, one per command.
+
+Every command accepts ``--config FILE`` (a JSON config, or a run's ``.meta.json``); flags override it.
+Bad input prints one line ``moalign: error: ...`` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from collections.abc import Callable
+
+from moalign.config import (
+    CompareConfig,
+    EvaluateConfig,
+    GenerateConfig,
+    build_config,
+    load_config_file,
+)
+from moalign.errors import MoalignError
+
+
+# ------------------------------------------------------------------------------------ dataclass -> flags
+def _base_type(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    return tp
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default not in (None, "", dataclasses.MISSING) and not isinstance(default, bool):
+            kw["help"] += f" (default: {default})"
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is list:
+            kw["nargs"] = f.metadata.get("nargs", "+")
+            kw["type"] = typing.get_args(tp)[0]
+        else:
+            kw["type"] = tp
+        parser.add_argument(flag, **kw)
+    parser.add_argument("--config", dest="_config", default=None, help="JSON config file (flags override it)")
+
+
+def config_from_args(cls, args: argparse.Namespace, **defaults):
+    values = dict(defaults)
+    if getattr(args, "_config", None):
+        values.update(load_config_file(args._config))
+    values.update({k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"})
+    return build_config(cls, values)
+
+
+# ------------------------------------------------------------------------------------------- commands
+def _print_result(result, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.table())
+
+
+def cmd_generate(args) -> None:
+    from moalign.generate import generate
+
+    cfg = config_from_args(GenerateConfig, args)
+    if not cfg.out:
+        raise MoalignError("--out is required (a JSONL file)")
+    recs = generate(cfg)
+    print(f"wrote {len(recs)} new record(s) to {cfg.out}", file=sys.stderr)
+
+
+def cmd_evaluate(args) -> None:
+    from moalign.evaluation.evaluate import evaluate_files
+
+    cfg = config_from_args(EvaluateConfig, args)
+    result = evaluate_files(cfg)
+    _print_result(result, cfg.json)
+    if cfg.plot:
+        from moalign.evaluation.report import plot_comparison
+
+        plot_comparison(result, cfg.plot)
+        print(f"plot: {cfg.plot}", file=sys.stderr)
+
+
+def cmd_compare(args, demo: bool = False) -> None:
+    from moalign.compare import compare, demo_config
+
+    defaults = dataclasses.asdict(demo_config()) if demo else {}
+    cfg = config_from_args(CompareConfig, args, **defaults)
+    result = compare(cfg)
+    print(result.table())
+    print(f"\nruns, summary.json and comparison.png in {cfg.out_dir}")
+
+
+def cmd_objectives(args) -> None:
+    from moalign.objectives.base import available_objectives
+
+    for name in available_objectives():
+        print(name)
+
+
+def cmd_stats(args) -> None:
+    from moalign.stats import StatsConfig, compute_stats
+
+    cfg = config_from_args(StatsConfig, args)
+    stats = compute_stats(cfg)
+    print(json.dumps(stats.to_dict(), indent=2))
+
+
+def cmd_plot_weights(args) -> None:
+    from moalign.evaluation.report import plot_weight_trajectory
+    from moalign.records import read_records
+
+    recs = read_records(args.input)
+    rec = next((r for r in recs if args.record in (None, r.get("record_id"))), None)
+    if rec is None:
+        raise MoalignError(f"no record {args.record!r} in {args.input}")
+    weights = [b["weights"] for b in rec.get("trace", []) if "weights" in b]
+    if not weights:
+        raise MoalignError(f"record {rec.get('record_id')} has no per-block weights (is it an rmod run?)")
+    names = list(rec["scores"])
+    plot_weight_trajectory(weights, names, args.out, title=f"RMOD weights, prompt {rec.get('record_id')}")
+    print(args.out)
+
+
+def _train_command(module: str, cfg_name: str, fn_name: str) -> Callable:
+    def run(args) -> None:
+        import importlib
+
+        mod = importlib.import_module(module)
+        cfg = config_from_args(getattr(mod, cfg_name), args)
+        result = getattr(mod, fn_name)(cfg)
+        print(json.dumps(result, indent=2, default=str))
+
+    return run
+
+
+# (subcommand, module, config class, function, help)
+TRAIN_COMMANDS = [
+    ("reward", "moalign.objectives.bradley_terry", "TrainRewardConfig", "train_reward",
+     "train a Bradley-Terry reward model for one objective from preference pairs"),
+    ("values", "moalign.decoding.value_heads", "TrainValuesConfig", "train_values",
+     "train CD-FUDGE value heads on the policy's hidden states (for cd/rmod --values PATH)"),
+    ("distill", "moalign.training.distill", "DistillConfig", "train_distill",
+     "fine-tune the policy on its own RMOD outputs (distilled RMOD)"),
+    ("dpo", "moalign.training.dpo", "MODPOConfig", "train_dpo",
+     "multi-objective DPO with a gradient combiner (mgda-decoupled, mgda, linear, ...)"),
+]  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="moalign", description="Multi-objective alignment of language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="decode responses with one method and score them")
+    add_dataclass_flags(p, GenerateConfig)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="per-objective, worst-case and win-rate metrics of runs")
+    add_dataclass_flags(p, EvaluateConfig)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="several methods on the same prompts, evaluated and plotted")
+    add_dataclass_flags(p, CompareConfig)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("demo", help="compare methods on the bundled policy and objectives (a few minutes)")
+    add_dataclass_flags(p, CompareConfig)
+    p.set_defaults(func=lambda a: cmd_compare(a, demo=True))
+
+    p = sub.add_parser("objectives", help="list the registered objectives")
+    p.set_defaults(func=cmd_objectives)
+
+    from moalign.stats import StatsConfig
+
+    p = sub.add_parser("stats", help="z-score statistics of objectives on policy samples (for --normalize)")
+    add_dataclass_flags(p, StatsConfig)
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("plot-weights", help="plot the per-block RMOD weights of one response")
+    p.add_argument("--input", required=True, help="an rmod run (JSONL)")
+    p.add_argument("--record", default=None, help="record_id (default: the first record)")
+    p.add_argument("--out", required=True, help="PNG path")
+    p.set_defaults(func=cmd_plot_weights)
+
+    train = sub.add_parser("train", help="train reward models, value heads, distilled or DPO policies")
+    tsub = train.add_subparsers(dest="what", required=True)
+    for name, module, cfg_name, fn_name, help_ in TRAIN_COMMANDS:
+        try:
+            cfg_cls = getattr(importlib.import_module(module), cfg_name)
+        except (ImportError, AttributeError):
+            continue  # that part is not installed / not available
+        p = tsub.add_parser(name, help=help_)
+        add_dataclass_flags(p, cfg_cls)
+        p.set_defaults(func=_train_command(module, cfg_name, fn_name))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except MoalignError as e:
+        print(f"moalign: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"moalign: error: file not found: {e.filename or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moalign: interrupted (records written so far are kept; rerun to resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

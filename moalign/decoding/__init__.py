@@ -1,0 +1,1 @@
+"""Decoding-time alignment: robust multi-objective decoding (RMOD) and related decoders."""

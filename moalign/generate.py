@@ -1,0 +1,184 @@
+"""The ``generate`` job: prompts -> policy + method -> responses scored by every objective -> JSONL.
+
+Records are written per batch as they are produced; re-running with the same ``--out`` resumes (prompts whose
+records exist are skipped, and since every batch is seeded from the run seed and its position, the resumed
+run produces the same records an uninterrupted one would).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import asdict
+
+import torch
+from tqdm.auto import tqdm
+
+from moalign.config import GenerateConfig, versions
+from moalign.data.prompts import Prompt, load_prompts
+from moalign.decoding.best_of_n import best_of_n_plan
+from moalign.decoding.cd import cd_plan
+from moalign.decoding.engine import BlockwiseEngine, SamplingConfig
+from moalign.decoding.sample import sample_plan
+from moalign.decoding.scalarize import parse_scalarization
+from moalign.decoding.selection import MethodPlan
+from moalign.decoding.values import ObjectiveScorer, RewardOnPrefix
+from moalign.errors import MoalignError
+from moalign.evaluation.metrics import NormStats, fit_norm_stats
+from moalign.objectives.base import Objective, resolve_objectives
+from moalign.objectives.normalize import covers, load_norm_stats, shipped_norm_stats
+from moalign.policies import Policy, load_policy
+from moalign.records import RecordWriter
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def batch_seed(seed: int, first_index: int) -> int:
+    return zlib.crc32(f"{seed}:{first_index}".encode()) & 0x7FFFFFFF
+
+
+def estimate_norm_stats(
+    engine: BlockwiseEngine,
+    prompts: list[Prompt],
+    scorer: ObjectiveScorer,
+    *,
+    n_prompts: int = 8,
+    n_samples: int = 4,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+) -> NormStats:
+    """Fit z-score statistics on plain samples of the policy for the first ``n_prompts`` prompts."""
+    sub = prompts[:n_prompts]
+    res = engine.decode(sub, k=n_samples, block_size=max_new_tokens, max_new_tokens=max_new_tokens,
+                        seed=batch_seed(seed, -1), keep_all=True)  # fmt: skip
+    ps = [r.prompt.text for r in res for _ in r.candidates]
+    rs = [c for r in res for c in r.candidates]
+    raw = scorer.raw(ps, rs)
+    return fit_norm_stats(raw.double().numpy(), scorer.names, source=f"{len(rs)} policy samples on these prompts")
+
+
+def resolve_norm(cfg: GenerateConfig, names: list[str], engine, prompts, scorer_raw) -> NormStats | None:
+    if cfg.normalize == "none":
+        return None
+    if cfg.normalize != "auto":
+        return load_norm_stats(cfg.normalize).subset(names)
+    shipped = shipped_norm_stats(cfg.policy)
+    if covers(shipped, names):
+        return shipped.subset(names)
+    return estimate_norm_stats(engine, prompts, scorer_raw, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+
+
+def build_plan(cfg: GenerateConfig, scorer: ObjectiveScorer, policy: Policy) -> MethodPlan:
+    scal = parse_scalarization(cfg.scalarization, scorer.names)
+    if cfg.method == "sample":
+        return sample_plan(cfg.n, cfg.max_new_tokens)
+    reward_value = RewardOnPrefix(scorer)
+    if cfg.method == "best-of-n":
+        return best_of_n_plan(cfg.n, cfg.max_new_tokens, reward_value, scal)
+    if cfg.values == "reward":
+        value_fn = reward_value
+    else:
+        from moalign.decoding.value_heads import load_value_function
+
+        value_fn = load_value_function(cfg.values, policy, scorer)
+    if cfg.method == "cd":
+        return cd_plan(cfg.k, cfg.block_size, value_fn, scal)
+    if cfg.method == "rmod":
+        from moalign.decoding.rmod import rmod_plan
+
+        return rmod_plan(cfg.k, cfg.block_size, value_fn, lam=cfg.lam, rule=cfg.rmod_select, solver=cfg.solver)
+    raise MoalignError(f"unknown method {cfg.method!r}")
+
+
+def generate(
+    cfg: GenerateConfig,
+    policy: Policy | None = None,
+    objectives: list[Objective] | None = None,
+    prompts: list[Prompt] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Run one decoding method over the prompts; return the records (also appended to ``cfg.out``)."""
+    cfg.validate()
+    if prompts is None:
+        if not cfg.prompts:
+            raise MoalignError("no prompts given: pass --prompts PATH")
+        prompts = load_prompts(cfg.prompts, column=cfg.prompt_column, limit=cfg.limit)
+    elif cfg.limit:
+        prompts = prompts[: cfg.limit]
+    objectives = objectives if objectives is not None else resolve_objectives(cfg.objectives)
+    names = [o.name for o in objectives]
+    policy = policy or load_policy(cfg.policy, device=cfg.device or default_device())
+    sampling = SamplingConfig(cfg.temperature, cfg.top_p, cfg.top_k)
+    engine = BlockwiseEngine(policy, sampling, system_prompt=cfg.system_prompt)
+    raw_scorer = ObjectiveScorer(objectives)
+    norm = resolve_norm(cfg, names, engine, prompts, raw_scorer)
+    scorer = ObjectiveScorer(objectives, norm)
+    plan = build_plan(cfg, scorer, policy)
+
+    meta = {
+        "config": asdict(cfg),
+        "seed": cfg.seed,
+        "policy": policy.describe(),
+        "objectives": [o.describe() for o in objectives],
+        "norm": norm.to_dict() if norm else None,
+        "score_space": scorer.space(),
+        "versions": versions(),
+    }
+    writer = RecordWriter(cfg.out, meta) if cfg.out else None
+    records: list[dict] = []
+    n_per = cfg.n if cfg.method == "sample" else 1
+    bar = tqdm(total=len(prompts), desc=cfg.method, unit="prompt", disable=not progress)
+    try:
+        for start in range(0, len(prompts), cfg.batch_size):
+            batch = prompts[start : start + cfg.batch_size]
+            ids = [_rid(p, start + i, j, n_per) for i, p in enumerate(batch) for j in range(n_per)]
+            if writer is not None and all(r in writer.done for r in ids):
+                bar.update(len(batch))
+                continue
+            t0 = time.perf_counter()
+            results = engine.decode(
+                batch, k=plan.k, block_size=plan.block_size, max_new_tokens=cfg.max_new_tokens,
+                selector=plan.selector, seed=batch_seed(cfg.seed, start), keep_all=plan.keep_all,
+                prompt_indices=list(range(start, start + len(batch))),
+            )  # fmt: skip
+            seconds = (time.perf_counter() - t0) / len(batch)
+            outs = []
+            for i, r in enumerate(results):
+                responses = r.candidates if cfg.method == "sample" else [r.response]
+                for j, resp in enumerate(responses):
+                    outs.append((start + i, j, r, resp))
+            scores = raw_scorer.raw([o[2].prompt.text for o in outs], [o[3] for o in outs])
+            for (idx, j, r, resp), s in zip(outs, scores):
+                rec = {
+                    "record_id": _rid(r.prompt, idx, j, n_per),
+                    "prompt_id": _rid(r.prompt, idx, j, n_per),
+                    "prompt": r.prompt.text,
+                    "messages": list(r.prompt.messages),
+                    "response": resp,
+                    "method": cfg.method,
+                    "scores": {n: float(v) for n, v in zip(names, s)},
+                    "n_tokens": len(r.token_ids) if cfg.method != "sample" else None,
+                    "finished": r.finished if cfg.method != "sample" else None,
+                    "seconds": round(seconds, 3),
+                    "trace": r.trace,
+                    "seed": cfg.seed,
+                    "policy": policy.name,
+                    "config": meta["config"],
+                    "versions": meta["versions"],
+                }
+                if writer is not None:
+                    writer.write(rec)
+                records.append(rec)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    return records
+
+
+def _rid(p: Prompt, index: int, j: int, n_per: int) -> str:
+    base = p.id if p.id is not None else str(index)
+    return base if n_per == 1 else f"{base}/{j}"

