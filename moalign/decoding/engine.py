@@ -85,6 +85,7 @@ class DecodeResult:
     finished: bool  # ended with an end-of-turn token (False: cut by max_new_tokens)
     trace: list[dict] = field(default_factory=list)
     candidates: list[str] | None = None  # every final candidate (keep_all=True)
+    token_logprobs: list[float] | None = None  # log pi(token | prefix) of each response token, untempered
 
 
 def first_candidate(step: BlockStep) -> Selection:
@@ -124,6 +125,7 @@ class BlockwiseEngine:
         return render_chat(self.tok, prompt.messages, self.system_prompt)
 
     def _next_tokens(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Sample (or argmax) one token per row from the warped distribution."""
         if self.sampling.temperature == 0:
             return logits.argmax(dim=-1)
         scores = self.warpers(None, logits.float())
@@ -178,6 +180,7 @@ class BlockwiseEngine:
 
         R = P * k
         resp = torch.full((R, 0), self.pad_id, dtype=torch.long, device=device)
+        logp = torch.zeros((R, 0), dtype=torch.float32, device=device)
         done = torch.zeros(R, dtype=torch.bool, device=device)
         eos = self.eos_ids.to(device)
         traces: list[list[dict]] = [[] for _ in range(P)]
@@ -188,6 +191,8 @@ class BlockwiseEngine:
             for _ in range(steps):
                 nxt = self._next_tokens(logits, gen).to(device)
                 nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+                lp = torch.log_softmax(logits.float(), dim=-1).gather(1, nxt[:, None])
+                logp = torch.cat([logp, lp.masked_fill(done[:, None], 0.0)], dim=1)
                 resp = torch.cat([resp, nxt[:, None]], dim=1)
                 done = done | torch.isin(nxt, eos)
                 n_new += 1
@@ -197,7 +202,7 @@ class BlockwiseEngine:
                 attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
                 logits, cache = self._forward(nxt[:, None], attn, cache)
             final = n_new >= max_new_tokens or bool(done.all())
-            texts_flat = self.tok.batch_decode(resp, skip_special_tokens=True)
+            texts_flat = [t.strip() for t in self.tok.batch_decode(resp, skip_special_tokens=True)]
             step = BlockStep(
                 prompts=prompts,
                 prompt_indices=indices,
@@ -225,11 +230,11 @@ class BlockwiseEngine:
             # a prompt whose chosen candidate ended keeps all K copies of that candidate (they only pad on)
             idx = rows.repeat_interleave(k)
             cache.reorder_cache(idx)
-            attn, logits, resp, done = attn[idx], logits[idx], resp[idx], done[idx]
+            attn, logits, resp, done, logp = attn[idx], logits[idx], resp[idx], done[idx], logp[idx]
 
         assert final_sel is not None
         chosen = torch.as_tensor(final_sel.chosen, dtype=torch.long).reshape(-1).cpu()
-        resp, done = resp.cpu(), done.cpu()
+        resp, done, logp = resp.cpu(), done.cpu(), logp.cpu()
         results = []
         for p in range(P):
             row = p * k + int(chosen[p])
@@ -241,7 +246,8 @@ class BlockwiseEngine:
                     token_ids=ids,
                     finished=bool(done[row]),
                     trace=traces[p],
-                    candidates=[t.strip() for t in texts_flat[p * k : (p + 1) * k]] if keep_all else None,
+                    candidates=texts_flat[p * k : (p + 1) * k] if keep_all else None,
+                    token_logprobs=[round(float(x), 6) for x in logp[row, : len(ids)]],
                 )
             )
         return results

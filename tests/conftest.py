@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny random Llama policy (built from a config in a temp dir), the real bundled policy,
+and the real data in ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.skip(f"real data folder {SHARED_DATA} not present (it sits beside the project in CI)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def policy_tokenizer_dir(tmp_path_factory) -> Path:
+    """The bundled policy's tokenizer saved as a normal HF tokenizer folder."""
+    from moalign.policies import load_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    load_tokenizer("smollm2-135m-instruct").save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory, policy_tokenizer_dir) -> Path:
+    """A 2-layer random Llama with the bundled tokenizer and chat template, saved to a temp dir."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(policy_tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    d = tmp_path_factory.mktemp("tiny_policy")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tiny_policy_dir):
+    from moalign.policies import load_policy
+
+    return load_policy(str(tiny_policy_dir))
+
+
+@pytest.fixture(scope="session")
+def real_policy():
+    from moalign.policies import load_policy
+
+    return load_policy("smollm2-135m-instruct")
