@@ -163,7 +163,9 @@ TRAIN_COMMANDS = [
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(prog="moalign", description="Multi-objective alignment of language models.")
+    parser = argparse.ArgumentParser(
+        prog="moalign", description="Multi-objective alignment of language models."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="decode responses with one method and score them")

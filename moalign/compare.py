@@ -55,7 +55,9 @@ def compare(cfg: CompareConfig, progress: bool = True) -> EvaluationResult:
     base = {k: v for k, v in asdict(cfg).items() if k in GenerateConfig.__dataclass_fields__}
     paths = []
     for label, method, overrides in specs:
-        gcfg = replace(GenerateConfig(**base), method=method, out=str(out_dir / f"{label}.jsonl"), **overrides)
+        gcfg = replace(
+            GenerateConfig(**base), method=method, out=str(out_dir / f"{label}.jsonl"), **overrides
+        )
         generate(gcfg, policy=policy, objectives=objectives, prompts=prompts, progress=progress)
         paths.append(gcfg.out)
     ecfg = EvaluateConfig(inputs=paths, objectives=",".join(o.name for o in objectives),

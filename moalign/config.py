@@ -49,9 +49,17 @@ class GenerateConfig:
         "none (raw) | PATH to a stats JSON",
     )
     lam: float = _f(0.5, "rmod: lambda, the tilt strength of the worst-case game")
-    rmod_select: str = _f("argmax", "rmod: argmax of w*.v, or sample from softmax(lambda v.w*)", choices=("argmax", "sample"))
-    solver: str = _f("exact", "rmod: exact worst-case solver, or the paper code's fixed-step 'reference'", choices=("exact", "reference"))
-    values: str = _f("reward", "cd/rmod value function: 'reward' (objectives on the partial text) or PATH to value heads")
+    rmod_select: str = _f(
+        "argmax", "rmod: argmax of w*.v, or sample from softmax(lambda v.w*)", choices=("argmax", "sample")
+    )
+    solver: str = _f(
+        "exact",
+        "rmod: exact worst-case solver, or the paper code's fixed-step 'reference'",
+        choices=("exact", "reference"),
+    )
+    values: str = _f(
+        "reward", "cd/rmod value function: 'reward' (objectives on the partial text) or PATH to value heads"
+    )
     system_prompt: str | None = _f(None, "system prompt added before every conversation")
     device: str | None = _f(None, "torch device (default: cuda if available, else cpu)")
 

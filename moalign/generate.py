@@ -56,7 +56,9 @@ def estimate_norm_stats(
     ps = [r.prompt.text for r in res for _ in r.candidates]
     rs = [c for r in res for c in r.candidates]
     raw = scorer.raw(ps, rs)
-    return fit_norm_stats(raw.double().numpy(), scorer.names, source=f"{len(rs)} policy samples on these prompts")
+    return fit_norm_stats(
+        raw.double().numpy(), scorer.names, source=f"{len(rs)} policy samples on these prompts"
+    )
 
 
 def resolve_norm(cfg: GenerateConfig, names: list[str], engine, prompts, scorer_raw) -> NormStats | None:
@@ -88,7 +90,9 @@ def build_plan(cfg: GenerateConfig, scorer: ObjectiveScorer, policy: Policy) -> 
     if cfg.method == "rmod":
         from moalign.decoding.rmod import rmod_plan
 
-        return rmod_plan(cfg.k, cfg.block_size, value_fn, lam=cfg.lam, rule=cfg.rmod_select, solver=cfg.solver)
+        return rmod_plan(
+            cfg.k, cfg.block_size, value_fn, lam=cfg.lam, rule=cfg.rmod_select, solver=cfg.solver
+        )
     raise MoalignError(f"unknown method {cfg.method!r}")
 
 

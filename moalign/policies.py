@@ -170,7 +170,11 @@ def _load_adapter(path: str, dtype):
     base_name = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
     base = load_policy(base_name, dtype=dtype)
     model = PeftModel.from_pretrained(base.model, path).merge_and_unload()
-    tok = AutoTokenizer.from_pretrained(path) if (Path(path) / "tokenizer_config.json").exists() else base.tokenizer
+    tok = (
+        AutoTokenizer.from_pretrained(path)
+        if (Path(path) / "tokenizer_config.json").exists()
+        else base.tokenizer
+    )
     return model, tok
 
 
@@ -201,6 +205,8 @@ def render_chat(tokenizer, messages, system_prompt: str | None = None) -> str:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     # base models without a template: HH-style plain text
     text = "".join(
-        f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in msgs if m["role"] != "system"
+        f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
+        for m in msgs
+        if m["role"] != "system"
     )
     return text.lstrip() + "\n\nAssistant:"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moalign.data.prompts import to_prompt
-from moalign.decoding.engine import BlockwiseEngine, BlockStep, SamplingConfig, Selection
+from moalign.decoding.engine import BlockStep, BlockwiseEngine, SamplingConfig, Selection
 from moalign.errors import MoalignError
 
 PROMPTS = [
@@ -18,7 +18,9 @@ PROMPTS = [
 
 def _generate_greedy(engine: BlockwiseEngine, prompts, max_new_tokens: int) -> list[list[int]]:
     tok = engine.tok
-    enc = tok([engine.render(p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tok(
+        [engine.render(p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False
+    )
     out = engine.model.generate(
         **enc, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=engine.eos_ids.tolist(),
         pad_token_id=engine.pad_id,
@@ -113,6 +115,7 @@ def test_eos_rows_stop_and_pad(tiny_policy):
     """A row that samples an end-of-turn token stops there: nothing after it reaches the response."""
     eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=1.0))
     eos = int(eng.eos_ids[0])
+
     # bias the tiny model towards EOS (a logit bump on its output layer) so that rows end at different steps
     def bump(module, inputs, output):
         output[..., eos] += 11.0

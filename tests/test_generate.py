@@ -14,7 +14,9 @@ from moalign.generate import generate
 from moalign.objectives.base import CallableObjective
 from moalign.records import meta_path, read_records
 
-PROMPTS = [to_prompt(p, id=f"p{i}") for i, p in enumerate(["Say hi", "Name a fruit", "Count to three", "Why?"])]
+PROMPTS = [
+    to_prompt(p, id=f"p{i}") for i, p in enumerate(["Say hi", "Name a fruit", "Count to three", "Why?"])
+]
 
 
 def _objs():
@@ -114,7 +116,9 @@ def test_estimated_normalisation_is_recorded(tmp_path, tiny_policy):
     assert all(s > 0 for s in meta["norm"]["std"])
 
 
-@pytest.mark.parametrize("field,value", [("k", 0), ("block_size", 0), ("max_new_tokens", 0), ("method", "beam")])
+@pytest.mark.parametrize(
+    "field,value", [("k", 0), ("block_size", 0), ("max_new_tokens", 0), ("method", "beam")]
+)
 def test_bad_config(tmp_path, tiny_policy, field, value):
     cfg = _cfg(tmp_path, "cd")
     setattr(cfg, field, value)

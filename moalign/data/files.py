@@ -72,5 +72,7 @@ def _read_hub(source: str, split: str) -> list[dict]:
 
         ds = datasets.load_dataset(name, split=sp or split)
     except Exception as e:  # hub or network failures become one clear line
-        raise MoalignError(f"cannot load dataset {source!r} (not a local file, hub load failed: {e})") from None
+        raise MoalignError(
+            f"cannot load dataset {source!r} (not a local file, hub load failed: {e})"
+        ) from None
     return [dict(r) for r in ds]

@@ -25,4 +25,3 @@ def best_of_n_selector(value_fn: ValueFn, scalarize: Scalarization):
 
 def best_of_n_plan(n: int, max_new_tokens: int, value_fn: ValueFn, scalarize: Scalarization) -> MethodPlan:
     return MethodPlan(k=n, block_size=max_new_tokens, selector=best_of_n_selector(value_fn, scalarize))
-

@@ -50,7 +50,9 @@ def evaluate_files(cfg: EvaluateConfig) -> EvaluationResult:
         names = list(runs[labels[0]][0].get("scores", {}))
         if not names:
             raise MoalignError("the inputs carry no scores: pass --objectives to score them")
-    if cfg.rescore or any(n not in r.get("scores", {}) for recs in runs.values() for r in recs for n in names):
+    if cfg.rescore or any(
+        n not in r.get("scores", {}) for recs in runs.values() for r in recs for n in names
+    ):
         _rescore(runs, names)
     norm = _norm(cfg.normalize, metas, names)
     return evaluate_methods(runs, names, reference=reference, norm=norm, n_boot=cfg.n_boot, seed=cfg.seed)

@@ -44,7 +44,9 @@ class Objective(ABC):
             )
         if not torch.isfinite(scores).all():
             bad = int((~torch.isfinite(scores)).nonzero()[0])
-            raise MoalignError(f"objective {self.name!r} returned a non-finite score (NaN/inf) for pair {bad}")
+            raise MoalignError(
+                f"objective {self.name!r} returned a non-finite score (NaN/inf) for pair {bad}"
+            )
         return scores
 
     @abstractmethod
