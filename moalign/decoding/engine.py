@@ -135,7 +135,12 @@ class BlockwiseEngine:
     def _forward(self, ids, attn, cache):
         pos = (attn.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
         out = self.model(
-            input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
         return out.logits[:, -1, :], out.past_key_values
 

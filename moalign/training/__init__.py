@@ -1,0 +1,1 @@
+"""Multi-objective training: gradient combiners (MGDA, MGDA-Decoupled, PCGrad, GroupDRO, ...) and trainers."""
