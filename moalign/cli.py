@@ -46,6 +46,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
             kw["choices"] = f.metadata["choices"]
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is list and f.metadata.get("action") == "append":
+            kw["action"] = "append"  # a repeatable flag: --objective a=X --objective b=Y
+            kw["type"] = typing.get_args(tp)[0]
         elif typing.get_origin(tp) is list:
             kw["nargs"] = f.metadata.get("nargs", "+")
             kw["type"] = typing.get_args(tp)[0]
@@ -59,7 +62,7 @@ def config_from_args(cls, args: argparse.Namespace, **defaults):
     values = dict(defaults)
     if getattr(args, "_config", None):
         values.update(load_config_file(args._config))
-    values.update({k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"})
+    values.update({k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("func", "command", "what")})
     return build_config(cls, values)
 
 
