@@ -22,13 +22,13 @@ def demo_prompts_path() -> str:
 
 
 def parse_method(spec: str) -> tuple[str, str, dict]:
-    """``rmod:lam=0.1,k=8`` -> (label ``rmod-lam0.1-k8``, method ``rmod``, overrides)."""
+    """``rmod:lam=0.1:k=8`` -> (label ``rmod-lam0.1-k8``, method ``rmod``, overrides)."""
     name, _, rest = spec.strip().partition(":")
     overrides: dict = {}
     label = name
     if rest:
         fields = {f: t for f, t in GenerateConfig.__annotations__.items()}
-        for part in rest.split(","):
+        for part in rest.split(":"):
             key, _, val = part.partition("=")
             key = key.strip().replace("-", "_")
             if key not in fields:

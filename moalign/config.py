@@ -95,7 +95,7 @@ class EvaluateConfig:
 class CompareConfig(GenerateConfig):
     """``moalign compare``: several methods on the same prompts, then evaluate and plot."""
 
-    methods: str = _f("sample,best-of-n,cd", "comma-separated methods (a method may repeat as NAME:lam=0.1)")
+    methods: str = _f("sample,best-of-n,cd", "comma-separated methods; a method may repeat with its own settings, e.g. rmod:lam=0.1:k=8")
     out_dir: str = _f("runs/compare", "folder for one JSONL per method, summary.json and comparison.png")
     n_boot: int = _f(1000, "bootstrap resamples for confidence intervals")
 
