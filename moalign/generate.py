@@ -84,7 +84,7 @@ def build_plan(cfg: GenerateConfig, scorer: ObjectiveScorer, policy: Policy) -> 
     else:
         from moalign.decoding.value_heads import load_value_function
 
-        value_fn = load_value_function(cfg.values, policy, scorer)
+        value_fn = load_value_function(cfg.values, policy, scorer, system_prompt=cfg.system_prompt)
     if cfg.method == "cd":
         return cd_plan(cfg.k, cfg.block_size, value_fn, scal)
     if cfg.method == "rmod":
@@ -116,6 +116,8 @@ def generate(
     policy = policy or load_policy(cfg.policy, device=cfg.device or default_device())
     sampling = SamplingConfig(cfg.temperature, cfg.top_p, cfg.top_k)
     engine = BlockwiseEngine(policy, sampling, system_prompt=cfg.system_prompt)
+    # value heads read the hidden states the engine already computes (no re-encoding per block)
+    engine.need_hidden = cfg.method in ("cd", "rmod") and cfg.values != "reward"
     raw_scorer = ObjectiveScorer(objectives)
     norm = resolve_norm(cfg, names, engine, prompts, raw_scorer)
     scorer = ObjectiveScorer(objectives, norm)

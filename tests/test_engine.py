@@ -146,3 +146,30 @@ def test_bad_arguments(tiny_policy):
         BlockwiseEngine(tiny_policy, SamplingConfig(temperature=-1))
     with pytest.raises(MoalignError, match="selector"):
         eng.decode(p, k=2, block_size=4, max_new_tokens=4, selector=lambda s: Selection(torch.tensor([5])))
+
+
+def test_last_hidden_matches_full_forward(tiny_policy):
+    """need_hidden: each candidate's hidden state equals a fresh forward pass over prompt + its tokens."""
+    eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=1.0), need_hidden=True)
+    prompts = [to_prompt(p) for p in PROMPTS[:2]]
+    eos = set(eng.eos_ids.tolist())
+    checked = []
+
+    def selector(step: BlockStep) -> Selection:
+        for p in range(len(step.prompts)):
+            for j in range(step.token_ids.shape[1]):
+                ids = []
+                for t in step.token_ids[p, j].tolist():
+                    ids.append(t)
+                    if t in eos:
+                        break
+                text = eng.render(step.prompts[p])
+                p_ids = eng.tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+                full = torch.cat([p_ids, torch.tensor([ids])], dim=1)
+                with torch.no_grad():
+                    h = tiny_policy.model(full, output_hidden_states=True).hidden_states[-1][0, -1]
+                checked.append(torch.allclose(step.last_hidden[p, j], h, atol=1e-4))
+        return Selection(torch.tensor([1, 0]))
+
+    eng.decode(prompts, k=3, block_size=5, max_new_tokens=12, selector=selector, seed=2)
+    assert len(checked) == 3 * 2 * 3 and all(checked)

@@ -64,6 +64,9 @@ class BlockStep:
     done: torch.Tensor  # [P, K] bool
     block_index: int
     final: bool
+    #: [P, K, H] last-layer hidden state of each candidate's last token (end-of-turn token for ended rows);
+    #: only when the engine was asked for it (``need_hidden=True``), e.g. for value heads
+    last_hidden: torch.Tensor | None = None
 
 
 @dataclass
@@ -101,8 +104,10 @@ class BlockwiseEngine:
         policy: Policy,
         sampling: SamplingConfig | None = None,
         system_prompt: str | None = None,
+        need_hidden: bool = False,
     ):
         self.policy = policy
+        self.need_hidden = need_hidden
         self.model = policy.model
         self.tok = policy.tokenizer
         self.sampling = sampling or SamplingConfig()
@@ -141,8 +146,10 @@ class BlockwiseEngine:
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            output_hidden_states=self.need_hidden,
         )
-        return out.logits[:, -1, :], out.past_key_values
+        hidden = out.hidden_states[-1][:, -1, :] if self.need_hidden else None
+        return out.logits[:, -1, :], out.past_key_values, hidden
 
     # ------------------------------------------------------------------ main loop
     @torch.inference_mode()
@@ -178,10 +185,11 @@ class BlockwiseEngine:
             [self.render(p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False
         )
         attn = enc.attention_mask.to(device)
-        logits, cache = self._forward(enc.input_ids.to(device), attn, DynamicCache())
+        logits, cache, hid = self._forward(enc.input_ids.to(device), attn, DynamicCache())
         expand = torch.arange(P, device=device).repeat_interleave(k)
         cache.reorder_cache(expand)
         attn, logits = attn[expand], logits[expand]
+        last_h = hid[expand] if hid is not None else None
 
         R = P * k
         resp = torch.full((R, 0), self.pad_id, dtype=torch.long, device=device)
@@ -195,6 +203,7 @@ class BlockwiseEngine:
             steps = min(block_size, max_new_tokens - n_new)
             for _ in range(steps):
                 nxt = self._next_tokens(logits, gen).to(device)
+                was_done = done
                 nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
                 lp = torch.log_softmax(logits.float(), dim=-1).gather(1, nxt[:, None])
                 logp = torch.cat([logp, lp.masked_fill(done[:, None], 0.0)], dim=1)
@@ -202,10 +211,14 @@ class BlockwiseEngine:
                 done = done | torch.isin(nxt, eos)
                 n_new += 1
                 last = n_new >= max_new_tokens or bool(done.all())
-                if last:
+                if last and not self.need_hidden:
                     break
                 attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-                logits, cache = self._forward(nxt[:, None], attn, cache)
+                logits, cache, hid = self._forward(nxt[:, None], attn, cache)
+                if hid is not None:  # ended rows keep the hidden state of their end-of-turn token
+                    last_h = torch.where(was_done[:, None], last_h, hid)
+                if last:
+                    break
             final = n_new >= max_new_tokens or bool(done.all())
             texts_flat = [t.strip() for t in self.tok.batch_decode(resp, skip_special_tokens=True)]
             step = BlockStep(
@@ -216,6 +229,7 @@ class BlockwiseEngine:
                 done=done.view(P, k),
                 block_index=block_index,
                 final=final,
+                last_hidden=last_h.view(P, k, -1) if last_h is not None else None,
             )
             sel = selector(step)
             chosen = torch.as_tensor(sel.chosen, dtype=torch.long, device=device).reshape(-1)
@@ -236,6 +250,8 @@ class BlockwiseEngine:
             idx = rows.repeat_interleave(k)
             cache.reorder_cache(idx)
             attn, logits, resp, done, logp = attn[idx], logits[idx], resp[idx], done[idx], logp[idx]
+            if last_h is not None:
+                last_h = last_h[idx]
 
         assert final_sel is not None
         chosen = torch.as_tensor(final_sel.chosen, dtype=torch.long).reshape(-1).cpu()

@@ -42,6 +42,7 @@ def values_for_active(step: BlockStep, value_fn: ValueFn) -> tuple[torch.Tensor,
         done=step.done[idx],
         block_index=step.block_index,
         final=step.final,
+        last_hidden=step.last_hidden[idx] if step.last_hidden is not None else None,
     )
     v = value_fn(sub) if idx else torch.zeros(0, step.done.shape[1], 0)
     full = torch.zeros(len(step.prompts), step.done.shape[1], v.shape[-1], dtype=v.dtype)
