@@ -14,8 +14,14 @@ from moalign.errors import MoalignError
 METHODS = ("sample", "best-of-n", "cd", "rmod")
 
 
-def _f(default, help: str, **kw):
+def config_field(default, help: str, **kw):
+    """A config field with its CLI help; a callable default (e.g. ``list``) becomes a default factory."""
+    if callable(default) and not isinstance(default, type | bool) or default is list:
+        return field(default_factory=default, metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+_f = config_field
 
 
 @dataclass
@@ -95,7 +101,10 @@ class EvaluateConfig:
 class CompareConfig(GenerateConfig):
     """``moalign compare``: several methods on the same prompts, then evaluate and plot."""
 
-    methods: str = _f("sample,best-of-n,cd", "comma-separated methods; a method may repeat with its own settings, e.g. rmod:lam=0.1:k=8")
+    methods: str = _f(
+        "sample,best-of-n,cd",
+        "comma-separated methods; a method may repeat with its own settings, e.g. rmod:lam=0.1:k=8",
+    )
     out_dir: str = _f("runs/compare", "folder for one JSONL per method, summary.json and comparison.png")
     n_boot: int = _f(1000, "bootstrap resamples for confidence intervals")
 

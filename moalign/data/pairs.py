@@ -165,7 +165,9 @@ def _pairs_from_record(
         if not wrong:
             raise _Skip("no incorrect answer")
         cat = rec.get("category", rec.get("Category"))
-        return [(q, best, w, {"format": "truthfulqa", "category": cat, "answer": j}) for j, w in enumerate(wrong)]
+        return [
+            (q, best, w, {"format": "truthfulqa", "category": cat, "answer": j}) for j, w in enumerate(wrong)
+        ]
     _check_columns(rec, idx, chosen_column, rejected_column)
     chosen_v, rejected_v = rec[chosen_column], rec[rejected_column]
     pcol = prompt_column

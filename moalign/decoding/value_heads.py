@@ -32,12 +32,13 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from moalign.config import config_field as _f
 from moalign.config import versions
 from moalign.data.prompts import Prompt
 from moalign.decoding.engine import BlockStep, BlockwiseEngine, SamplingConfig, Selection
@@ -54,12 +55,6 @@ PROBE_MESSAGES = ({"role": "user", "content": "Probe: how do value heads see thi
 PROBE_RESPONSE = "They see the policy's hidden states."
 #: relative L2 difference of the probe hidden state above which the policy is considered a different model
 FINGERPRINT_TOL = 0.05
-
-
-def _f(default, help: str, **kw):
-    if callable(default) and not isinstance(default, type):
-        return field(default_factory=default, metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass

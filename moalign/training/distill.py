@@ -18,22 +18,17 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from moalign.config import config_field as _f
 from moalign.config import versions
 from moalign.errors import MoalignError
 from moalign.policies import render_chat
 
 META_FILE = "distill_config.json"
-
-
-def _f(default, help: str, **kw):
-    if callable(default) and not isinstance(default, type):
-        return field(default_factory=default, metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
