@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from moalign.decoding.engine import BlockwiseEngine, SamplingConfig
 from moalign.errors import MoalignError
@@ -20,13 +19,7 @@ from moalign.training.distill import (
     train_distill,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_run(path, n=6, method="rmod", system_prompt=None, response="The answer is always forty two."):

@@ -31,14 +31,7 @@ from moalign.evaluation.metrics import NormStats
 from moalign.objectives.base import CallableObjective
 from moalign.policies import Policy, eos_token_ids, load_policy
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the tiny models are far faster on one thread than on two contended ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def e_frac(prompts, responses):
