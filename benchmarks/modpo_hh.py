@@ -215,7 +215,7 @@ def report(args, out: Path, data, held, wr_prompts) -> None:
             chosen_scores[n] = judges[n].score([p.prompt.text for p in ps], [p.chosen for p in ps]).numpy()
     results = {"config": vars(args), "combiners": {}}
     wins, accs = {}, {}
-    for c in ["base", *args.combiners]:
+    for c in ["base", *ALL]:  # every finished combiner in this folder, not only this invocation's
         d = out / c
         if not (d / "generations.json").exists():
             continue
@@ -258,7 +258,7 @@ def report(args, out: Path, data, held, wr_prompts) -> None:
         if c in wins and "linear" in wins:
             arr = [wins[c][n] for n in names] + [wins["linear"][n] for n in names]
             r["winrate_worst_minus_linear"] = _ci(lambda *a: _worst(*a[:2]) - _worst(*a[2:]), *arr)
-    (out.parent / "modpo_hh.json").write_text(json.dumps(results, indent=2))
+    (out.parent / f"{out.name}.json").write_text(json.dumps(results, indent=2))
 
     def f(ci):
         return f"{ci['estimate']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]" if ci else "-"
@@ -290,7 +290,7 @@ def report(args, out: Path, data, held, wr_prompts) -> None:
             lines.append(
                 f"| {c} | {f(r.get('heldout_worst_minus_linear'))} | {f(r.get('winrate_worst_minus_linear'))} |"
             )
-    (out.parent / "modpo_hh.md").write_text("\n".join(lines) + "\n")
+    (out.parent / f"{out.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     md = results["combiners"].get("mgda-decoupled", {})
     if "heldout_worst_minus_linear" in md:
