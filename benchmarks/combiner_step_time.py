@@ -36,6 +36,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import environment  # noqa: E402
 
 from moalign.data.pairs import load_pairs, split_pairs  # noqa: E402
 from moalign.training.dpo import MODPOConfig, build_trainer  # noqa: E402
@@ -218,6 +221,13 @@ def main() -> None:
         )
         model = model.unload() if hasattr(model, "unload") else model
         pol.model = model
+    ratios = "; ".join(
+        f"K={k}: mgda-decoupled {r['ratio_vs_linear']['mgda-decoupled']:.3f}x linear "
+        f"(worst combiner {max(r['ratio_vs_linear'][v] for v in VARIANTS if v != 'linear-fused'):.3f}x)"
+        for k, r in results["k"].items()
+    )
+    results["summary"] = f"combiner_step_time: {ratios}; target mgda-decoupled <= 1.15x linear"
+    results["environment"] = {**environment(), "load_average_1min": os.getloadavg()[0]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     md = [
@@ -240,6 +250,7 @@ def main() -> None:
             )
     Path(args.out).with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
+    print(results["summary"])
 
 
 if __name__ == "__main__":

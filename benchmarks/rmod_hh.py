@@ -11,16 +11,17 @@ ones). Every run is a resumable JSONL under ``--out-dir``; rerunning continues w
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 from _common import SHARED_DATA, write_result
 
 from moalign.config import EvaluateConfig, GenerateConfig
 from moalign.data.pairs import load_pairs, split_pairs
 from moalign.data.prompts import Prompt
-from moalign.evaluation.evaluate import evaluate_files
+from moalign.evaluation.evaluate import evaluate_files, load_runs
+from moalign.evaluation.metrics import bootstrap_ci, worst_case
 from moalign.evaluation.report import plot_comparison, plot_tradeoff, tradeoff_points
 from moalign.generate import generate
 from moalign.objectives.base import resolve_objectives
@@ -40,6 +41,29 @@ def heldout_prompts(n: int, offset: int = 0) -> list[Prompt]:
         tag = name.split("-")[1]
         out.append([Prompt(p.messages, id=f"{tag}-{i}") for i, p in enumerate(ps[offset : offset + n // 2])])
     return [p for pair in zip(*out) for p in pair]
+
+
+def paired_vs(res, paths: dict[str, str], ref: str, n_boot: int, seed: int) -> dict:
+    """Each method against ``ref`` on the same prompts: mean worst-case difference and head-to-head worst-case
+    win rate (ties 1/2), both with paired 95% bootstrap CIs, in the evaluation's z-score space."""
+    runs, _ = load_runs(list(paths.values()))
+
+    def wc(recs):
+        raw = np.array([[r["scores"][g] for g in res.objectives] for r in recs])
+        return dict(zip([r["prompt_id"] for r in recs], worst_case(res.norm.apply(raw)), strict=True))
+
+    ref_wc = wc(runs[ref])
+    out = {}
+    for label, recs in runs.items():
+        if label == ref:
+            continue
+        mine = wc(recs)
+        ids = [i for i in mine if i in ref_wc]
+        a, b = np.array([mine[i] for i in ids]), np.array([ref_wc[i] for i in ids])
+        diff = bootstrap_ci(lambda x, y: (x - y).mean(), a, b, n_boot=n_boot, seed=seed)
+        win = bootstrap_ci(np.mean, (a > b) + 0.5 * (a == b), n_boot=n_boot, seed=seed)
+        out[label] = {"n": len(ids), "worst_case_diff": diff, "win_rate": win}
+    return out
 
 
 def main() -> None:
@@ -105,18 +129,26 @@ def main() -> None:
     plot_comparison(res, out / "comparison.png")
     plot_tradeoff(tradeoff_points(res, "helpful", "harmless"), ["helpful", "harmless"], out / "tradeoff.png")
     table = res.table()
+    vs_cd = paired_vs(res, paths, "cd-uniform", n_boot=2000, seed=args.seed)
+    lines = ["", "vs cd-uniform (paired by prompt; 95% bootstrap CI):", "method          worst-case diff          "
+             "worst-case win rate"]  # fmt: skip
+    for k, v in vs_cd.items():
+        d, w = v["worst_case_diff"], v["win_rate"]
+        lines.append(f"{k:15s} {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]   {w[0]:.3f} [{w[1]:.3f}, {w[2]:.3f}]")
+    table += "\n".join(lines) + "\n"
     (out / "table.txt").write_text(table)
     print(table)
     m = res.methods
     best_rmod = max((k for k in m if k.startswith("rmod")), key=lambda k: m[k].worst_case.estimate)
     summary = (
         f"rmod_hh: n={m['sample'].n}; worst case (z) cd-uniform {m['cd-uniform'].worst_case.estimate:.3f} vs "
-        f"best RMOD ({best_rmod}) {m[best_rmod].worst_case.estimate:.3f}; win rate vs sample: "
+        f"best RMOD ({best_rmod}) {m[best_rmod].worst_case.estimate:.3f} (paired diff "
+        + "{:+.3f} [{:+.3f}, {:+.3f}]".format(*vs_cd[best_rmod]["worst_case_diff"])
+        + "); win rate vs sample: "
         + ", ".join(f"{k} {v.win_rate.estimate:.3f}" for k, v in m.items() if v.win_rate is not None)
     )
-    write_result("rmod_hh", {"args": vars(args), "result": res.to_dict(), "runs": paths,
+    write_result("rmod_hh", {"args": vars(args), "result": res.to_dict(), "runs": paths, "vs_cd_uniform": vs_cd,
                              "config": asdict(base)}, summary)  # fmt: skip
-    json.dumps(res.to_dict())
 
 
 if __name__ == "__main__":
