@@ -248,11 +248,15 @@ def sample_responses(
     max_new_tokens: int,
     seed: int,
     batch_size: int = 8,
+    progress: bool = True,
 ) -> Samples:
     """Plain samples of the policy with the exact token ids it drew (captured from the engine's last step)."""
+    from tqdm.auto import tqdm
+
     eos = engine.eos_ids.tolist()
     tok = engine.tok
     out = Samples([], [], [])
+    bar = tqdm(total=len(prompts), desc="sampling for value heads", unit="prompt", disable=not progress)
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
         captured: dict = {}
@@ -274,6 +278,8 @@ def sample_responses(
                 out.prompt_index.append(start + p)
                 out.token_ids.append(row)
                 out.texts.append(tok.decode(body, skip_special_tokens=True).strip())
+        bar.update(len(batch))
+    bar.close()
     return out
 
 
