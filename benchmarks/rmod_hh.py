@@ -21,7 +21,7 @@ from moalign.config import EvaluateConfig, GenerateConfig
 from moalign.data.pairs import load_pairs, split_pairs
 from moalign.data.prompts import Prompt
 from moalign.evaluation.evaluate import evaluate_files, load_runs
-from moalign.evaluation.metrics import bootstrap_ci, worst_case
+from moalign.evaluation.metrics import bootstrap_ci, worst_case, worst_case_win_indicator
 from moalign.evaluation.report import plot_comparison, plot_tradeoff, tradeoff_points
 from moalign.generate import generate
 from moalign.objectives.base import resolve_objectives
@@ -48,20 +48,20 @@ def paired_vs(res, paths: dict[str, str], ref: str, n_boot: int, seed: int) -> d
     win rate (ties 1/2), both with paired 95% bootstrap CIs, in the evaluation's z-score space."""
     runs, _ = load_runs(list(paths.values()))
 
-    def wc(recs):
+    def z_by_prompt(recs):
         raw = np.array([[r["scores"][g] for g in res.objectives] for r in recs])
-        return dict(zip([r["prompt_id"] for r in recs], worst_case(res.norm.apply(raw)), strict=True))
+        return dict(zip([r["prompt_id"] for r in recs], res.norm.apply(raw), strict=True))
 
-    ref_wc = wc(runs[ref])
+    ref_z = z_by_prompt(runs[ref])
     out = {}
     for label, recs in runs.items():
         if label == ref:
             continue
-        mine = wc(recs)
-        ids = [i for i in mine if i in ref_wc]
-        a, b = np.array([mine[i] for i in ids]), np.array([ref_wc[i] for i in ids])
-        diff = bootstrap_ci(lambda x, y: (x - y).mean(), a, b, n_boot=n_boot, seed=seed)
-        win = bootstrap_ci(np.mean, (a > b) + 0.5 * (a == b), n_boot=n_boot, seed=seed)
+        mine = z_by_prompt(recs)
+        ids = [i for i in mine if i in ref_z]
+        za, zb = np.array([mine[i] for i in ids]), np.array([ref_z[i] for i in ids])
+        diff = bootstrap_ci(lambda x, y: (worst_case(x) - worst_case(y)).mean(), za, zb, n_boot=n_boot, seed=seed)
+        win = bootstrap_ci(np.mean, worst_case_win_indicator(za, zb), n_boot=n_boot, seed=seed)
         out[label] = {"n": len(ids), "worst_case_diff": diff, "win_rate": win}
     return out
 
