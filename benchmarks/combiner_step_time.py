@@ -27,24 +27,18 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
 
 import torch
+from _common import ROOT, SHARED_DATA, environment
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from moalign.data.pairs import load_pairs, split_pairs
+from moalign.training.dpo import MODPOConfig, build_trainer
+from moalign.training.mo_data import tokenize_pair
 
-from _common import environment  # noqa: E402
-
-from moalign.data.pairs import load_pairs, split_pairs  # noqa: E402
-from moalign.training.dpo import MODPOConfig, build_trainer  # noqa: E402
-from moalign.training.mo_data import tokenize_pair  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data"
+DATA = SHARED_DATA
 SOURCES = {
     "helpful": "hh-helpful-base-test.jsonl.gz",
     "harmless": "hh-harmless-base-test-2000.jsonl.gz",

@@ -26,28 +26,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import ROOT, SHARED_DATA
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from moalign.data.pairs import load_pairs, split_pairs  # noqa: E402
-from moalign.evaluation.metrics import bootstrap_ci  # noqa: E402
-from moalign.training.dpo import (  # noqa: E402
+from moalign.data.pairs import load_pairs, split_pairs
+from moalign.evaluation.metrics import bootstrap_ci
+from moalign.training.dpo import (
     MODPOConfig,
     build_trainer,
     implicit_reward_margins,
     policy_logps,
     precompute_reference,
 )
-from moalign.training.mo_data import tokenize_pair  # noqa: E402
+from moalign.training.mo_data import tokenize_pair
 
-DATA = ROOT.parent / "shared" / "data"
+DATA = SHARED_DATA
 FILES = {"helpful": "hh-helpful-base-test.jsonl.gz", "harmless": "hh-harmless-base-test-2000.jsonl.gz"}
 ALL = ["linear", "mgda-decoupled", "mgda", "mgda-normalized", "groupdro", "pcgrad"]
 

@@ -31,19 +31,19 @@ from pathlib import Path
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from moalign.data.pairs import heldout_score, load_pairs, split_pairs  # noqa: E402
-from moalign.objectives import get_objective  # noqa: E402
-from moalign.objectives.bradley_terry import (  # noqa: E402
+from _common import ROOT, SHARED_DATA
+
+from moalign.data.pairs import heldout_score, load_pairs, split_pairs
+from moalign.objectives import get_objective
+from moalign.objectives.bradley_terry import (
     fit_head,
     make_backbone,
     pair_features,
     pairwise_accuracy,
 )
 
-DATA = ROOT.parent / "shared" / "data"
+DATA = SHARED_DATA
 SETS = {
     "helpful": ["hh-helpful-base-test.jsonl.gz", "hh-helpful-rejection-sampled-test.jsonl.gz"],
     "harmless": ["hh-harmless-base-test-2000.jsonl.gz"],
