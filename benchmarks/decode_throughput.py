@@ -49,7 +49,7 @@ def main() -> None:
     def random_selector(step: BlockStep) -> Selection:
         return Selection(torch.randint(0, K, (len(step.prompts),), generator=gen))
 
-    enc = tok([eng.render(p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tok([eng.render(p) for p in prompts], return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
 
     def run_blockwise():
         eng.decode(prompts, k=K, block_size=B, max_new_tokens=T, selector=random_selector, seed=0)

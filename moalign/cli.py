@@ -43,7 +43,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
         if default not in (None, "", dataclasses.MISSING) and not isinstance(default, bool):
             kw["help"] += f" (default: {default})"
         if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
+            choices = f.metadata["choices"]
+            kw["choices"] = list(choices() if callable(choices) else choices)
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is list and f.metadata.get("action") == "append":
@@ -105,6 +106,12 @@ def cmd_compare(args, demo: bool = False) -> None:
     result = compare(cfg)
     print(result.table())
     print(f"\nruns, summary.json and comparison.png in {cfg.out_dir}")
+
+
+def cmd_methods(args) -> None:
+    from moalign.decoding.registry import methods_table
+
+    print(methods_table())
 
 
 def cmd_objectives(args) -> None:
@@ -186,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="compare methods on the bundled policy and objectives (a few minutes)")
     add_dataclass_flags(p, CompareConfig)
     p.set_defaults(func=lambda a: cmd_compare(a, demo=True))
+
+    p = sub.add_parser("methods", help="the registered decoding methods and their own settings (markdown)")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("objectives", help="list the registered objectives")
     p.set_defaults(func=cmd_objectives)

@@ -5,35 +5,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from moalign.configbase import config_field, versions  # noqa: F401  (versions: re-exported)
+from moalign.decoding.registry import available_methods, get_method, method_arg_fields
 from moalign.errors import MoalignError
-
-METHODS = ("sample", "best-of-n", "cd", "rmod")
-
-
-def config_field(default, help: str, **kw):
-    """A config field with its CLI help; a callable default (e.g. ``list``) becomes a default factory."""
-    if callable(default) and not isinstance(default, type | bool) or default is list:
-        return field(default_factory=default, metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
-
 
 _f = config_field
 
 
 @dataclass
-class GenerateConfig:
-    """``moalign generate``: decode responses for prompts with one method."""
+class _GenerateSettings:
+    """``moalign generate``: decode responses for prompts with one method (the settings every method
+    shares; each method's own settings are added from the method registry)."""
 
-    method: str = _f("sample", "decoding method", choices=METHODS)
+    method: str = _f("sample", "decoding method", choices=available_methods)
     policy: str = _f("smollm2-135m-instruct", "policy: bundled name, local path (folder or .gguf) or hub id")
     objectives: str = _f("helpful,harmless", "comma-separated objectives (names or rm:PATH[@INDEX])")
     prompts: str = _f("", "prompts: JSONL/JSON/CSV/TXT file (gzip too) or hub dataset id[:split]")
     prompt_column: str | None = _f(None, "column holding the prompt (default: first of prompt/messages/...)")
     out: str = _f("", "output JSONL file (records are appended as produced; an existing file is resumed)")
+    skip_invalid: bool = _f(
+        False, "skip prompt records that cannot be read (e.g. no final user turn) and report how many"
+    )
     n: int = _f(4, "sample: responses per prompt; best-of-n: N candidates")
     k: int = _f(4, "cd/rmod: candidate blocks per step (K)")
     block_size: int = _f(16, "cd/rmod: tokens per block (B)")
@@ -54,15 +49,6 @@ class GenerateConfig:
         "objective scaling: auto (shipped z-score stats where known, else estimated from policy samples) | "
         "none (raw) | PATH to a stats JSON",
     )
-    lam: float = _f(0.5, "rmod: lambda, the tilt strength of the worst-case game")
-    rmod_select: str = _f(
-        "argmax", "rmod: argmax of w*.v, or sample from softmax(lambda v.w*)", choices=("argmax", "sample")
-    )
-    solver: str = _f(
-        "exact",
-        "rmod: exact worst-case solver, or the paper code's fixed-step 'reference'",
-        choices=("exact", "reference"),
-    )
     values: str = _f(
         "reward", "cd/rmod value function: 'reward' (objectives on the partial text) or PATH to value heads"
     )
@@ -70,16 +56,26 @@ class GenerateConfig:
     device: str | None = _f(None, "torch device (default: cuda if available, else cpu)")
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise MoalignError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        get_method(self.method)  # names the known methods when it is not one
         for name in ("n", "k", "block_size", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 flag = name.replace("_", "-")
                 raise MoalignError(f"--{flag} must be >= 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise MoalignError(f"--limit must be >= 1, got {self.limit}")
-        if not self.lam > 0:
-            raise MoalignError(f"--lam must be > 0, got {self.lam}")
+        self.method_args()
+
+    def method_args(self):
+        """The chosen method's own settings (its args dataclass, validated), or None."""
+        return get_method(self.method).make_args(dataclasses.asdict(self))
+
+
+GenerateConfig = dataclasses.make_dataclass(
+    "GenerateConfig",
+    method_arg_fields(),
+    bases=(_GenerateSettings,),
+    namespace={"__doc__": _GenerateSettings.__doc__, "__module__": __name__},
+)
 
 
 @dataclass
@@ -134,16 +130,3 @@ def build_config(cls, values: dict):
     if unknown:
         raise MoalignError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
     return cls(**values)
-
-
-def versions() -> dict:
-    """Versions of everything that shapes a result."""
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("moalign", "torch", "transformers", "datasets", "accelerate", "trl", "peft"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out

@@ -11,28 +11,24 @@ import time
 import zlib
 from dataclasses import asdict
 
-import torch
 from tqdm.auto import tqdm
 
 from moalign.config import GenerateConfig, versions
 from moalign.data.prompts import Prompt, load_prompts
-from moalign.decoding.best_of_n import best_of_n_plan
-from moalign.decoding.cd import cd_plan
 from moalign.decoding.engine import BlockwiseEngine, SamplingConfig
-from moalign.decoding.sample import sample_plan
-from moalign.decoding.scalarize import parse_scalarization
-from moalign.decoding.selection import MethodPlan
-from moalign.decoding.values import ObjectiveScorer, RewardOnPrefix
+from moalign.decoding.registry import MethodContext, get_method
+from moalign.decoding.values import ObjectiveScorer
 from moalign.errors import MoalignError
-from moalign.evaluation.metrics import NormStats, fit_norm_stats
 from moalign.objectives.base import Objective, resolve_objectives
-from moalign.objectives.normalize import covers, load_norm_stats, shipped_norm_stats
-from moalign.policies import Policy, load_policy
+from moalign.objectives.normalize import (
+    NormStats,
+    covers,
+    fit_norm_stats,
+    load_norm_stats,
+    shipped_norm_stats,
+)
+from moalign.policies import Policy, default_device, load_policy  # noqa: F401  (re-exported)
 from moalign.records import RecordWriter
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def batch_seed(seed: int, first_index: int) -> int:
@@ -72,30 +68,6 @@ def resolve_norm(cfg: GenerateConfig, names: list[str], engine, prompts, scorer_
     return estimate_norm_stats(engine, prompts, scorer_raw, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
 
 
-def build_plan(cfg: GenerateConfig, scorer: ObjectiveScorer, policy: Policy) -> MethodPlan:
-    scal = parse_scalarization(cfg.scalarization, scorer.names)
-    if cfg.method == "sample":
-        return sample_plan(cfg.n, cfg.max_new_tokens)
-    reward_value = RewardOnPrefix(scorer)
-    if cfg.method == "best-of-n":
-        return best_of_n_plan(cfg.n, cfg.max_new_tokens, reward_value, scal)
-    if cfg.values == "reward":
-        value_fn = reward_value
-    else:
-        from moalign.decoding.value_heads import load_value_function
-
-        value_fn = load_value_function(cfg.values, policy, scorer, system_prompt=cfg.system_prompt)
-    if cfg.method == "cd":
-        return cd_plan(cfg.k, cfg.block_size, value_fn, scal)
-    if cfg.method == "rmod":
-        from moalign.decoding.rmod import rmod_plan
-
-        return rmod_plan(
-            cfg.k, cfg.block_size, value_fn, lam=cfg.lam, rule=cfg.rmod_select, solver=cfg.solver
-        )
-    raise MoalignError(f"unknown method {cfg.method!r}")
-
-
 def generate(
     cfg: GenerateConfig,
     policy: Policy | None = None,
@@ -105,10 +77,14 @@ def generate(
 ) -> list[dict]:
     """Run one decoding method over the prompts; return the records (also appended to ``cfg.out``)."""
     cfg.validate()
+    spec = get_method(cfg.method)
+    args = cfg.method_args()
     if prompts is None:
         if not cfg.prompts:
             raise MoalignError("no prompts given: pass --prompts PATH")
-        prompts = load_prompts(cfg.prompts, column=cfg.prompt_column, limit=cfg.limit)
+        prompts = load_prompts(
+            cfg.prompts, column=cfg.prompt_column, limit=cfg.limit, skip_invalid=cfg.skip_invalid
+        )
     elif cfg.limit:
         prompts = prompts[: cfg.limit]
     objectives = objectives if objectives is not None else resolve_objectives(cfg.objectives)
@@ -116,15 +92,14 @@ def generate(
     policy = policy or load_policy(cfg.policy, device=cfg.device or default_device())
     sampling = SamplingConfig(cfg.temperature, cfg.top_p, cfg.top_k)
     engine = BlockwiseEngine(policy, sampling, system_prompt=cfg.system_prompt)
-    # value heads read the hidden states the engine already computes (no re-encoding per block)
-    engine.need_hidden = cfg.method in ("cd", "rmod") and cfg.values != "reward"
     raw_scorer = ObjectiveScorer(objectives)
     norm = resolve_norm(cfg, names, engine, prompts, raw_scorer)
     scorer = ObjectiveScorer(objectives, norm)
-    plan = build_plan(cfg, scorer, policy)
+    decoder = spec.build(MethodContext(cfg=cfg, policy=policy, engine=engine, scorer=scorer), args)
 
     meta = {
         "config": asdict(cfg),
+        "method_args": asdict(args) if args is not None else None,
         "seed": cfg.seed,
         "policy": policy.describe(),
         "objectives": [o.describe() for o in objectives],
@@ -134,7 +109,7 @@ def generate(
     }
     writer = RecordWriter(cfg.out, meta) if cfg.out else None
     records: list[dict] = []
-    n_per = cfg.n if cfg.method == "sample" else 1
+    n_per = decoder.n_outputs
     bar = tqdm(total=len(prompts), desc=cfg.method, unit="prompt", disable=not progress)
     try:
         for start in range(0, len(prompts), cfg.batch_size):
@@ -144,30 +119,26 @@ def generate(
                 bar.update(len(batch))
                 continue
             t0 = time.perf_counter()
-            results = engine.decode(
-                batch, k=plan.k, block_size=plan.block_size, max_new_tokens=cfg.max_new_tokens,
-                selector=plan.selector, seed=batch_seed(cfg.seed, start), keep_all=plan.keep_all,
-                prompt_indices=list(range(start, start + len(batch))),
-            )  # fmt: skip
+            outputs = decoder(
+                batch, seed=batch_seed(cfg.seed, start), prompt_indices=list(range(start, start + len(batch)))
+            )
             seconds = (time.perf_counter() - t0) / len(batch)
-            outs = []
-            for i, r in enumerate(results):
-                responses = r.candidates if cfg.method == "sample" else [r.response]
-                for j, resp in enumerate(responses):
-                    outs.append((start + i, j, r, resp))
-            scores = raw_scorer.raw([o[2].prompt.text for o in outs], [o[3] for o in outs])
-            for (idx, j, r, resp), s in zip(outs, scores):
+            outs = [(start + i, j, r) for i, rs in enumerate(outputs) for j, r in enumerate(rs)]
+            scores = raw_scorer.raw([o[2].prompt.text for o in outs], [o[2].response for o in outs])
+            for (idx, j, r), s in zip(outs, scores):
                 rec = {
                     "record_id": _rid(r.prompt, idx, j, n_per),
-                    "prompt_id": _rid(r.prompt, idx, j, n_per),
+                    "prompt_id": _pid(r.prompt, idx),
+                    "sample_index": j,
                     "prompt": r.prompt.text,
                     "messages": list(r.prompt.messages),
-                    "response": resp,
+                    "response": r.response,
                     "method": cfg.method,
                     "scores": {n: float(v) for n, v in zip(names, s)},
-                    "n_tokens": len(r.token_ids) if cfg.method != "sample" else None,
-                    "finished": r.finished if cfg.method != "sample" else None,
-                    "seconds": round(seconds, 3),
+                    "n_tokens": len(r.token_ids),
+                    "finished": r.finished,
+                    "forward_tokens": r.forward_tokens,
+                    "seconds": round(seconds / n_per, 3),
                     "trace": r.trace,
                     "seed": cfg.seed,
                     "policy": policy.name,
@@ -185,6 +156,10 @@ def generate(
     return records
 
 
+def _pid(p: Prompt, index: int) -> str:
+    return p.id if p.id is not None else str(index)
+
+
 def _rid(p: Prompt, index: int, j: int, n_per: int) -> str:
-    base = p.id if p.id is not None else str(index)
+    base = _pid(p, index)
     return base if n_per == 1 else f"{base}/{j}"

@@ -91,6 +91,11 @@ def resolve_policy_source(name_or_path: str) -> tuple[str, dict]:
     return name_or_path, {}
 
 
+def default_device() -> str:
+    """Where models go unless told: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
@@ -103,7 +108,6 @@ def load_tokenizer(name_or_path: str):
 def _prepare_tokenizer(tok):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
     return tok
 
 
@@ -130,6 +134,9 @@ def load_policy(
         raise MoalignError(f"cannot load policy {name_or_path!r}: {str(e).splitlines()[0]}") from None
     if convert_to is not None:
         _save_dequantized(model, tok, Path(convert_to))
+        if (Path(convert_to) / "config.json").exists():
+            # load the plain copy: a GGUF-loaded model stays marked as quantised and cannot be fine-tuned
+            return load_policy(name_or_path, device=device, dtype=dtype)
     tok = _prepare_tokenizer(tok)
     if device:
         model.to(device)

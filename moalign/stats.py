@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 from moalign.data.prompts import load_prompts
 from moalign.decoding.engine import BlockwiseEngine, SamplingConfig
 from moalign.decoding.values import ObjectiveScorer
-from moalign.evaluation.metrics import NormStats
 from moalign.generate import default_device, estimate_norm_stats
 from moalign.objectives.base import resolve_objectives
-from moalign.objectives.normalize import save_norm_stats
+from moalign.objectives.normalize import NormStats, save_norm_stats
 from moalign.policies import load_policy
 
 

@@ -19,7 +19,7 @@ PROMPTS = [
 def _generate_greedy(engine: BlockwiseEngine, prompts, max_new_tokens: int) -> list[list[int]]:
     tok = engine.tok
     enc = tok(
-        [engine.render(p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False
+        [engine.render(p) for p in prompts], return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
     )
     out = engine.model.generate(
         **enc, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=engine.eos_ids.tolist(),
@@ -173,3 +173,87 @@ def test_last_hidden_matches_full_forward(tiny_policy):
 
     eng.decode(prompts, k=3, block_size=5, max_new_tokens=12, selector=selector, seed=2)
     assert len(checked) == 3 * 2 * 3 and all(checked)
+
+
+def _row_logprobs(policy, engine, prompt, ids):
+    return _full_logprobs(policy, engine, prompt, ids)
+
+
+def test_row_prompts_and_reprefill_match_full_forward(tiny_policy):
+    """Rows with their own prompts; after parents move rows between prompts, a re-prefilled row's next
+    tokens are scored under ITS OWN prompt + the copied tokens (checked against a fresh full forward pass),
+    and only rows whose prompt differs from their parent's are re-prefilled."""
+    group = [to_prompt(PROMPTS[0]), to_prompt(PROMPTS[1])]
+    rows = [[to_prompt(PROMPTS[0]), to_prompt(PROMPTS[2]), to_prompt("Name a colour.")],
+            [to_prompt(PROMPTS[1]), to_prompt(PROMPTS[1]), to_prompt("Say something kind.")]]  # fmt: skip
+    eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=1.0))
+    seen = []
+
+    def selector(step: BlockStep) -> Selection:
+        seen.append(step.token_ids.clone())
+        assert step.row_prompts == rows
+        # group 0: row 1 copies row 2 (different prompt: re-prefill); group 1: row 1 copies row 0 (same prompt)
+        parents = torch.tensor([[0, 2, 2], [0, 0, 2]])
+        return Selection(torch.tensor([1, 1]), parents=parents)
+
+    res = eng.decode(group, k=3, block_size=4, max_new_tokens=12, selector=selector, seed=5, keep_all=True,
+                     row_prompts=rows)  # fmt: skip
+    assert len(seen) == 3
+    # after block 0, row 1 of group 0 continues from row 2's tokens
+    assert torch.equal(seen[1][0, 1, :4], seen[0][0, 2, :4])
+    assert torch.equal(seen[1][1, 1, :4], seen[0][1, 0, :4])
+    for p in range(2):
+        for j in range(3):
+            r = res[p].rows[j]
+            if r.finished:
+                continue
+            ref = _row_logprobs(tiny_policy, eng, rows[p][j], r.token_ids)
+            # tokens copied from another row were drawn under that row's prompt; every token drawn by
+            # this row itself (the last block) must be scored under its own prompt
+            assert torch.allclose(torch.tensor(r.token_logprobs[8:]), ref[8:], atol=1e-4), (p, j)
+    # the copied row keeps its own prompt in the result
+    assert res[0].rows[1].row_prompt == rows[0][1]
+
+
+def test_recache_copy_continues_under_parent_prompt(tiny_policy):
+    """recache='copy': a moved row takes its parent's cache whole, so it continues under the parent's prompt."""
+    group = [to_prompt(PROMPTS[0])]
+    rows = [[to_prompt(PROMPTS[0]), to_prompt(PROMPTS[2])]]
+    eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=1.0))
+
+    def selector(step: BlockStep) -> Selection:
+        return Selection(torch.tensor([0]), parents=torch.tensor([[0, 0]]))
+
+    res = eng.decode(group, k=2, block_size=3, max_new_tokens=6, selector=selector, seed=1, keep_all=True,
+                     row_prompts=rows, recache="copy")  # fmt: skip
+    r = res[0].rows[1]
+    if not r.finished:
+        under_parent = _row_logprobs(tiny_policy, eng, rows[0][0], r.token_ids)
+        assert torch.allclose(torch.tensor(r.token_logprobs), under_parent, atol=1e-4)
+
+
+def test_forward_tokens_count_prefill_and_running_rows(tiny_policy):
+    """forward_tokens: each distinct prompt of a group prefilled once, then one token per running row."""
+    eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=0))
+    p = to_prompt(PROMPTS[1])
+    n_prompt = len(eng.tok(eng.render(p), add_special_tokens=False).input_ids)
+    res = eng.decode([p], k=3, block_size=5, max_new_tokens=5)
+    # greedy rows are identical; the last sampled token is never fed
+    assert not res[0].finished
+    assert res[0].forward_tokens == n_prompt + 3 * 4
+    rows = [[p, p, to_prompt(PROMPTS[0])]]
+    n0 = len(eng.tok(eng.render(rows[0][2]), add_special_tokens=False).input_ids)
+    res = eng.decode([p], k=3, block_size=5, max_new_tokens=5, row_prompts=rows)
+    assert res[0].forward_tokens == n_prompt + n0 + 3 * 4
+
+
+def test_bad_parents_and_row_prompts(tiny_policy):
+    eng = BlockwiseEngine(tiny_policy)
+    p = [to_prompt("hello")]
+    with pytest.raises(MoalignError, match="parents"):
+        eng.decode(p, k=2, block_size=2, max_new_tokens=4,
+                   selector=lambda s: Selection(torch.tensor([0]), parents=torch.tensor([[0, 2]])))  # fmt: skip
+    with pytest.raises(MoalignError, match="row_prompts"):
+        eng.decode(p, k=2, block_size=2, max_new_tokens=4, row_prompts=[[p[0]]])
+    with pytest.raises(MoalignError, match="recache"):
+        eng.decode(p, k=2, block_size=2, max_new_tokens=4, recache="bogus")

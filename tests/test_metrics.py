@@ -354,3 +354,105 @@ def test_evaluate_methods_errors():
         evaluate_methods(runs, obj, norm=norm, n_boot=10)
     with pytest.raises(MoalignError):
         EvaluationResult.from_dict({"objectives": []})
+
+
+# ------------------------------------------------------------------------------------------ several samples a prompt
+
+
+def test_evaluate_methods_two_samples_vs_one_by_hand():
+    """A run with 2 responses per prompt (plain sampling, n=2) against a 1-response run, checked by hand."""
+    rng = np.random.default_rng(5)
+    names = ["helpful", "harmless"]
+    p = 30
+    two = rng.normal(loc=[0.0, 2.0], scale=[1.0, 4.0], size=(p, 2, 2))  # [prompt, sample, objective]
+    one = rng.normal(loc=[0.2, 2.0], scale=[1.0, 4.0], size=(p, 2))
+    norm = fit_norm_stats(one, names, source="one-sample run")
+    recs_two = [
+        {
+            "record_id": f"{i}/{j}",
+            "prompt_id": str(i),
+            "sample_index": j,
+            "response": f"answer {i}/{j}",
+            "scores": dict(zip(names, two[i, j].tolist())),
+        }
+        for i in range(p)
+        for j in range(2)
+    ]
+    del recs_two[0]["sample_index"]  # a record without sample_index is sample 0
+    random.Random(1).shuffle(recs_two)  # grouping is by prompt_id, not position
+    runs = {"one": _records("one", [str(i) for i in range(p)], one), "two": recs_two}
+
+    res = evaluate_methods(runs, names, reference="one", norm=norm, n_boot=200, seed=4)
+
+    # by hand: per-objective means of each prompt's samples, then over prompts (raw)
+    raw_prompt = two.mean(axis=1)
+    # worst case per sample (z-scores), then the mean per prompt
+    z_two = (two - np.array(norm.mean)) / np.array(norm.std)
+    w_two = z_two.min(axis=2).mean(axis=1)
+    w_one = ((one - np.array(norm.mean)) / np.array(norm.std)).min(axis=1)
+    # the order matters: the worst case of the mean sample differs
+    assert not np.allclose(w_two, z_two.mean(axis=1).min(axis=1))
+    d = w_two - w_one
+    win = ((d > 0) + 0.5 * (d == 0)).astype(float)
+
+    s = res.methods["two"]
+    assert s.n == p and s.n_responses == 2 * p and s.n_paired == p and s.samples_per_prompt == 2
+    for j, g in enumerate(names):
+        assert s.objective_means[g].estimate == pytest.approx(raw_prompt[:, j].mean(), abs=1e-12)
+    assert s.worst_case.estimate == pytest.approx(w_two.mean(), abs=1e-12)
+    assert s.win_rate.estimate == pytest.approx(win.mean(), abs=1e-12)
+    # the bootstrap resamples prompts (first-seen order of prompt_id in the shuffled records)
+    order = list(dict.fromkeys(r["prompt_id"] for r in recs_two))
+    w_ordered = w_two[[int(pid) for pid in order]]
+    est, lo, hi = bootstrap_ci(np.mean, w_ordered, n_boot=200, seed=4)
+    assert (s.worst_case.low, s.worst_case.high) == pytest.approx((lo, hi), abs=1e-12)
+    est, lo, hi = bootstrap_ci(
+        per_objective_mean, raw_prompt[[int(pid) for pid in order]], n_boot=200, seed=4
+    )
+    assert s.objective_means["harmless"].low == pytest.approx(lo[1], abs=1e-12)
+
+    o = res.methods["one"]
+    assert o.n == p and o.n_responses == p and o.win_rate is None
+    assert o.worst_case.estimate == pytest.approx(w_one.mean(), abs=1e-12)
+
+    # the other way round: the one-sample run against the two-sample reference
+    rev = evaluate_methods(runs, names, reference="two", norm=norm, n_boot=50)
+    assert rev.methods["one"].win_rate.estimate == pytest.approx(1 - win.mean(), abs=1e-12)
+
+    # a prompt with one sample only counts that sample; the raw space without norm
+    runs_missing = {"one": runs["one"], "two": [r for r in recs_two if r["record_id"] != "3/1"]}
+    res_m = evaluate_methods(runs_missing, names, reference="one", n_boot=20)
+    w_raw = two.min(axis=2)
+    w_raw_prompt = w_raw.mean(axis=1)
+    w_raw_prompt[3] = w_raw[3, 0]
+    assert res_m.methods["two"].worst_case.estimate == pytest.approx(w_raw_prompt.mean(), abs=1e-12)
+    assert res_m.methods["two"].n == p and res_m.methods["two"].n_responses == 2 * p - 1
+
+    # JSON round trip and the table's responses column
+    assert EvaluationResult.from_dict(json.loads(json.dumps(res.to_dict()))).to_dict() == res.to_dict()
+    table = res.table()
+    assert "responses" in table.splitlines()[0] and "prompt's samples" in table
+    assert "responses" not in evaluate_methods({"one": runs["one"]}, names, n_boot=10).table()
+
+
+def test_evaluate_methods_duplicate_sample_is_an_error():
+    names = ["helpful", "harmless"]
+    rec = {"prompt_id": "3", "scores": {"helpful": 1.0, "harmless": 0.0}}
+    with pytest.raises(
+        MoalignError, match=r"'two': prompt_id '3' with sample_index 1 appears more than once"
+    ):
+        evaluate_methods(
+            {"two": [{**rec, "sample_index": 0}, {**rec, "sample_index": 1}, {**rec, "sample_index": 1}]},
+            names,
+        )
+    # no sample_index is sample 0
+    with pytest.raises(MoalignError, match=r"prompt_id '3' with sample_index 0 appears more than once"):
+        evaluate_methods({"two": [{**rec, "sample_index": 0}, rec]}, names)
+    for bad in ("1", -1, 1.5, True):
+        with pytest.raises(MoalignError, match="sample_index must be an integer"):
+            evaluate_methods({"two": [{**rec, "sample_index": bad}]}, names)
+    # distinct samples of one prompt are fine
+    ok = evaluate_methods(
+        {"two": [{**rec, "sample_index": 0}, {**rec, "sample_index": 1, "prompt_id": 3}]}, names
+    )
+    assert ok.methods["two"].n == 1 and ok.methods["two"].n_responses == 2

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import gzip
 import json
+import warnings
 
 import pytest
 
-from moalign.data.prompts import hh_prompt_and_response, load_prompts, parse_hh_dialogue, to_prompt
+from moalign.data.prompts import (
+    hh_prompt_and_response,
+    load_prompts,
+    parse_hh_dialogue,
+    prompts_from_records,
+    to_prompt,
+)
 from moalign.errors import MoalignError
 
 
@@ -90,3 +97,106 @@ def test_shared_files_load(shared_data, name, column, first_words):
     assert all(p.messages[-1]["role"] == "user" and p.text.strip() for p in ps)
     if name.startswith("hh-"):
         assert all("Assistant:" not in p.messages[-1]["content"] for p in ps)
+
+
+def _write_jsonl(path, recs):
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    return str(path)
+
+
+_SWALLOWED = "\n\nHuman: a?\n\nAssistant: b.  Human: and c?\n\nAssistant: d"  # the reply ate the next turn
+
+
+def test_bad_record_names_file_and_record(tmp_path):
+    good = [{"chosen": f"\n\nHuman: q{i}?\n\nAssistant: a{i}"} for i in range(4)]
+    src = _write_jsonl(tmp_path / "hh.jsonl", good[:2] + [{"chosen": _SWALLOWED}] + good[2:])
+    with pytest.raises(MoalignError, match=r"^.*hh\.jsonl: record 2: prompt must end with a user turn$"):
+        load_prompts(src)
+    # an id column is named too
+    with_id = [{"id": "x1", "prompt": "hi"}, {"id": "x2", "prompt": [{"role": "assistant", "content": "a"}]}]
+    with pytest.raises(
+        MoalignError, match=r"ids\.jsonl: record 1 \(id x2\): prompt must end with a user turn"
+    ):
+        load_prompts(_write_jsonl(tmp_path / "ids.jsonl", with_id))
+
+
+def test_skip_invalid_counts_and_warns(tmp_path):
+    good = [{"chosen": f"\n\nHuman: q{i}?\n\nAssistant: a{i}"} for i in range(4)]
+    src = _write_jsonl(tmp_path / "hh.jsonl", good[:2] + [{"chosen": _SWALLOWED}] + good[2:])
+    report: dict = {}
+    with pytest.warns(
+        UserWarning, match=r"hh\.jsonl: skipped 1 of 5 records: 1 prompt must end with a user turn"
+    ):
+        ps = load_prompts(src, skip_invalid=True, report=report)
+    assert [p.text for p in ps] == ["q0?", "q1?", "q2?", "q3?"]
+    assert [p.id for p in ps] == ["0", "1", "3", "4"]  # ids stay the record indices
+    assert report == {
+        "skipped": 1,
+        "total": 5,
+        "reasons": {"prompt must end with a user turn": 1},
+        "first": "record 2: prompt must end with a user turn",
+        "duplicates": 0,
+    }
+    # limit counts valid prompts: the bad record does not use up one of the 3
+    with pytest.warns(UserWarning, match="skipped 1 of 4 records"):
+        assert [p.text for p in load_prompts(src, skip_invalid=True, limit=3)] == ["q0?", "q1?", "q2?"]
+    # a clean file: no warning, an empty count
+    clean = _write_jsonl(tmp_path / "clean.jsonl", good)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_prompts(clean, skip_invalid=True, report=report)) == 4
+    assert report["skipped"] == 0 and report["total"] == 4
+
+
+def test_skip_invalid_mixed_reasons_and_all_bad(tmp_path):
+    recs = [{"prompt": "ok"}, {"prompt": "  "}, {"text": "no column"}, {"prompt": "fine"}]
+    src = _write_jsonl(tmp_path / "m.jsonl", recs)
+    with pytest.raises(MoalignError, match=r"m\.jsonl: record 1: empty prompt"):
+        load_prompts(src)
+    report: dict = {}
+    with pytest.warns(UserWarning, match=r"skipped 2 of 4 records: 1 empty prompt, 1 no prompt column found"):
+        assert [p.text for p in prompts_from_records(recs, skip_invalid=True, source="m", report=report)] == [
+            "ok",
+            "fine",
+        ]
+    assert report["reasons"] == {"empty prompt": 1, "no prompt column found": 1}
+    # nothing valid at all: still an error, with the reasons
+    with pytest.raises(
+        MoalignError, match=r"no valid prompts in .*x\.jsonl: all 1 records invalid .*'nope' not found"
+    ):
+        load_prompts(_write_jsonl(tmp_path / "x.jsonl", [{"text": "hi"}]), column="nope", skip_invalid=True)
+    # in-memory lists take the same keyword
+    with pytest.raises(MoalignError, match=r"prompts: item 1: prompt must end with a user turn"):
+        load_prompts(["a", [{"role": "assistant", "content": "x"}], "b"])
+    with pytest.warns(UserWarning, match="prompts: skipped 1 of 3 records"):
+        assert [
+            p.id for p in load_prompts(["a", [{"role": "assistant", "content": "x"}], "b"], skip_invalid=True)
+        ] == [
+            "0",
+            "2",
+        ]
+
+
+@pytest.mark.real
+def test_real_hh_file_with_swallowed_turns(shared_data):
+    path = shared_data / "hh-harmless-base-test-2000.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    # count the bad dialogues independently: the prompt part of `chosen` must end with a Human turn
+    bad = [
+        i
+        for i, r in enumerate(records)
+        if parse_hh_dialogue(hh_prompt_and_response(r["chosen"])[0])[-1]["role"] != "user"
+    ]
+    assert bad and bad[0] == 1254 and 1952 in bad  # 3 in this file: 1254, 1688, 1952
+    with pytest.raises(
+        MoalignError, match=r"hh-harmless-base-test-2000\.jsonl\.gz: record 1254: prompt must end"
+    ):
+        load_prompts(str(path))
+    report: dict = {}
+    with pytest.warns(UserWarning, match=rf"skipped {len(bad)} of {len(records)} records"):
+        ps = load_prompts(str(path), skip_invalid=True, report=report)
+    assert report["skipped"] == len(bad) and report["total"] == len(records)
+    assert len(ps) == len(records) - len(bad) - report["duplicates"]
+    assert not {str(i) for i in bad} & {p.id for p in ps}
+    assert all(p.messages[-1]["role"] == "user" for p in ps)

@@ -27,8 +27,8 @@ from moalign.decoding.value_heads import (
 )
 from moalign.decoding.values import ObjectiveScorer
 from moalign.errors import MoalignError
-from moalign.evaluation.metrics import NormStats
 from moalign.objectives.base import CallableObjective
+from moalign.objectives.normalize import NormStats
 from moalign.policies import Policy, eos_token_ids, load_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")

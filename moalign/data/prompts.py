@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from moalign.errors import MoalignError
@@ -94,42 +96,131 @@ def to_prompt(item, id: str | None = None) -> Prompt:
 PROMPT_COLUMNS = ("prompt", "messages", "instruction", "question", "Question", "chosen", "turns")
 
 
+def _record_id(rec: dict, idx: int) -> str:
+    return str(rec.get("id", rec.get("question_id", idx)))
+
+
 def _prompt_from_record(rec: dict, column: str | None, idx: int) -> Prompt:
+    """The prompt of one record; errors name the problem only (the caller adds the file and record)."""
     if column is not None:
         if column not in rec:
-            raise MoalignError(f"column {column!r} not found; record {idx} has columns {sorted(rec)}")
+            raise MoalignError(f"column {column!r} not found (columns present: {sorted(rec)})")
         value = rec[column]
         col = column
     else:
         col = next((c for c in PROMPT_COLUMNS if c in rec), None)
         if col is None:
-            raise MoalignError(
-                f"no prompt column found in record {idx} (columns {sorted(rec)}); pass --prompt-column"
-            )
+            raise MoalignError(f"no prompt column found (columns {sorted(rec)}); pass --prompt-column")
         value = rec[col]
     if col == "chosen" and isinstance(value, str):
         value = hh_prompt_and_response(value)[0]
     if col == "turns" and isinstance(value, list) and value and isinstance(value[0], str):
         value = value[0]  # MT-Bench / Vicuna: the first turn
-    rid = rec.get("id", rec.get("question_id", idx))
-    return to_prompt(value, id=str(rid))
+    p = to_prompt(value)
+    return Prompt(p.messages, id=_record_id(rec, idx), meta=p.meta)
 
 
-def prompts_from_records(
-    records: Iterable[dict], column: str | None = None, limit: int | None = None, dedupe: bool = True
-) -> list[Prompt]:
+def _record_label(idx: int, rid: str) -> str:
+    return f"record {idx}" + ("" if rid == str(idx) else f" (id {rid})")
+
+
+def _reason_kind(message: str) -> str:
+    """The kind of a parse error, for counting: its message up to the first detail."""
+    return re.split(r" \(|: |, got ", message, maxsplit=1)[0]
+
+
+def _collect(
+    items: Iterable[tuple[str, Callable[[], Prompt]]],
+    source: str,
+    limit: int | None,
+    dedupe: bool,
+    skip_invalid: bool,
+) -> tuple[list[Prompt], dict]:
+    """Prompts from ``(record label, parse)`` items, raising on the first bad one or skipping and counting.
+
+    Returns the prompts and ``{skipped, total, reasons, first, duplicates}`` (see :func:`load_prompts`).
+    """
     out: list[Prompt] = []
     seen: set[tuple] = set()
-    for i, rec in enumerate(records):
-        p = _prompt_from_record(rec, column, i)
+    reasons: Counter[str] = Counter()
+    first: str | None = None
+    total = duplicates = 0
+    for label, parse in items:
+        total += 1
+        try:
+            p = parse()
+        except MoalignError as e:
+            if not skip_invalid:
+                raise MoalignError(f"{source}: {label}: {e}") from None
+            reasons[_reason_kind(str(e))] += 1
+            first = first or f"{label}: {e}"
+            continue
         if dedupe:
             key = tuple((m["role"], m["content"]) for m in p.messages)
             if key in seen:
+                duplicates += 1
                 continue
             seen.add(key)
         out.append(p)
         if limit is not None and len(out) >= limit:
             break
+    skipped = sum(reasons.values())
+    if skipped and not out:
+        counts = ", ".join(f"{n} {r}" for r, n in reasons.most_common())
+        raise MoalignError(
+            f"no valid prompts in {source}: all {total} records invalid ({counts}; first: {first})"
+        )
+    stats = {
+        "skipped": skipped,
+        "total": total,
+        "reasons": dict(reasons),
+        "first": first,
+        "duplicates": duplicates,
+    }
+    return out, stats
+
+
+def _report_skipped(source: str, stats: dict, report: dict | None) -> None:
+    """Fill the caller's ``report`` and warn once about skipped records (at the public function's caller)."""
+    if report is not None:
+        report.clear()
+        report.update(stats)
+    if stats["skipped"]:
+        reasons = sorted(stats["reasons"].items(), key=lambda kv: -kv[1])
+        label, _, why = stats["first"].partition(": ")
+        first = label if why == _reason_kind(why) else stats["first"]  # no repeat of a bare reason
+        warnings.warn(
+            f"{source}: skipped {stats['skipped']} of {stats['total']} records: "
+            + ", ".join(f"{n} {r}" for r, n in reasons)
+            + f" (first: {first})",
+            stacklevel=3,
+        )
+
+
+def _record_items(records: Iterable[dict], column: str | None):
+    for i, rec in enumerate(records):
+        yield _record_label(i, _record_id(rec, i)), lambda rec=rec, i=i: _prompt_from_record(rec, column, i)
+
+
+def _item_prompt(x, i: int) -> Prompt:
+    if isinstance(x, Prompt):
+        return x
+    return Prompt(to_prompt(x).messages, id=str(i))
+
+
+def prompts_from_records(
+    records: Iterable[dict],
+    column: str | None = None,
+    limit: int | None = None,
+    dedupe: bool = True,
+    *,
+    skip_invalid: bool = False,
+    source: str = "records",
+    report: dict | None = None,
+) -> list[Prompt]:
+    """Prompts from dict records (see :func:`load_prompts` for ``skip_invalid`` and ``report``)."""
+    out, stats = _collect(_record_items(records, column), source, limit, dedupe, skip_invalid)
+    _report_skipped(source, stats, report)
     return out
 
 
@@ -139,22 +230,34 @@ def load_prompts(
     limit: int | None = None,
     split: str = "test",
     dedupe: bool = True,
+    *,
+    skip_invalid: bool = False,
+    report: dict | None = None,
 ) -> list[Prompt]:
     """Load prompts from a list, a local JSONL/JSON/CSV/TXT file (gzip too) or a hub dataset id.
 
     With no ``column``, the first of ``prompt, messages, instruction, question, chosen, turns`` present
     is used; HH ``chosen`` dialogues are cut at the last ``Assistant:`` turn.
+
+    A record that gives no prompt (a dialogue that does not end with a user turn, an empty prompt, a missing
+    column) raises :class:`MoalignError` naming the file and the record
+    (``data.jsonl: record 7: prompt must end with a user turn``). With ``skip_invalid=True`` such records are
+    skipped instead, with one warning that counts them by reason; ``limit`` counts the valid prompts kept.
+    A ``report`` dict, when given, is filled with ``skipped`` (records skipped), ``total`` (records read),
+    ``reasons`` (``{reason: count}``), ``first`` (the first skipped record and why, or ``None``) and
+    ``duplicates`` (records dropped by ``dedupe``).
     """
     from moalign.data.files import read_records
 
     if limit is not None and limit < 1:
         raise MoalignError(f"--limit must be >= 1, got {limit}")
-    if not isinstance(source, str):
-        items = list(source)
-        prompts = [to_prompt(x, id=str(i)) for i, x in enumerate(items)]
-        return prompts[:limit] if limit else prompts
-    records = read_records(source, split=split)
-    prompts = prompts_from_records(records, column=column, limit=limit, dedupe=dedupe)
-    if not prompts:
-        raise MoalignError(f"no prompts found in {source}")
-    return prompts
+    if isinstance(source, str):
+        items = _record_items(read_records(source, split=split), column)
+        out, stats = _collect(items, source, limit, dedupe, skip_invalid)
+        if not out:
+            raise MoalignError(f"no prompts found in {source}")
+    else:  # an in-memory list: no dedupe
+        items = ((f"item {i}", lambda x=x, i=i: _item_prompt(x, i)) for i, x in enumerate(source))
+        out, stats = _collect(items, "prompts", limit, False, skip_invalid)
+    _report_skipped(source if isinstance(source, str) else "prompts", stats, report)
+    return out

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from moalign.decoding.engine import BlockStep, Selection
+from moalign.decoding.registry import MethodContext, MethodSpec, register_method
 from moalign.decoding.scalarize import Scalarization
-from moalign.decoding.selection import MethodPlan, ValueFn, rounded, values_for_active
+from moalign.decoding.selection import EngineDecoder, ValueFn, rounded, values_for_active
 
 
 def best_of_n_selector(value_fn: ValueFn, scalarize: Scalarization):
@@ -23,5 +24,16 @@ def best_of_n_selector(value_fn: ValueFn, scalarize: Scalarization):
     return select
 
 
-def best_of_n_plan(n: int, max_new_tokens: int, value_fn: ValueFn, scalarize: Scalarization) -> MethodPlan:
-    return MethodPlan(k=n, block_size=max_new_tokens, selector=best_of_n_selector(value_fn, scalarize))
+def build_best_of_n(ctx: MethodContext, args) -> EngineDecoder:
+    n, T = ctx.cfg.n, ctx.cfg.max_new_tokens
+    return EngineDecoder(ctx.engine, n, T, T, best_of_n_selector(ctx.reward_fn(), ctx.scalarization()))
+
+
+register_method(
+    MethodSpec(
+        "best-of-n",
+        "`--n` full responses, keep the best by `--scalarization` (objectives on the whole response)",
+        None,
+        build_best_of_n,
+    )
+)

@@ -4,8 +4,9 @@ scalarised value (fixed weights: CD-Uniform / single objective; or the worst cas
 from __future__ import annotations
 
 from moalign.decoding.engine import BlockStep, Selection
+from moalign.decoding.registry import MethodContext, MethodSpec, register_method
 from moalign.decoding.scalarize import Scalarization
-from moalign.decoding.selection import MethodPlan, ValueFn, rounded, values_for_active
+from moalign.decoding.selection import EngineDecoder, ValueFn, rounded, values_for_active
 
 
 def cd_selector(value_fn: ValueFn, scalarize: Scalarization):
@@ -18,5 +19,18 @@ def cd_selector(value_fn: ValueFn, scalarize: Scalarization):
     return select
 
 
-def cd_plan(k: int, block_size: int, value_fn: ValueFn, scalarize: Scalarization) -> MethodPlan:
-    return MethodPlan(k=k, block_size=block_size, selector=cd_selector(value_fn, scalarize))
+def build_cd(ctx: MethodContext, args) -> EngineDecoder:
+    c = ctx.cfg
+    selector = cd_selector(ctx.value_fn(), ctx.scalarization())
+    return EngineDecoder(ctx.engine, c.k, c.block_size, c.max_new_tokens, selector)
+
+
+register_method(
+    MethodSpec(
+        "cd",
+        "controlled decoding: every `--block-size` tokens keep the best of `--k` candidate blocks by "
+        "`--scalarization` of the values (`--values`)",
+        None,
+        build_cd,
+    )
+)

@@ -1,20 +1,30 @@
-"""Batched blockwise sampling with KV-cache reuse.
+"""Batched blockwise decoding with KV-cache reuse, per-row prompts and parent pointers.
 
-For P prompts at a time the engine encodes each prompt once, expands its KV cache to K rows, samples a block
-of B tokens for all P*K rows, asks a *selector* to pick one candidate per prompt, and continues every prompt's
-K new candidates from the chosen row's cache (an index-select of the cache, never a re-encoding of the
-prefix). Decoding methods differ only in the selector and the block length:
+The engine decodes P *groups* at a time, each with K rows. A group answers one original prompt (what the
+objectives score against); each row decodes from its own prompt (by default the group's prompt; a search
+method such as Darwin gives row j a mutated instruction). Every B tokens a *selector* sees all rows and
+returns, per row, the row it continues from (``parents [P, K]``, within the group), the way transformers'
+beam search reorders its cache:
 
-- plain sampling of N responses: K = N, B = max_new_tokens, keep every candidate;
-- best-of-N: K = N, B = max_new_tokens, select by the scalarised reward of the full responses;
-- controlled decoding / RMOD: K candidates of B tokens per block, select by (weighted / worst-case) values.
+- plain sampling: the identity (every row keeps its own state);
+- best-of-N, controlled decoding, RMOD: every row continues from the group's chosen row (the winner is
+  broadcast);
+- Darwin: the top-k rows keep their state, every other unfinished row copies a random top-k row.
 
-Rows that reach an end-of-turn token stop (later positions are padding and are ignored); a prompt is finished
-when its chosen candidate is. The final block may be shorter than B.
+The KV cache follows the parents by an index-select (no re-encoding). A row whose own prompt differs from
+its parent's keeps its own prompt: it is re-prefilled as its own prompt + the copied response tokens
+(``recache="reprefill"``, only those rows are), or takes the parent's cache whole (``recache="copy"``:
+cheaper, but the row then continues conditioned on the parent's prompt).
+
+Rows that reach an end-of-turn token stop (later positions are padding and are ignored). The final block
+may be shorter than B. ``DecodeResult.forward_tokens`` counts, per group, the tokens the model processed for
+it (prompt prefill, every fed token of a running row, re-prefills), so methods can be compared at matched
+compute.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,10 +35,15 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from moalign.data.prompts import Prompt
 from moalign.errors import MoalignError
 from moalign.policies import Policy, eos_token_ids, render_chat
+
+# transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` is deprecated there)
+_CACHE_KW = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+RECACHE = ("reprefill", "copy")
 
 
 @dataclass
@@ -50,11 +65,13 @@ class SamplingConfig:
 
 @dataclass
 class BlockStep:
-    """What a selector sees after each block, for the P prompts still being decoded.
+    """What a selector sees after each block, for the P groups of the batch.
 
-    ``texts[p][k]`` is candidate k's whole response so far (prefix + new block) for prompt ``prompts[p]``.
-    ``done[p, k]`` says whether that candidate has ended (end-of-turn token); ``final`` is True when no
-    further block follows (every candidate ended, or the token budget is spent).
+    ``texts[p][k]`` is row k's whole response so far for group ``prompts[p]`` (the original prompt, which
+    objectives score against); ``row_prompts[p][k]`` is the prompt row k decodes from. ``done[p, k]`` says
+    whether that row has ended (end-of-turn token); ``final`` is True when no further block follows (every
+    row ended, or the token budget is spent). ``rng`` is a CPU generator seeded from the batch seed, for a
+    selector's own randomness (so a resumed run draws the same).
     """
 
     prompts: list[Prompt]
@@ -64,17 +81,38 @@ class BlockStep:
     done: torch.Tensor  # [P, K] bool
     block_index: int
     final: bool
-    #: [P, K, H] last-layer hidden state of each candidate's last token (end-of-turn token for ended rows);
+    #: [P, K, H] last-layer hidden state of each row's last token (end-of-turn token for ended rows);
     #: only when the engine was asked for it (``need_hidden=True``), e.g. for value heads
     last_hidden: torch.Tensor | None = None
+    row_prompts: list[list[Prompt]] | None = None
+    rng: torch.Generator | None = None
+
+    def subset(self, idx: list[int]) -> BlockStep:
+        """The same step for groups ``idx`` only."""
+        return dataclasses.replace(
+            self,
+            prompts=[self.prompts[i] for i in idx],
+            prompt_indices=[self.prompt_indices[i] for i in idx],
+            texts=[self.texts[i] for i in idx],
+            token_ids=self.token_ids[idx],
+            done=self.done[idx],
+            last_hidden=self.last_hidden[idx] if self.last_hidden is not None else None,
+            row_prompts=[self.row_prompts[i] for i in idx] if self.row_prompts is not None else None,
+        )
 
 
 @dataclass
 class Selection:
-    """A selector's answer: the chosen candidate per prompt and a JSON-able trace entry per prompt."""
+    """A selector's answer.
 
-    chosen: torch.Tensor  # [P] long
-    info: list[dict] | None = None
+    ``chosen [P]``: the row whose response is the group's output (read at the final step).
+    ``parents [P, K]``: the row (within the group) each row continues from; ``None`` broadcasts ``chosen``.
+    ``info``: a JSON-able trace entry per group (or None).
+    """
+
+    chosen: torch.Tensor
+    info: list[dict | None] | None = None
+    parents: torch.Tensor | None = None
 
 
 Selector = Callable[[BlockStep], Selection]
@@ -87,17 +125,21 @@ class DecodeResult:
     token_ids: list[int]
     finished: bool  # ended with an end-of-turn token (False: cut by max_new_tokens)
     trace: list[dict] = field(default_factory=list)
-    candidates: list[str] | None = None  # every final candidate (keep_all=True)
+    candidates: list[str] | None = None  # every row's final text (keep_all=True)
     token_logprobs: list[float] | None = None  # log pi(token | prefix) of each response token, untempered
+    rows: list[DecodeResult] | None = None  # every row's result (keep_all=True)
+    forward_tokens: int = 0  # tokens the model processed for this group (prefill included)
+    row_prompt: Prompt | None = None  # the prompt this row decoded from (when it differs from ``prompt``)
 
 
 def first_candidate(step: BlockStep) -> Selection:
-    """The trivial selector: always candidate 0 (with K = 1 this is plain decoding)."""
-    return Selection(torch.zeros(len(step.prompts), dtype=torch.long))
+    """The trivial selector: every row keeps its own state; the output is row 0."""
+    P, K = step.done.shape
+    return Selection(torch.zeros(P, dtype=torch.long), parents=torch.arange(K).expand(P, K))
 
 
 class BlockwiseEngine:
-    """Blockwise K-candidate decoding on one policy; see the module docstring."""
+    """Blockwise K-row decoding on one policy; see the module docstring."""
 
     def __init__(
         self,
@@ -129,6 +171,13 @@ class BlockwiseEngine:
     def render(self, prompt: Prompt) -> str:
         return render_chat(self.tok, prompt.messages, self.system_prompt)
 
+    def encode(self, texts: list[str]):
+        """Left-padded token ids of rendered prompts (padding side passed per call, never set on the
+        shared tokenizer)."""
+        return self.tok(
+            texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+        )
+
     def _next_tokens(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Sample (or argmax) one token per row from the warped distribution."""
         if self.sampling.temperature == 0:
@@ -137,19 +186,54 @@ class BlockwiseEngine:
         probs = torch.softmax(scores, dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
+    def _new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.model.config)
+
     def _forward(self, ids, attn, cache):
         pos = (attn.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
         out = self.model(
             input_ids=ids,
             attention_mask=attn,
             position_ids=pos,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
             output_hidden_states=self.need_hidden,
+            **{_CACHE_KW: cache},
         )
         hidden = out.hidden_states[-1][:, -1, :] if self.need_hidden else None
-        return out.logits[:, -1, :], out.past_key_values, hidden
+        return out.logits[:, -1, :], cache, hidden
+
+    def _reprefill(self, rows, rendered, resp, attn, cache, logits, last_h, fwd, group_of):
+        """Re-encode ``rows`` as their own prompt + their (copied) response tokens and splice the new KV
+        entries, logits and hidden states into the batch (left-padding whichever side is shorter)."""
+        device = attn.device
+        enc = self.encode([rendered[r] for r in rows])
+        ids = torch.cat([enc.input_ids.to(device), resp[rows]], dim=1)
+        a_new = torch.cat([enc.attention_mask.to(device), torch.ones_like(resp[rows])], dim=1)
+        fwd.index_add_(0, group_of[rows], a_new.sum(dim=1).to(fwd.dtype))
+        new_cache = self._new_cache()
+        lg, new_cache, hid = self._forward(ids, a_new, new_cache)
+        # lengths: attention mask and every layer's keys share the sequence dimension (full-attention layers)
+        for layer in list(cache.layers) + list(new_cache.layers):
+            if getattr(layer, "is_sliding", False):
+                raise MoalignError(
+                    "re-prefilling rows is not supported for sliding-window caches; use recache='copy'"
+                )
+        L = max(attn.shape[1], a_new.shape[1])
+        attn = _left_pad(attn, L, 0)
+        a_new = _left_pad(a_new, L, 0)
+        for old, new in zip(cache.layers, new_cache.layers):
+            old.keys = _left_pad(old.keys, L, 0.0, dim=-2)
+            old.values = _left_pad(old.values, L, 0.0, dim=-2)
+            old.keys[rows] = _left_pad(new.keys, L, 0.0, dim=-2)
+            old.values[rows] = _left_pad(new.values, L, 0.0, dim=-2)
+        attn[rows] = a_new
+        logits = logits.clone()
+        logits[rows] = lg.to(logits.dtype)
+        if last_h is not None and hid is not None:
+            last_h = last_h.clone()
+            last_h[rows] = hid
+        return attn, cache, logits, last_h
 
     # ------------------------------------------------------------------ main loop
     @torch.inference_mode()
@@ -165,28 +249,56 @@ class BlockwiseEngine:
         keep_all: bool = False,
         prompt_indices: Sequence[int] | None = None,
         on_block: Callable[[int], None] | None = None,
+        row_prompts: Sequence[Sequence[Prompt]] | None = None,
+        recache: str = "reprefill",
     ) -> list[DecodeResult]:
-        """Decode one batch of prompts. ``on_block(n_new_tokens)`` is called after every block."""
+        """Decode one batch of P groups of K rows. ``row_prompts[p][k]`` (default: ``prompts[p]``) is the
+        prompt row k of group p decodes from. ``on_block(n_new_tokens)`` is called after every block."""
         if k < 1:
             raise MoalignError(f"K (candidates per block) must be >= 1, got {k}")
         if block_size < 1:
             raise MoalignError(f"block size must be >= 1, got {block_size}")
         if max_new_tokens < 1:
             raise MoalignError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if recache not in RECACHE:
+            raise MoalignError(f"recache must be one of {RECACHE}, got {recache!r}")
         prompts = list(prompts)
         if not prompts:
             return []
         P = len(prompts)
+        if row_prompts is not None and (len(row_prompts) != P or any(len(r) != k for r in row_prompts)):
+            raise MoalignError(f"row_prompts must be {P} groups of K={k} prompts")
         indices = list(prompt_indices) if prompt_indices is not None else list(range(P))
         device = self.policy.device
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        gen = torch.Generator(device=device).manual_seed(int(seed))
+        rng = torch.Generator().manual_seed(int(seed) ^ 0x5EED5)
 
-        enc = self.tok(
-            [self.render(p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False
-        )
+        # ---- prefill: each distinct prompt of a group once, expanded to its rows
+        group_rendered = [self.render(p) for p in prompts]
+        if row_prompts is None:
+            rendered = [t for t in group_rendered for _ in range(k)]
+            uniq, uniq_group = group_rendered, list(range(P))
+            expand = torch.arange(P).repeat_interleave(k)
+        else:
+            rendered, uniq, uniq_group, inv = [], [], [], []
+            for p, row in enumerate(row_prompts):
+                local: dict[str, int] = {}
+                for rp in row:
+                    text = self.render(rp)
+                    rendered.append(text)
+                    if text not in local:
+                        local[text] = len(uniq)
+                        uniq.append(text)
+                        uniq_group.append(p)
+                    inv.append(local[text])
+            expand = torch.tensor(inv)
+        expand = expand.to(device)
+        group_of = torch.arange(P, device=device).repeat_interleave(k)
+        fwd = torch.zeros(P, dtype=torch.long, device=device)
+        enc = self.encode(uniq)
         attn = enc.attention_mask.to(device)
-        logits, cache, hid = self._forward(enc.input_ids.to(device), attn, DynamicCache())
-        expand = torch.arange(P, device=device).repeat_interleave(k)
+        fwd.index_add_(0, torch.tensor(uniq_group, device=device), attn.sum(dim=1))
+        logits, cache, hid = self._forward(enc.input_ids.to(device), attn, self._new_cache())
         cache.reorder_cache(expand)
         attn, logits = attn[expand], logits[expand]
         last_h = hid[expand] if hid is not None else None
@@ -199,6 +311,7 @@ class BlockwiseEngine:
         traces: list[list[dict]] = [[] for _ in range(P)]
         n_new, block_index = 0, 0
         final_sel: Selection | None = None
+        base = torch.arange(P, device=device)[:, None] * k
         while True:
             steps = min(block_size, max_new_tokens - n_new)
             for _ in range(steps):
@@ -214,6 +327,7 @@ class BlockwiseEngine:
                 if last and not self.need_hidden:
                     break
                 attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+                fwd.index_add_(0, group_of, (~was_done).long())
                 logits, cache, hid = self._forward(nxt[:, None], attn, cache)
                 if hid is not None:  # ended rows keep the hidden state of their end-of-turn token
                     last_h = torch.where(was_done[:, None], last_h, hid)
@@ -230,6 +344,8 @@ class BlockwiseEngine:
                 block_index=block_index,
                 final=final,
                 last_hidden=last_h.view(P, k, -1) if last_h is not None else None,
+                row_prompts=[list(r) for r in row_prompts] if row_prompts is not None else None,
+                rng=rng,
             )
             sel = selector(step)
             chosen = torch.as_tensor(sel.chosen, dtype=torch.long, device=device).reshape(-1)
@@ -245,36 +361,72 @@ class BlockwiseEngine:
             if final:
                 final_sel = sel
                 break
-            rows = torch.arange(P, device=device) * k + chosen
-            # a prompt whose chosen candidate ended keeps all K copies of that candidate (they only pad on)
-            idx = rows.repeat_interleave(k)
-            cache.reorder_cache(idx)
-            attn, logits, resp, done, logp = attn[idx], logits[idx], resp[idx], done[idx], logp[idx]
-            if last_h is not None:
-                last_h = last_h[idx]
+            if sel.parents is None:
+                parents = chosen[:, None].expand(P, k)
+            else:
+                parents = torch.as_tensor(sel.parents, dtype=torch.long, device=device)
+                if parents.shape != (P, k) or bool(((parents < 0) | (parents >= k)).any()):
+                    raise MoalignError(f"selector returned invalid parents of shape {tuple(parents.shape)}")
+            idx = (base + parents).reshape(-1)
+            moved = idx != torch.arange(R, device=device)
+            if bool(moved.any()):
+                cache.reorder_cache(idx)
+                attn, logits, resp, done, logp = attn[idx], logits[idx], resp[idx], done[idx], logp[idx]
+                if last_h is not None:
+                    last_h = last_h[idx]
+                if recache == "reprefill" and row_prompts is not None:
+                    src = idx.tolist()
+                    again = [
+                        r for r in range(R)
+                        if src[r] != r and rendered[src[r]] != rendered[r] and not bool(done[r])
+                    ]  # fmt: skip
+                    if again:
+                        attn, cache, logits, last_h = self._reprefill(
+                            torch.tensor(again, device=device), rendered, resp, attn, cache, logits, last_h,
+                            fwd, group_of,
+                        )  # fmt: skip
 
         assert final_sel is not None
         chosen = torch.as_tensor(final_sel.chosen, dtype=torch.long).reshape(-1).cpu()
-        resp, done, logp = resp.cpu(), done.cpu(), logp.cpu()
+        resp, done, logp, fwd = resp.cpu(), done.cpu(), logp.cpu(), fwd.cpu()
+
+        def row_result(p: int, j: int, **kw) -> DecodeResult:
+            r = p * k + j
+            ids = _strip(resp[r].tolist(), self.eos_ids.tolist())
+            rp = row_prompts[p][j] if row_prompts is not None else None
+            return DecodeResult(
+                prompt=prompts[p],
+                response=self.tok.decode(ids, skip_special_tokens=True).strip(),
+                token_ids=ids,
+                finished=bool(done[r]),
+                token_logprobs=[round(float(x), 6) for x in logp[r, : len(ids)]],
+                row_prompt=rp if rp is not None and rp != prompts[p] else None,
+                **kw,
+            )
+
         results = []
         for p in range(P):
-            row = p * k + int(chosen[p])
-            ids = _strip(resp[row].tolist(), self.eos_ids.tolist(), self.pad_id)
-            results.append(
-                DecodeResult(
-                    prompt=prompts[p],
-                    response=self.tok.decode(ids, skip_special_tokens=True).strip(),
-                    token_ids=ids,
-                    finished=bool(done[row]),
-                    trace=traces[p],
-                    candidates=texts_flat[p * k : (p + 1) * k] if keep_all else None,
-                    token_logprobs=[round(float(x), 6) for x in logp[row, : len(ids)]],
-                )
-            )
+            rows = [row_result(p, j) for j in range(k)] if keep_all else None
+            res = row_result(
+                p, int(chosen[p]), trace=traces[p], forward_tokens=int(fwd[p]), rows=rows,
+                candidates=texts_flat[p * k : (p + 1) * k] if keep_all else None,
+            )  # fmt: skip
+            results.append(res)
         return results
 
 
-def _strip(ids: list[int], eos: list[int], pad: int) -> list[int]:
+def _left_pad(x: torch.Tensor, length: int, value, dim: int = 1) -> torch.Tensor:
+    """Pad ``x`` on the left of dimension ``dim`` to ``length``."""
+    dim = dim % x.dim()
+    missing = length - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([torch.full(shape, value, dtype=x.dtype, device=x.device), x], dim=dim)
+
+
+def _strip(ids: list[int], eos: list[int]) -> list[int]:
     """Response tokens up to (excluding) the first end-of-turn token."""
     out = []
     for t in ids:

@@ -3,21 +3,42 @@
 Every block: K candidate blocks, values v [K, G] per prompt, worst-case weights
 ``w* = argmin_{w in simplex} logsumexp_k(lambda v_k . w)`` (see ``moalign.decoding.weights``), then keep
 ``argmax_k w* . v_k`` (the paper's practical rule) or sample ``k ~ softmax(lambda v . w*)`` (the exact best
-response). Each record's trace carries the per-block weights, the chosen values and the solver's gap.
+response; drawn from the step's generator, which is seeded by the run seed and the batch). Each record's
+trace carries the per-block weights, the chosen values and the solver's gap.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from moalign.configbase import config_field as _f
 from moalign.decoding.engine import BlockStep, Selection
-from moalign.decoding.selection import MethodPlan, ValueFn, rounded, values_for_active
+from moalign.decoding.registry import MethodContext, MethodSpec, register_method
+from moalign.decoding.selection import EngineDecoder, ValueFn, rounded, values_for_active
 from moalign.decoding.weights import select_candidates, solve_worst_case_weights
+from moalign.errors import MoalignError
 
 
-def rmod_selector(value_fn: ValueFn, lam: float, rule: str = "argmax", solver: str = "exact", seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
+@dataclass
+class RMODArgs:
+    lam: float = _f(0.5, "rmod: lambda, the tilt strength of the worst-case game")
+    rmod_select: str = _f(
+        "argmax", "rmod: argmax of w*.v, or sample from softmax(lambda v.w*)", choices=("argmax", "sample")
+    )
+    solver: str = _f(
+        "exact",
+        "rmod: exact worst-case solver, or the paper code's fixed-step 'reference'",
+        choices=("exact", "reference"),
+    )
 
+    def validate(self) -> None:
+        if not self.lam > 0:
+            raise MoalignError(f"--lam must be > 0, got {self.lam}")
+
+
+def rmod_selector(value_fn: ValueFn, lam: float, rule: str = "argmax", solver: str = "exact"):
     def select(step: BlockStep) -> Selection:
         v, active = values_for_active(step, value_fn)
         chosen = torch.zeros(len(step.prompts), dtype=torch.long)
@@ -27,6 +48,7 @@ def rmod_selector(value_fn: ValueFn, lam: float, rule: str = "argmax", solver: s
             return Selection(chosen, info)
         va = v[idx].double()
         sol = solve_worst_case_weights(va, lam, method=solver)
+        gen = step.rng if step.rng is not None else torch.Generator().manual_seed(0)
         c = select_candidates(va, sol.weights.double(), lam, rule=rule, generator=gen)
         chosen[idx] = c.cpu()
         for j, p in enumerate(idx.tolist()):
@@ -40,8 +62,18 @@ def rmod_selector(value_fn: ValueFn, lam: float, rule: str = "argmax", solver: s
     return select
 
 
-def rmod_plan(
-    k: int, block_size: int, value_fn: ValueFn, *, lam: float, rule: str = "argmax", solver: str = "exact",
-    seed: int = 0,
-) -> MethodPlan:  # fmt: skip
-    return MethodPlan(k=k, block_size=block_size, selector=rmod_selector(value_fn, lam, rule, solver, seed))
+def build_rmod(ctx: MethodContext, args: RMODArgs) -> EngineDecoder:
+    c = ctx.cfg
+    selector = rmod_selector(ctx.value_fn(), args.lam, args.rmod_select, args.solver)
+    return EngineDecoder(ctx.engine, c.k, c.block_size, c.max_new_tokens, selector)
+
+
+register_method(
+    MethodSpec(
+        "rmod",
+        "robust multi-objective decoding: every block, worst-case weights w* from an exact convex solver, "
+        "then the candidate maximising w*·v (`--k`, `--block-size`, `--values`)",
+        RMODArgs,
+        build_rmod,
+    )
+)

@@ -1,10 +1,15 @@
-"""Plain sampling: N independent responses per prompt (one block of max_new_tokens, every candidate kept)."""
+"""Plain sampling: N independent responses per prompt (one block of max_new_tokens, every row kept)."""
 
 from __future__ import annotations
 
 from moalign.decoding.engine import first_candidate
-from moalign.decoding.selection import MethodPlan
+from moalign.decoding.registry import MethodContext, MethodSpec, register_method
+from moalign.decoding.selection import EngineDecoder
 
 
-def sample_plan(n: int, max_new_tokens: int) -> MethodPlan:
-    return MethodPlan(k=n, block_size=max_new_tokens, selector=first_candidate, keep_all=True)
+def build_sample(ctx: MethodContext, args) -> EngineDecoder:
+    n, T = ctx.cfg.n, ctx.cfg.max_new_tokens
+    return EngineDecoder(ctx.engine, n, T, T, first_candidate, keep_all=True)
+
+
+register_method(MethodSpec("sample", "`--n` plain samples per prompt", None, build_sample))

@@ -1,52 +1,67 @@
-"""Shared plumbing for selectors: which prompts still need a choice, and the per-method plan."""
+"""Shared plumbing for methods that are one engine pass (K rows, B-token blocks, a selector)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from moalign.decoding.engine import BlockStep, Selector
+from moalign.decoding.engine import BlockStep, BlockwiseEngine, DecodeResult, Selector
 
 ValueFn = Callable[[BlockStep], torch.Tensor]  # -> [P, K, G]
 
 
 @dataclass
-class MethodPlan:
-    """How the engine runs one method: candidates per block, block length, the selector, keep all."""
+class EngineDecoder:
+    """A method that is one engine pass: ``k`` rows per prompt, blocks of ``block_size`` tokens, a selector.
 
+    ``keep_all``: every row is an output (plain sampling); otherwise the selector's final choice is.
+    """
+
+    engine: BlockwiseEngine
     k: int
     block_size: int
+    max_new_tokens: int
     selector: Selector
     keep_all: bool = False
 
+    @property
+    def n_outputs(self) -> int:
+        return self.k if self.keep_all else 1
+
+    def __call__(
+        self, prompts: Sequence, *, seed: int, prompt_indices: Sequence[int]
+    ) -> list[list[DecodeResult]]:
+        res = self.engine.decode(
+            prompts, k=self.k, block_size=self.block_size, max_new_tokens=self.max_new_tokens,
+            selector=self.selector, seed=seed, keep_all=self.keep_all, prompt_indices=prompt_indices,
+        )  # fmt: skip
+        if not self.keep_all:
+            return [[r] for r in res]
+        out = []
+        for r in res:
+            for row in r.rows:
+                row.forward_tokens = r.forward_tokens // self.k  # the group's compute, per response
+            out.append(r.rows)
+        return out
+
 
 def active_prompts(step: BlockStep) -> torch.Tensor:
-    """Prompts whose candidates differ (not every candidate already ended): [P] bool.
+    """Groups whose rows differ (not every row already ended): [P] bool.
 
-    A prompt whose chosen candidate ended earlier holds K identical copies; it needs no scoring.
+    A group whose chosen row ended earlier holds K identical copies; it needs no scoring.
     """
     return ~step.done.all(dim=1) | (step.block_index == 0) | step.final
 
 
 def values_for_active(step: BlockStep, value_fn: ValueFn) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values [P, K, G] for the active prompts (other rows are zero) and the active mask [P]."""
+    """Values [P, K, G] for the active groups (other rows are zero) and the active mask [P]."""
     active = active_prompts(step)
     idx = active.nonzero().flatten().tolist()
-    sub = BlockStep(
-        prompts=[step.prompts[i] for i in idx],
-        prompt_indices=[step.prompt_indices[i] for i in idx],
-        texts=[step.texts[i] for i in idx],
-        token_ids=step.token_ids[idx],
-        done=step.done[idx],
-        block_index=step.block_index,
-        final=step.final,
-        last_hidden=step.last_hidden[idx] if step.last_hidden is not None else None,
-    )
-    v = value_fn(sub) if idx else torch.zeros(0, step.done.shape[1], 0)
+    v = value_fn(step.subset(idx)) if idx else torch.zeros(0, step.done.shape[1], 0)
     full = torch.zeros(len(step.prompts), step.done.shape[1], v.shape[-1], dtype=v.dtype)
-    full[idx] = v
+    full[idx] = v.cpu()
     return full, active
 
 

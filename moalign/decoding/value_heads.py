@@ -38,13 +38,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moalign.config import config_field as _f
-from moalign.config import versions
+from moalign.configbase import config_field as _f
+from moalign.configbase import versions
 from moalign.data.prompts import Prompt
 from moalign.decoding.engine import BlockStep, BlockwiseEngine, SamplingConfig, Selection
 from moalign.errors import MoalignError
-from moalign.evaluation.metrics import NormStats, fit_norm_stats
 from moalign.objectives.base import Objective
+from moalign.objectives.normalize import NormStats, fit_norm_stats
 from moalign.policies import Policy, eos_token_ids, render_chat
 
 FORMAT = "moalign-value-heads/1"
@@ -467,9 +467,8 @@ def train_values(
 ) -> dict:
     """Sample, score, extract hidden states, fit the heads, report held-out error and save to ``cfg.out``."""
     from moalign.data.prompts import load_prompts
-    from moalign.generate import default_device
     from moalign.objectives.base import resolve_objectives
-    from moalign.policies import load_policy
+    from moalign.policies import default_device, load_policy
 
     cfg.validate()
     t0 = time.perf_counter()

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 
 from moalign.decoding.engine import BlockStep
-from moalign.evaluation.metrics import NormStats
 from moalign.objectives.base import Objective
+from moalign.objectives.normalize import NormStats
 
 
 class ObjectiveScorer:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from moalign.config import EvaluateConfig
 from moalign.errors import MoalignError
-from moalign.evaluation.metrics import EvaluationResult, NormStats, evaluate_methods
+from moalign.evaluation.metrics import EvaluationResult, evaluate_methods
+from moalign.objectives.normalize import NormStats
 from moalign.records import meta_path, read_records
 
 

@@ -4,6 +4,10 @@ A score matrix ``scores`` has shape ``[n, G]``: ``n`` responses (one per prompt)
 higher is better. Inputs may be numpy arrays, torch tensors or nested sequences; everything is computed in
 float64 numpy and returned as numpy arrays / Python floats.
 
+:func:`evaluate_methods` also takes runs with several responses per prompt (records sharing a ``prompt_id``,
+told apart by ``sample_index``): it averages each prompt's samples first, so every method has one row per
+prompt and methods pair by prompt whatever their number of samples.
+
 Metrics (see ``specs/rmod.md``):
 
 * per-objective mean      ``m_g = (1/n) sum_i r_ig``
@@ -13,7 +17,7 @@ Metrics (see ``specs/rmod.md``):
 
 The minimum over objectives is scale-sensitive, so the worst case and the win rate are usually computed on
 z-scored rewards ``z_g = (r_g - mu_g) / sigma_g`` with statistics ``(mu, sigma)`` fitted once on a reference
-set (:class:`NormStats`); every result records which score space was used.
+set (:class:`~moalign.objectives.normalize.NormStats`); every result records which score space was used.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from moalign.arrays import as_matrix as _as_matrix
+from moalign.arrays import to_numpy as _to_numpy
 from moalign.errors import MoalignError
+from moalign.objectives.normalize import NormStats, fit_norm_stats, normalize_scores
 
 __all__ = [
     "EvaluationResult",
@@ -41,152 +48,6 @@ __all__ = [
     "worst_case_win_indicator",
     "worst_case_win_rate",
 ]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# array helpers
-
-
-def _to_numpy(x: Any, what: str) -> np.ndarray:
-    """float64 numpy copy of a numpy array / torch tensor / sequence."""
-    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor without importing torch
-        x = x.detach().cpu().double().numpy()
-    try:
-        arr = np.array(x, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise MoalignError(f"{what}: cannot convert to a float array ({e})") from None
-    return arr
-
-
-def _as_matrix(x: Any, what: str, allow_empty: bool = False) -> np.ndarray:
-    """A finite float64 matrix ``[n, G]`` (G >= 1)."""
-    arr = _to_numpy(x, what)
-    if arr.ndim != 2:
-        raise MoalignError(f"{what}: expected a 2-d score matrix [n, G], got shape {tuple(arr.shape)}")
-    if arr.shape[1] == 0:
-        raise MoalignError(f"{what}: score matrix has no objectives (shape {tuple(arr.shape)})")
-    if arr.shape[0] == 0 and not allow_empty:
-        raise MoalignError(f"{what}: score matrix has no rows")
-    if not np.isfinite(arr).all():
-        r, c = np.argwhere(~np.isfinite(arr))[0]
-        raise MoalignError(f"{what}: non-finite score (NaN/inf) at row {r}, objective {c}")
-    return arr
-
-
-def _as_vector(x: Any, what: str, length: int | None = None) -> np.ndarray:
-    arr = _to_numpy(x, what)
-    if arr.ndim != 1:
-        raise MoalignError(f"{what}: expected a 1-d vector, got shape {tuple(arr.shape)}")
-    if length is not None and arr.shape[0] != length:
-        raise MoalignError(f"{what}: expected length {length}, got {arr.shape[0]}")
-    if not np.isfinite(arr).all():
-        raise MoalignError(f"{what}: contains NaN/inf")
-    return arr
-
-
-# ----------------------------------------------------------------------------------------------------------
-# normalisation
-
-
-def normalize_scores(scores: Any, mean: Any, std: Any) -> np.ndarray:
-    """Z-scores ``(scores - mean) / std`` per objective (column); ``scores`` is ``[n, G]``, ``mean``/``std`` ``[G]``."""
-    s = _as_matrix(scores, "scores", allow_empty=True)
-    g = s.shape[1]
-    mu = _as_vector(mean, "mean", g)
-    sd = _as_vector(std, "std", g)
-    if (sd <= 0).any():
-        bad = int(np.argwhere(sd <= 0)[0][0])
-        raise MoalignError(f"std of objective {bad} is {sd[bad]}: z-scores need a positive std")
-    return (s - mu) / sd
-
-
-@dataclass
-class NormStats:
-    """Per-objective z-score statistics fitted on a reference set of responses.
-
-    ``mean[g]`` and ``std[g]`` belong to objective ``names[g]``; ``source`` says what they were fitted on
-    (e.g. ``"reference policy on hh-helpful-base, 500 prompts"``) and ``n`` how many responses.
-    """
-
-    mean: list[float]
-    std: list[float]
-    names: list[str]
-    source: str = "unspecified"
-    n: int = 0
-
-    def __post_init__(self) -> None:
-        self.names = [str(x) for x in self.names]
-        g = len(self.names)
-        if g == 0:
-            raise MoalignError("NormStats: no objective names")
-        if len(set(self.names)) != g:
-            raise MoalignError(f"NormStats: duplicate objective names {self.names}")
-        self.mean = [float(x) for x in _as_vector(self.mean, "NormStats.mean", g)]
-        self.std = [float(x) for x in _as_vector(self.std, "NormStats.std", g)]
-        for name, sd in zip(self.names, self.std):
-            if sd <= 0:
-                raise MoalignError(f"NormStats: std of objective {name!r} is {sd}; z-scores need std > 0")
-        self.n = int(self.n)
-
-    def describe(self) -> str:
-        """The score-space label used in reports, e.g. ``z-score (reference run, n=500)``."""
-        return f"z-score ({self.source}, n={self.n})"
-
-    def subset(self, names: Sequence[str]) -> NormStats:
-        """The statistics of ``names`` in that order (error naming any objective without statistics)."""
-        missing = [x for x in names if x not in self.names]
-        if missing:
-            raise MoalignError(
-                f"normalisation statistics have no entry for objective(s) {missing} (they cover {self.names})"
-            )
-        idx = [self.names.index(x) for x in names]
-        return NormStats(
-            mean=[self.mean[i] for i in idx],
-            std=[self.std[i] for i in idx],
-            names=list(names),
-            source=self.source,
-            n=self.n,
-        )
-
-    def apply(self, scores: Any) -> np.ndarray:
-        """Z-score a ``[n, G]`` matrix whose columns are in the order of ``names``."""
-        return normalize_scores(scores, self.mean, self.std)
-
-    def to_dict(self) -> dict:
-        return {"mean": list(self.mean), "std": list(self.std), "names": list(self.names),
-                "source": self.source, "n": self.n}  # fmt: skip
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> NormStats:
-        missing = [k for k in ("mean", "std", "names") if k not in d]
-        if missing:
-            raise MoalignError(f"normalisation statistics lack field(s) {missing}")
-        return cls(
-            mean=list(d["mean"]),
-            std=list(d["std"]),
-            names=list(d["names"]),
-            source=str(d.get("source", "unspecified")),
-            n=int(d.get("n", 0)),
-        )
-
-
-def fit_norm_stats(scores: Any, names: Sequence[str], source: str = "unspecified") -> NormStats:
-    """Fit per-objective mean and (population, ddof=0) std on ``scores`` ``[n, G]``.
-
-    A constant objective (std 0) cannot be z-scored and raises :class:`MoalignError`.
-    """
-    s = _as_matrix(scores, "scores")
-    names = [str(x) for x in names]
-    if len(names) != s.shape[1]:
-        raise MoalignError(f"got {len(names)} objective names for a score matrix with {s.shape[1]} columns")
-    mean = s.mean(axis=0)
-    std = s.std(axis=0)
-    for name, sd in zip(names, std):
-        if not sd > 0:
-            raise MoalignError(
-                f"objective {name!r} is constant on {source!r} (std 0): it cannot be z-score normalised"
-            )
-    return NormStats(mean=mean.tolist(), std=std.tolist(), names=names, source=source, n=s.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -314,11 +175,17 @@ class MethodSummary:
     worst_case: Interval
     win_rate: Interval | None = None
     n_paired: int | None = None
+    n_responses: int | None = None  # records (responses); ``n`` counts prompts. None: one per prompt
+
+    @property
+    def samples_per_prompt(self) -> float:
+        return 1.0 if self.n_responses is None else self.n_responses / self.n
 
     def to_dict(self) -> dict:
         return {
             "method": self.method,
             "n": self.n,
+            "n_responses": self.n if self.n_responses is None else self.n_responses,
             "objective_means": {k: v.to_dict() for k, v in self.objective_means.items()},
             "worst_case": self.worst_case.to_dict(),
             "win_rate": None if self.win_rate is None else self.win_rate.to_dict(),
@@ -334,6 +201,7 @@ class MethodSummary:
             worst_case=Interval.from_dict(d["worst_case"]),
             win_rate=None if d.get("win_rate") is None else Interval.from_dict(d["win_rate"]),
             n_paired=None if d.get("n_paired") is None else int(d["n_paired"]),
+            n_responses=None if d.get("n_responses") is None else int(d["n_responses"]),
         )
 
 
@@ -388,12 +256,14 @@ class EvaluationResult:
     def table(self) -> str:
         """A plain-text aligned table: one row per method; ``±`` is the half-width of the CI."""
         conf = round(100 * (1 - self.alpha))
-        head = ["method", "n", *[f"{g} (raw)" for g in self.objectives], "worst case"]
+        multi = any(m.samples_per_prompt != 1 for m in self.methods.values())
+        head = ["method", "n", *(["responses"] if multi else []), *[f"{g} (raw)" for g in self.objectives]]
+        head.append("worst case")
         if self.reference is not None:
             head.append(f"win vs {self.reference} (%)")
         rows = []
         for name, m in self.methods.items():
-            row = [name, str(m.n)]
+            row = [name, str(m.n), *([str(m.n_responses or m.n)] if multi else [])]
             row += [_pm(m.objective_means[g]) for g in self.objectives]
             row.append(_pm(m.worst_case))
             if self.reference is not None:
@@ -409,8 +279,11 @@ class EvaluationResult:
             return "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
 
         lines = [fmt(head), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)]
+        per = "mean over prompts of min over objectives"
+        if multi:
+            per = "mean over prompts of (mean over a prompt's samples of) min over objectives; n = prompts"
         notes = [
-            f"worst case = mean over prompts of min over objectives, on {self.score_space} scores",
+            f"worst case = {per}, on {self.score_space} scores",
             f"± = half-width of the {conf}% paired bootstrap CI ({self.n_boot} resamples)",
         ]
         if self.reference is not None:
@@ -427,48 +300,76 @@ def _pm(iv: Interval) -> str:
     return f"{iv.estimate:.3f} ± {iv.half_width:.3f}"
 
 
-def _score_matrix(method: str, records: Sequence[Mapping[str, Any]], objectives: Sequence[str]):
-    """``(prompt_ids, scores [n, G])`` of one method's records, validated."""
+def _sample_index(method: str, pid: str, rec: Mapping[str, Any]) -> int:
+    """A record's ``sample_index`` (0 when absent or null)."""
+    si = rec.get("sample_index")
+    if si is None:
+        return 0
+    if isinstance(si, bool) or not isinstance(si, (int, np.integer)) or si < 0:
+        raise MoalignError(
+            f"method {method!r}, prompt {pid!r}: sample_index must be an integer >= 0, got {si!r}"
+        )
+    return int(si)
+
+
+def _score_matrix(
+    method: str, records: Sequence[Mapping[str, Any]], objectives: Sequence[str]
+) -> tuple[list[str], np.ndarray]:
+    """``(prompt_ids, scores [n, G])`` of one method's records, validated: one row per record (response).
+
+    Several records may share a ``prompt_id`` (several samples of one prompt); ``(prompt_id, sample_index)``
+    must be unique, a record without ``sample_index`` being sample 0.
+    """
     if isinstance(records, Mapping) or isinstance(records, str):
         raise MoalignError(
             f"method {method!r}: expected a list of records (dicts), got {type(records).__name__}"
         )
     ids: list[str] = []
     rows: list[list[float]] = []
-    seen: set[str] = set()
+    seen: set[tuple[str, int]] = set()
     for i, rec in enumerate(records):
         if not isinstance(rec, Mapping):
             raise MoalignError(f"method {method!r}: record {i} is not a dict ({type(rec).__name__})")
         if rec.get("prompt_id") is None:
             raise MoalignError(f"method {method!r}: record {i} has no 'prompt_id'")
         pid = str(rec["prompt_id"])
-        if pid in seen:
-            raise MoalignError(f"method {method!r}: prompt_id {pid!r} appears more than once")
-        seen.add(pid)
+        si = _sample_index(method, pid, rec)
+        if (pid, si) in seen:
+            hint = "" if "sample_index" in rec else " (a record without 'sample_index' is sample 0)"
+            raise MoalignError(
+                f"method {method!r}: prompt_id {pid!r} with sample_index {si} appears more than once{hint}"
+            )
+        seen.add((pid, si))
+        where = f"method {method!r}, prompt {pid!r}" + (f" sample {si}" if si else "")
         sc = rec.get("scores")
         if not isinstance(sc, Mapping):
-            raise MoalignError(f"method {method!r}, prompt {pid!r}: record has no 'scores' dict")
+            raise MoalignError(f"{where}: record has no 'scores' dict")
         row = []
         for g in objectives:
             if g not in sc:
-                raise MoalignError(
-                    f"method {method!r}, prompt {pid!r}: no score for objective {g!r} "
-                    f"(scores present: {sorted(sc)})"
-                )
+                raise MoalignError(f"{where}: no score for objective {g!r} (scores present: {sorted(sc)})")
             try:
                 v = float(sc[g])
             except (TypeError, ValueError):
-                raise MoalignError(
-                    f"method {method!r}, prompt {pid!r}: score for {g!r} is not a number ({sc[g]!r})"
-                ) from None
+                raise MoalignError(f"{where}: score for {g!r} is not a number ({sc[g]!r})") from None
             if not math.isfinite(v):
-                raise MoalignError(f"method {method!r}, prompt {pid!r}: score for {g!r} is {v} (not finite)")
+                raise MoalignError(f"{where}: score for {g!r} is {v} (not finite)")
             row.append(v)
         ids.append(pid)
         rows.append(row)
     if not rows:
         raise MoalignError(f"method {method!r} has no records")
     return ids, np.asarray(rows, dtype=np.float64)
+
+
+def _mean_by_prompt(prompt_ids: Sequence[str], values: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """``(unique prompt_ids in first-seen order, mean of the rows of each)``: ``values`` is ``[n, ...]``."""
+    pos: dict[str, int] = {}
+    group = np.array([pos.setdefault(pid, len(pos)) for pid in prompt_ids], dtype=np.intp)
+    sums = np.zeros((len(pos), *values.shape[1:]), dtype=np.float64)
+    np.add.at(sums, group, values)
+    counts = np.bincount(group, minlength=len(pos)).astype(np.float64)
+    return list(pos), sums / counts.reshape(-1, *([1] * (values.ndim - 1)))
 
 
 def evaluate_methods(
@@ -483,11 +384,19 @@ def evaluate_methods(
 ) -> EvaluationResult:
     """Compare methods on the same prompts.
 
-    ``runs`` maps a method name to its records (``{"prompt_id", "scores": {objective: value}, ...}``).
-    For each method: the number of records, per-objective means (raw scores) and the mean worst case
-    ``mean_i min_g z_ig`` (z-scored with ``norm`` when given, else raw), each with a percentile bootstrap CI;
-    with a ``reference`` method, the worst-case win rate vs the reference on the prompts both answered
-    (paired by ``prompt_id``, same score space as the worst case), with a paired bootstrap CI.
+    ``runs`` maps a method name to its records (``{"prompt_id", "scores": {objective: value}, ...}``,
+    optionally ``"sample_index"``). For each method: the number of prompts, per-objective means (raw scores)
+    and the mean worst case ``mean_i min_g z_ig`` (z-scored with ``norm`` when given, else raw), each with a
+    percentile bootstrap CI; with a ``reference`` method, the worst-case win rate vs the reference on the
+    prompts both answered (paired by ``prompt_id``, same score space as the worst case), with a paired
+    bootstrap CI.
+
+    A method may hold several responses per prompt (records sharing a ``prompt_id``, told apart by an integer
+    ``sample_index``; a record without one is sample 0, and a repeated ``(prompt_id, sample_index)`` is an
+    error). Each prompt then counts once: its objective scores are the mean over its samples, its worst case
+    the mean over its samples of each sample's ``min_g z_g``, and the win rate compares these per-prompt
+    worst cases. The bootstrap resamples prompts. ``MethodSummary.n`` counts prompts and ``n_responses``
+    records.
     """
     objectives = [str(g) for g in objectives]
     if not objectives:
@@ -504,23 +413,25 @@ def evaluate_methods(
     else:
         score_space = "raw"
 
-    data: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
+    # per method, one row per prompt: raw objective means [P, G] and the worst case [P] (in score space),
+    # each the mean over the prompt's samples (the worst case taken per sample first)
+    data: dict[str, tuple[list[str], np.ndarray, np.ndarray, int]] = {}
     for method, records in runs.items():
         ids, raw = _score_matrix(str(method), records, objectives)
-        space = norm.apply(raw) if norm is not None else raw
-        data[str(method)] = (ids, raw, space)
+        wc_sample = worst_case(norm.apply(raw) if norm is not None else raw)
+        pids, raw_p = _mean_by_prompt(ids, raw)
+        _, wc_p = _mean_by_prompt(ids, wc_sample)
+        data[str(method)] = (pids, raw_p, wc_p, len(ids))
 
     summaries: dict[str, MethodSummary] = {}
-    for method, (ids, raw, space) in data.items():
+    for method, (ids, raw, wc_p, n_responses) in data.items():
         est, lo, hi = bootstrap_ci(per_objective_mean, raw, n_boot=n_boot, alpha=alpha, seed=seed)
         means = {g: Interval(float(est[j]), float(lo[j]), float(hi[j])) for j, g in enumerate(objectives)}
-        wc = Interval(
-            *bootstrap_ci(lambda s: worst_case(s).mean(), space, n_boot=n_boot, alpha=alpha, seed=seed)
-        )
+        wc = Interval(*bootstrap_ci(np.mean, wc_p, n_boot=n_boot, alpha=alpha, seed=seed))
         win = None
         n_paired = None
         if reference is not None and method != str(reference):
-            ref_ids, _, ref_space = data[str(reference)]
+            ref_ids, _, ref_wc, _ = data[str(reference)]
             ref_pos = {pid: j for j, pid in enumerate(ref_ids)}
             pairs = [(i, ref_pos[pid]) for i, pid in enumerate(ids) if pid in ref_pos]
             if not pairs:
@@ -530,7 +441,8 @@ def evaluate_methods(
                 )
             ia = np.array([p[0] for p in pairs])
             ib = np.array([p[1] for p in pairs])
-            ind = worst_case_win_indicator(space[ia], ref_space[ib], tie_tol)
+            # a one-column matrix: min over objectives is the per-prompt worst case itself
+            ind = worst_case_win_indicator(wc_p[ia, None], ref_wc[ib, None], tie_tol)
             win = Interval(*bootstrap_ci(np.mean, ind, n_boot=n_boot, alpha=alpha, seed=seed))
             n_paired = len(pairs)
         summaries[method] = MethodSummary(
@@ -540,6 +452,7 @@ def evaluate_methods(
             worst_case=wc,
             win_rate=win,
             n_paired=n_paired,
+            n_responses=n_responses,
         )
 
     return EvaluationResult(

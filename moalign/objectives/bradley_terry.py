@@ -362,7 +362,7 @@ def pair_features(backbone: Backbone, pairs) -> tuple[torch.Tensor, torch.Tensor
 
 def _versions() -> dict:
     try:
-        from moalign.config import versions
+        from moalign.configbase import versions
 
         out = versions()
     except Exception:  # pragma: no cover - versions are informative only

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from moalign.config import config_field as _f
-from moalign.config import versions
+from moalign.configbase import config_field as _f
+from moalign.configbase import versions
 from moalign.errors import MoalignError
 from moalign.policies import render_chat
 
@@ -147,8 +147,7 @@ def train_distill(cfg: DistillConfig) -> dict:
     """SFT the policy on (prompt, RMOD response) pairs with TRL; save a loadable adapter or model."""
     from trl import SFTConfig, SFTTrainer
 
-    from moalign.generate import default_device
-    from moalign.policies import load_policy
+    from moalign.policies import default_device, load_policy
 
     cfg.validate()
     t0 = time.perf_counter()
@@ -194,13 +193,15 @@ def train_distill(cfg: DistillConfig) -> dict:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    tok.padding_side = "right"  # training pads on the right; restored below
+    side, tok.padding_side = tok.padding_side, "right"  # training pads on the right; restored below
     model = policy.model
     model.train()
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
                          peft_config=peft_config)  # fmt: skip
-    result = trainer.train()
-    tok.padding_side = "left"
+    try:
+        result = trainer.train()
+    finally:
+        tok.padding_side = side
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
     trained = trainer.model

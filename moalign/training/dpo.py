@@ -36,7 +36,12 @@ from typing import Any
 
 from moalign.errors import MoalignError
 
-COMBINER_NAMES = ("linear", "mgda", "mgda-normalized", "mgda-decoupled", "groupdro", "pcgrad")
+
+def combiner_names() -> list[str]:
+    """``--combiner`` choices: every registered combiner (``register_combiner`` makes a new one a choice)."""
+    from moalign.training.combiners import available_combiners
+
+    return available_combiners()
 
 
 @dataclass
@@ -63,7 +68,7 @@ class MODPOConfig:
     rejected_column: str = field(default="rejected", metadata={"help": "rejected-response column"})
     combiner: str = field(
         default="mgda-decoupled",
-        metadata={"help": "how per-objective gradients are combined", "choices": list(COMBINER_NAMES)},
+        metadata={"help": "how per-objective gradients are combined", "choices": combiner_names},
     )
     combiner_weights: list[float] | None = field(
         default=None, metadata={"help": "fixed weights of the linear combiner (one per objective)"}
@@ -834,7 +839,7 @@ def train_dpo(cfg: MODPOConfig) -> dict:
     """Train (or resume), save adapter/model + tokenizer + config, return a JSON-able summary."""
     import torch
 
-    from moalign.config import versions
+    from moalign.configbase import versions
 
     run = build_trainer(cfg)
     trainer, names = run.trainer, list(run.data)

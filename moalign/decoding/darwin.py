@@ -1,0 +1,354 @@
+"""Darwin: evolutionary reward-guided decoding (spec: shared/specs/darwin.md; Hung et al., 2024).
+
+Exploration and exploitation are separate operators on the shared engine:
+
+- **mutation** (exploration): the policy (or ``--mutator``) rewrites the instruction into ``n`` variants
+  through a documented, overridable template; row j of the group decodes from variant j;
+- **replacement** (exploitation): every ``m`` tokens all rows are scored against the ORIGINAL instruction;
+  the top-k keep their state and every unfinished row outside them continues from a random top-k row's
+  response, keeping its own instruction (the engine re-prefills it as its own prompt + the copied tokens).
+
+An archive of instructions (seeded with the original, scored by one plain sample) drives ``cycles`` outer
+iterations: pick a parent uniformly, mutate it, run one replacement cycle, add the two instructions most
+often in the top-k when their beam beats the parent (dropping the parent if one was added). The best
+response by reward over all cycles is the output; the best-so-far after every cycle is kept in the trace,
+so one run reports MC = 1..N.
+
+Ablations are methods of their own: ``sample-replace`` (the original instruction on every row, with
+replacement) and ``mutate-bon`` (mutation, no replacement: best-of-n over the mutated instructions).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moalign.configbase import config_field as _f
+from moalign.data.prompts import Prompt
+from moalign.decoding.engine import (
+    RECACHE,
+    BlockStep,
+    BlockwiseEngine,
+    DecodeResult,
+    SamplingConfig,
+    Selection,
+)
+from moalign.decoding.registry import MethodContext, MethodSpec, register_method
+from moalign.decoding.scalarize import Scalarization
+from moalign.decoding.selection import ValueFn, rounded, values_for_active
+from moalign.errors import MoalignError
+
+#: The default mutation prompt. Slots: ``{instruction}`` (required) and ``{n}``. The spec's prompt is
+#: one-shot; the bundled 135M policy copied a one-shot example's rewrites verbatim (rewrites about the
+#: example's topic, not the instruction), so the default is zero-shot. Pass a file to override it.
+DEFAULT_MUTATION_TEMPLATE = """Rewrite the following instruction in {n} different ways. Keep its meaning; \
+you may add detail, remove detail or rephrase it. Answer only with a numbered list of {n} rewritten \
+instructions, one per line.
+
+Instruction: {instruction}"""
+
+_NUMBERED = re.compile(r"^\s*(?:\*\*)?\(?(\d{1,2})[.):]\)?(?:\*\*)?\s+(.*\S)\s*$")
+
+
+@dataclass
+class DarwinArgs:
+    mutations: int = _f(5, "darwin: beams per cycle, one per mutated instruction (n)")
+    replace_every: int = _f(40, "darwin: score the beams and replace the weak ones every m tokens")
+    replace_top_k: int = _f(3, "darwin: beams kept at each replacement (top-k); the others copy one of them")
+    cycles: int = _f(3, "darwin: mutation cycles (the best-so-far after each one is kept: MC = 1..N)")
+    mutation_template: str | None = _f(
+        None,
+        "darwin: file with the mutation prompt ({instruction} and optional {n} slots); default: built in",
+    )
+    mutator: str | None = _f(None, "darwin: model that mutates instructions (default: the policy)")
+    mutation_temperature: float = _f(0.7, "darwin: sampling temperature of the mutator")
+    mutation_top_k: int = _f(40, "darwin: top-k sampling of the mutator")
+    mutation_max_new_tokens: int = _f(160, "darwin: token budget of one mutation reply")
+    recache: str = _f(
+        "reprefill",
+        "darwin: a replaced beam keeps its own instruction and is re-encoded (reprefill), or takes the "
+        "copied beam's cache whole (copy: cheaper, continues under the other instruction)",
+        choices=RECACHE,
+    )
+
+    def validate(self) -> None:
+        for name in ("mutations", "replace_every", "cycles", "mutation_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise MoalignError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.replace_top_k <= self.mutations:
+            raise MoalignError(
+                f"--replace-top-k must be between 1 and --mutations ({self.mutations}), got {self.replace_top_k}"
+            )
+        if self.recache not in RECACHE:
+            raise MoalignError(f"--recache must be one of {', '.join(RECACHE)}, got {self.recache!r}")
+        self.template()  # a bad template fails here, before any decoding
+
+    def template(self) -> str:
+        if self.mutation_template is None:
+            return DEFAULT_MUTATION_TEMPLATE
+        p = Path(self.mutation_template)
+        if not p.is_file():
+            raise MoalignError(f"mutation template not found: {self.mutation_template}")
+        text = p.read_text(encoding="utf-8")
+        if "{instruction}" not in text:
+            raise MoalignError(f"mutation template {self.mutation_template} has no {{instruction}} slot")
+        return text
+
+
+def mutation_prompt(template: str, instruction: str, n: int) -> str:
+    return template.replace("{instruction}", instruction).replace("{n}", str(n))
+
+
+def parse_mutations(reply: str, n: int) -> list[str]:
+    """The numbered items of a mutation reply, in order, at most ``n`` (possibly fewer)."""
+    out = []
+    for line in reply.splitlines():
+        m = _NUMBERED.match(line)
+        if m:
+            item = m.group(2).strip().strip('"').strip()
+            if item:
+                out.append(item)
+        if len(out) == n:
+            break
+    return out
+
+
+def with_instruction(prompt: Prompt, instruction: str) -> Prompt:
+    """The conversation with its last user turn replaced by ``instruction``."""
+    msgs = list(prompt.messages)
+    msgs[-1] = {"role": "user", "content": instruction}
+    return Prompt(tuple(msgs), id=prompt.id)
+
+
+def replacement_parents(
+    scores: torch.Tensor, done: torch.Tensor, top_k: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Darwin's exploitation step for one group: ``scores [K]``, ``done [K]`` ->
+    (``parents [K]``: the top-k rows and finished rows keep their own state, every other row points at a
+    random top-k row; ``top [top_k]``: the top-k rows, best first)."""
+    K = scores.shape[0]
+    top = torch.topk(scores, top_k).indices
+    parents = torch.arange(K)
+    keep = torch.zeros(K, dtype=torch.bool)
+    keep[top] = True
+    for j in range(K):
+        if not keep[j] and not bool(done[j]):
+            parents[j] = top[int(torch.randint(top_k, (1,), generator=generator))]
+    return parents, top
+
+
+class _ReplacementSelector:
+    """The per-cycle selector: replacement every block (if ``replace``), argmax of the reward at the end.
+    Keeps the top-k counts and the final values of every row for the archive."""
+
+    def __init__(self, value_fn: ValueFn, scal: Scalarization, top_k: int, replace: bool, P: int, K: int):
+        self.value_fn, self.scal, self.top_k, self.replace = value_fn, scal, top_k, replace
+        self.counts = torch.zeros(P, K, dtype=torch.long)
+        self.final_values: torch.Tensor | None = None
+        self.final_scores: torch.Tensor | None = None
+
+    def __call__(self, step: BlockStep) -> Selection:
+        v, active = values_for_active(step, self.value_fn)
+        s = self.scal(v)  # [P, K]
+        P, K = s.shape
+        parents = torch.arange(K).expand(P, K).clone()
+        info: list[dict | None] = [None] * P
+        for p in active.nonzero().flatten().tolist():
+            top = torch.topk(s[p], self.top_k).indices
+            self.counts[p, top] += 1
+            if step.final:
+                continue
+            if self.replace:
+                parents[p], _ = replacement_parents(s[p], step.done[p].cpu(), self.top_k, step.rng)
+                info[p] = {
+                    "scores": rounded(s[p]),
+                    "top_k": top.tolist(),
+                    "parents": parents[p].tolist(),
+                    "replaced": int((parents[p] != torch.arange(K)).sum()),
+                }
+        if step.final:
+            self.final_values, self.final_scores = v, s
+        return Selection(s.argmax(dim=1), info, parents)
+
+
+class DarwinDecoder:
+    """Darwin and its ablations on the engine; see the module docstring."""
+
+    n_outputs = 1
+
+    def __init__(self, ctx: MethodContext, args: DarwinArgs, *, mutate: bool, replace: bool):
+        self.ctx, self.args, self.mutate, self.replace = ctx, args, mutate, replace
+        self.engine: BlockwiseEngine = ctx.engine
+        self.value_fn = ctx.value_fn()
+        self.reward = ctx.reward_fn()
+        self.scal = ctx.scalarization()
+        self.max_new_tokens = ctx.cfg.max_new_tokens
+        self.template = args.template()
+        self.mutator: BlockwiseEngine | None = None
+        if mutate:
+            policy = ctx.policy
+            if args.mutator:
+                from moalign.policies import load_policy
+
+                policy = load_policy(args.mutator, device=str(ctx.policy.device))
+            sampling = SamplingConfig(temperature=args.mutation_temperature, top_k=args.mutation_top_k)
+            self.mutator = BlockwiseEngine(policy, sampling, system_prompt=None)
+
+    # -------------------------------------------------------------------------------------------- parts
+    def _score(self, prompts: list[Prompt], responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values [n, G], scalarised reward [n]) of complete responses against the original prompts."""
+        step = BlockStep(
+            prompts=prompts, prompt_indices=list(range(len(prompts))), texts=[[r] for r in responses],
+            token_ids=torch.zeros(len(prompts), 1, 0, dtype=torch.long),
+            done=torch.ones(len(prompts), 1, dtype=torch.bool), block_index=0, final=True,
+        )  # fmt: skip
+        v = self.reward(step)[:, 0, :].cpu()
+        return v, self.scal(v)
+
+    def _mutate(self, parents: list[Prompt], seed: int) -> tuple[list[list[str]], list[dict]]:
+        """n instructions per parent (missing ones are copies of the parent) and a trace entry per parent
+        (the reply, how many items parsed, the tokens the mutator processed)."""
+        n = self.args.mutations
+        asks = [
+            Prompt(
+                ({"role": "user", "content": mutation_prompt(self.template, p.messages[-1]["content"], n)},)
+            )
+            for p in parents
+        ]
+        res = self.mutator.decode(
+            asks, k=1, block_size=self.args.mutation_max_new_tokens,
+            max_new_tokens=self.args.mutation_max_new_tokens, seed=seed,
+        )  # fmt: skip
+        out, info = [], []
+        for parent, r in zip(parents, res):
+            items = parse_mutations(r.response, n)
+            base = parent.messages[-1]["content"]
+            out.append(items + [base] * (n - len(items)))
+            info.append({"reply": r.response, "parsed": len(items), "complete": len(items) == n,
+                         "forward_tokens": r.forward_tokens})  # fmt: skip
+        return out, info
+
+    # --------------------------------------------------------------------------------------------- main
+    def __call__(
+        self, prompts: Sequence[Prompt], *, seed: int, prompt_indices: Sequence[int]
+    ) -> list[list[DecodeResult]]:
+        a, T = self.args, self.max_new_tokens
+        prompts = list(prompts)
+        P, n = len(prompts), a.mutations
+
+        def sub(*parts) -> int:
+            return zlib.crc32(":".join(map(str, (seed, *parts))).encode()) & 0x7FFFFFFF
+
+        rng = torch.Generator().manual_seed(sub("archive"))
+        # the archive starts with the original instruction, scored by one plain sample (the first best)
+        first = self.engine.decode(prompts, k=1, block_size=T, max_new_tokens=T, seed=sub("seed"),
+                                   prompt_indices=prompt_indices)  # fmt: skip
+        v0, r0 = self._score(prompts, [r.response for r in first])
+        archive: list[list[tuple[Prompt, float]]] = [[(p, float(r0[i]))] for i, p in enumerate(prompts)]
+        best = list(first)
+        best_r = [float(x) for x in r0]
+        best_cycle = [0] * P
+        forward = [r.forward_tokens for r in first]
+        traces: list[list[dict]] = [
+            [{"cycle": 0, "seed_sample": True, "reward": round(best_r[i], 4), "values": rounded(v0[i]),
+              "forward_tokens": forward[i]}]
+            for i in range(P)
+        ]  # fmt: skip
+
+        for c in range(1, a.cycles + 1):
+            pick = [int(torch.randint(len(archive[i]), (1,), generator=rng)) for i in range(P)]
+            parents = [archive[i][pick[i]] for i in range(P)]
+            mut_info: list[dict | None] = [None] * P
+            if self.mutate:
+                instr, mut_info = self._mutate([pp for pp, _ in parents], seed=sub("mutate", c))
+                row_prompts = [[with_instruction(parents[i][0], t) for t in instr[i]] for i in range(P)]
+            else:
+                instr = [[pp.messages[-1]["content"]] * n for pp, _ in parents]
+                row_prompts = None
+            sel = _ReplacementSelector(self.value_fn, self.scal, a.replace_top_k, self.replace, P, n)
+            block = a.replace_every if self.replace else T
+            res = self.engine.decode(
+                prompts, k=n, block_size=block, max_new_tokens=T, selector=sel, seed=sub("cycle", c),
+                keep_all=True, prompt_indices=prompt_indices, row_prompts=row_prompts, recache=a.recache,
+            )  # fmt: skip
+            scores = sel.final_scores
+            for i, r in enumerate(res):
+                s = scores[i]
+                j = int(s.argmax())
+                # archive: the two instructions most often in the top-k, when their beam beats the parent
+                order = sorted(range(n), key=lambda b: (-int(sel.counts[i, b]), -float(s[b]), b))
+                added = []
+                parent_prompt, parent_r = parents[i]
+                if self.mutate:
+                    known = {pp.messages[-1]["content"] for pp, _ in archive[i]}
+                    for b in order[:2]:
+                        if float(s[b]) > parent_r and instr[i][b] not in known:
+                            archive[i].append((row_prompts[i][b], float(s[b])))
+                            known.add(instr[i][b])
+                            added.append(b)
+                    if added and len(archive[i]) > 1:
+                        archive[i] = [e for e in archive[i] if e[0] is not parent_prompt]
+                improved = float(s[j]) > best_r[i]
+                if improved:
+                    best[i], best_r[i], best_cycle[i] = r.rows[j], float(s[j]), c
+                forward[i] += r.forward_tokens + (mut_info[i]["forward_tokens"] if mut_info[i] else 0)
+                entry = {
+                    "cycle": c,
+                    "parent": parent_prompt.messages[-1]["content"],
+                    "parent_reward": round(parent_r, 4),
+                    "instructions": instr[i],
+                    "mutation": mut_info[i],
+                    "replacements": [b for b in r.trace if "replaced" in b],
+                    "n_replaced": sum(b.get("replaced", 0) for b in r.trace),
+                    "top_k_counts": sel.counts[i].tolist(),
+                    "beam_rewards": rounded(s),
+                    "best_beam": j,
+                    "cycle_best_reward": round(float(s[j]), 4),
+                    "archive_added": added,
+                    "archive": [[pp.messages[-1]["content"], round(rw, 4)] for pp, rw in archive[i]],
+                    "best_so_far": {"cycle": best_cycle[i], "reward": round(best_r[i], 4),
+                                    "response": best[i].response},
+                    "forward_tokens": r.forward_tokens,
+                }  # fmt: skip
+                traces[i].append(entry)
+        out = []
+        for i in range(P):
+            b = best[i]
+            out.append(
+                [
+                    DecodeResult(
+                        prompt=prompts[i], response=b.response, token_ids=b.token_ids, finished=b.finished,
+                        trace=traces[i], token_logprobs=b.token_logprobs, forward_tokens=forward[i],
+                        row_prompt=b.row_prompt,
+                    )
+                ]
+            )  # fmt: skip
+        return out
+
+
+def _builder(mutate: bool, replace: bool):
+    def build(ctx: MethodContext, args: DarwinArgs) -> DarwinDecoder:
+        return DarwinDecoder(ctx, args, mutate=mutate, replace=replace)
+
+    return build
+
+
+register_method(MethodSpec(
+    "darwin",
+    "evolutionary decoding: `--cycles` of instruction mutation into `--mutations` beams with reward-guided "
+    "replacement every `--replace-every` tokens (top `--replace-top-k` kept); reward = `--scalarization`",
+    DarwinArgs, _builder(mutate=True, replace=True),
+))  # fmt: skip
+register_method(MethodSpec(
+    "sample-replace", "Darwin without mutation: `--mutations` beams of the original instruction, with replacement",
+    DarwinArgs, _builder(mutate=False, replace=True),
+))  # fmt: skip
+register_method(MethodSpec(
+    "mutate-bon", "Darwin without replacement: best-of-n over mutated instructions, archive as in Darwin",
+    DarwinArgs, _builder(mutate=True, replace=False),
+))  # fmt: skip

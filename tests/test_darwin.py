@@ -1,0 +1,190 @@
+"""Darwin: the pure parts (parsing, replacement), the search loop on a tiny policy, its CLI and a real run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moalign.cli import main
+from moalign.config import GenerateConfig
+from moalign.data.prompts import to_prompt
+from moalign.decoding.darwin import (
+    DarwinArgs,
+    mutation_prompt,
+    parse_mutations,
+    replacement_parents,
+    with_instruction,
+)
+from moalign.errors import MoalignError
+from moalign.generate import generate
+from moalign.objectives.base import CallableObjective
+from moalign.records import read_records
+
+PROMPTS = [to_prompt(p, id=f"p{i}") for i, p in enumerate(["Say hi", "Name a fruit", "Count to three"])]
+
+
+# ------------------------------------------------------------------------------------------- pure parts
+def test_parse_mutations_numbered_forms_and_limits():
+    reply = "Sure! Here they are:\n1. First one\n2) Second one\n**3.** Third\n  4: Fourth \n- not numbered\n5. Fifth\n6. x"
+    assert parse_mutations(reply, 5) == ["First one", "Second one", "Third", "Fourth", "Fifth"]
+    assert parse_mutations(reply, 2) == ["First one", "Second one"]
+    assert parse_mutations("no list at all", 3) == []
+    assert parse_mutations('1. "quoted"\n2.   \n3. ok', 5) == ["quoted", "ok"]
+
+
+def test_mutation_prompt_and_instruction_swap():
+    assert mutation_prompt("Do {n}: {instruction}", "X", 4) == "Do 4: X"
+    p = to_prompt([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                   {"role": "user", "content": "c"}], id="7")  # fmt: skip
+    q = with_instruction(p, "C2")
+    assert [m["content"] for m in q.messages] == ["a", "b", "C2"] and q.id == "7"
+
+
+def test_replacement_parents_keeps_top_k_and_finished_rows():
+    scores = torch.tensor([0.1, 0.9, 0.5, -1.0, 0.7])
+    done = torch.tensor([False, False, False, True, False])
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(50):
+        parents, top = replacement_parents(scores, done, 2, g)
+        assert top.tolist() == [1, 4]
+        assert parents[1] == 1 and parents[4] == 4  # the top-k keep their own state
+        assert parents[3] == 3  # a finished row is never overwritten
+        assert int(parents[0]) in (1, 4) and int(parents[2]) in (1, 4)
+        seen.add((int(parents[0]), int(parents[2])))
+    assert len(seen) > 1  # the copied top-k row is drawn at random
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(mutations=0), "--mutations"),
+        (dict(replace_every=0), "--replace-every"),
+        (dict(cycles=0), "--cycles"),
+        (dict(replace_top_k=0), "--replace-top-k"),
+        (dict(mutations=3, replace_top_k=4), "--replace-top-k"),
+        (dict(mutation_template="/nonexistent/template.txt"), "not found"),
+    ],
+)
+def test_bad_settings_name_the_flag(kw, msg):
+    with pytest.raises(MoalignError, match=msg):
+        DarwinArgs(**kw).validate()
+
+
+def test_template_without_instruction_slot(tmp_path):
+    t = tmp_path / "t.txt"
+    t.write_text("Rewrite this {n} times.")
+    with pytest.raises(MoalignError, match=r"\{instruction\}"):
+        DarwinArgs(mutation_template=str(t)).validate()
+
+
+# ------------------------------------------------------------------------------------ the search loop
+def _objs(seen: list | None = None):
+    def vowels(p, r):
+        if seen is not None:
+            seen.extend(p)
+        return [sum(c in "aeiou" for c in x) / 10 for x in r]
+
+    return [
+        CallableObjective("vowels", vowels),
+        CallableObjective("short", lambda p, r: [-len(x) / 50 for x in r]),
+    ]
+
+
+def _cfg(tmp_path, method, **kw):
+    base = dict(method=method, out=str(tmp_path / f"{method}.jsonl"), max_new_tokens=12, normalize="none",
+                batch_size=2, seed=3, mutations=3, replace_every=4, replace_top_k=2, cycles=2,
+                mutation_max_new_tokens=24, scalarization="worst-case")  # fmt: skip
+    base.update(kw)
+    return GenerateConfig(**base)
+
+
+def test_darwin_trace_archive_and_reward_on_original(tmp_path, tiny_policy, one_thread):
+    seen: list[str] = []
+    cfg = _cfg(tmp_path, "darwin")
+    recs = generate(cfg, policy=tiny_policy, objectives=_objs(seen), prompts=PROMPTS, progress=False)
+    assert len(recs) == len(PROMPTS)
+    # the objectives only ever see the ORIGINAL instructions, never a mutated one
+    assert set(seen) == {p.text for p in PROMPTS}
+    for rec in recs:
+        tr = rec["trace"]
+        assert [e["cycle"] for e in tr] == [0, 1, 2]
+        best = [tr[0]["reward"]] + [e["best_so_far"]["reward"] for e in tr[1:]]
+        assert best == sorted(best)  # best-so-far never gets worse
+        final = tr[-1]["best_so_far"]
+        assert rec["response"] == final["response"]
+        for e in tr[1:]:
+            assert len(e["instructions"]) == 3
+            assert e["mutation"]["parsed"] <= 3
+            assert e["cycle_best_reward"] == max(e["beam_rewards"])
+            assert sum(e["top_k_counts"]) == 2 * (len(e["replacements"]) + 1)
+            assert e["n_replaced"] == sum(b["replaced"] for b in e["replacements"])
+            assert e["archive"]  # never empty
+        # the output's reward is recomputed from the record's own scores (worst case of the raw scores)
+        assert min(rec["scores"].values()) == pytest.approx(final["reward"], abs=1e-3)
+        assert rec["forward_tokens"] == sum(e["forward_tokens"] + (e.get("mutation") or {}).get(
+            "forward_tokens", 0) for e in tr)  # fmt: skip
+
+
+def test_darwin_is_seeded_and_resumes_identically(tmp_path, tiny_policy, one_thread):
+    a = generate(_cfg(tmp_path / "a", "darwin"), policy=tiny_policy, objectives=_objs(), prompts=PROMPTS,
+                 progress=False)  # fmt: skip
+    # interrupted after the first batch (2 prompts), then resumed
+    cfg = _cfg(tmp_path / "b", "darwin")
+    generate(cfg, policy=tiny_policy, objectives=_objs(), prompts=PROMPTS[:2], progress=False)
+    generate(cfg, policy=tiny_policy, objectives=_objs(), prompts=PROMPTS, progress=False)
+    b = read_records(cfg.out)
+    keys = ("record_id", "response", "scores", "trace", "forward_tokens")
+    assert [{k: r[k] for k in keys} for r in a] == [{k: r[k] for k in keys} for r in b]
+    c = generate(_cfg(tmp_path / "c", "darwin", seed=4), policy=tiny_policy, objectives=_objs(),
+                 prompts=PROMPTS, progress=False)  # fmt: skip
+    assert [r["trace"] for r in a] != [r["trace"] for r in c]
+
+
+def test_ablations(tmp_path, tiny_policy, one_thread):
+    sr = generate(_cfg(tmp_path, "sample-replace"), policy=tiny_policy, objectives=_objs(), prompts=PROMPTS,
+                  progress=False)  # fmt: skip
+    for rec in sr:
+        for e in rec["trace"][1:]:
+            assert e["mutation"] is None and set(e["instructions"]) == {rec["prompt"]}
+            assert e["replacements"]  # replacement happened every 4 tokens
+    mb = generate(_cfg(tmp_path, "mutate-bon"), policy=tiny_policy, objectives=_objs(), prompts=PROMPTS,
+                  progress=False)  # fmt: skip
+    for rec in mb:
+        for e in rec["trace"][1:]:
+            assert e["mutation"] is not None and e["replacements"] == [] and e["n_replaced"] == 0
+
+
+def test_cli_darwin_and_bad_flag(tmp_path, tiny_policy_dir, capsys):
+    out = tmp_path / "d.jsonl"
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p.text}) for p in PROMPTS[:1]) + "\n")
+    base = ["generate", "--method", "darwin", "--policy", str(tiny_policy_dir), "--prompts", str(prompts),
+            "--objectives", "concise", "--normalize", "none", "--max-new-tokens", "6", "--mutations", "2",
+            "--replace-every", "3", "--replace-top-k", "1", "--cycles", "1", "--mutation-max-new-tokens", "8"]  # fmt: skip
+    assert main(base + ["--out", str(out)]) == 0
+    assert len(read_records(out)) == 1
+    assert main(base[:-2] + ["--replace-top-k", "5", "--out", str(tmp_path / "e.jsonl")]) == 2
+    assert "--replace-top-k" in capsys.readouterr().err
+
+
+@pytest.mark.real
+def test_darwin_real_policy(tmp_path, real_policy, shared_data):
+    from moalign.data.prompts import load_prompts
+    from moalign.objectives.base import resolve_objectives
+
+    prompts = load_prompts(str(shared_data / "mt-bench-questions.jsonl"), limit=2)
+    cfg = GenerateConfig(method="darwin", mutations=3, replace_every=8, replace_top_k=2, cycles=1,
+                         max_new_tokens=24, mutation_max_new_tokens=96, batch_size=2,
+                         scalarization="worst-case", out=str(tmp_path / "d.jsonl"))  # fmt: skip
+    recs = generate(cfg, policy=real_policy, objectives=resolve_objectives("helpful,harmless"),
+                    prompts=prompts, progress=False)  # fmt: skip
+    for rec in recs:
+        assert rec["response"].strip()
+        cyc = rec["trace"][1]
+        assert cyc["cycle_best_reward"] == max(cyc["beam_rewards"])
+        # at least one instruction parsed from the real policy's reply or an honest fallback to copies
+        assert 0 <= cyc["mutation"]["parsed"] <= 3 and len(cyc["instructions"]) == 3
+        assert rec["forward_tokens"] > 0
