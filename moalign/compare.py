@@ -2,32 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, replace
-from importlib import resources
 from pathlib import Path
 
 from moalign.config import CompareConfig, EvaluateConfig, GenerateConfig, versions
-from moalign.data.prompts import load_prompts
+from moalign.data.prompts import demo_prompts_path, load_prompts
+from moalign.decoding.registry import get_method
 from moalign.errors import MoalignError
 from moalign.evaluation.evaluate import evaluate_files
 from moalign.evaluation.metrics import EvaluationResult
-from moalign.generate import default_device, generate
+from moalign.generate import generate
 from moalign.objectives.base import resolve_objectives
-from moalign.policies import load_policy
-
-
-def demo_prompts_path() -> str:
-    return str(resources.files("moalign") / "resources" / "demo_prompts.jsonl")
+from moalign.policies import default_device, load_policy
 
 
 def parse_method(spec: str) -> tuple[str, str, dict]:
     """``rmod:lam=0.1:k=8`` -> (label ``rmod-lam0.1-k8``, method ``rmod``, overrides)."""
     name, _, rest = spec.strip().partition(":")
+    get_method(name)  # an unknown method fails here, naming the registered ones
     overrides: dict = {}
     label = name
     if rest:
-        fields = {f: t for f, t in GenerateConfig.__annotations__.items()}
+        fields = {f.name for f in dataclasses.fields(GenerateConfig)}
         for part in rest.split(":"):
             key, _, val = part.partition("=")
             key = key.strip().replace("-", "_")
@@ -35,7 +33,12 @@ def parse_method(spec: str) -> tuple[str, str, dict]:
                 raise MoalignError(f"method {spec!r}: unknown setting {key!r}")
             default = getattr(GenerateConfig(), key)
             try:
-                overrides[key] = type(default)(val) if default is not None else val
+                if isinstance(default, bool):
+                    if val.lower() not in ("true", "false", "1", "0"):
+                        raise ValueError(val)
+                    overrides[key] = val.lower() in ("true", "1")
+                else:
+                    overrides[key] = type(default)(val) if default is not None else val
             except ValueError:
                 raise MoalignError(f"method {spec!r}: bad value {val!r} for {key}") from None
             label += f"-{key}{val}"
@@ -49,7 +52,9 @@ def compare(cfg: CompareConfig, progress: bool = True) -> EvaluationResult:
         raise MoalignError("--methods names no method")
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    prompts = load_prompts(cfg.prompts or demo_prompts_path(), column=cfg.prompt_column, limit=cfg.limit)
+    prompts = load_prompts(
+        cfg.prompts or demo_prompts_path(), column=cfg.prompt_column, limit=cfg.limit, skip_invalid=cfg.skip_invalid
+    )
     objectives = resolve_objectives(cfg.objectives)
     policy = load_policy(cfg.policy, device=cfg.device or default_device())
     base = {k: v for k, v in asdict(cfg).items() if k in GenerateConfig.__dataclass_fields__}

@@ -79,12 +79,14 @@ def generate(
     cfg.validate()
     spec = get_method(cfg.method)
     args = cfg.method_args()
+    prompt_report: dict = {}
     if prompts is None:
         if not cfg.prompts:
             raise MoalignError("no prompts given: pass --prompts PATH")
         prompts = load_prompts(
-            cfg.prompts, column=cfg.prompt_column, limit=cfg.limit, skip_invalid=cfg.skip_invalid
-        )
+            cfg.prompts, column=cfg.prompt_column, limit=cfg.limit, skip_invalid=cfg.skip_invalid,
+            report=prompt_report,
+        )  # fmt: skip
     elif cfg.limit:
         prompts = prompts[: cfg.limit]
     objectives = objectives if objectives is not None else resolve_objectives(cfg.objectives)
@@ -105,6 +107,7 @@ def generate(
         "objectives": [o.describe() for o in objectives],
         "norm": norm.to_dict() if norm else None,
         "score_space": scorer.space(),
+        "prompts_read": prompt_report or None,  # records read, skipped (--skip-invalid) and why
         "versions": versions(),
     }
     writer = RecordWriter(cfg.out, meta) if cfg.out else None

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from moalign.data.prompts import load_prompts
 from moalign.decoding.engine import BlockwiseEngine, SamplingConfig
 from moalign.decoding.values import ObjectiveScorer
-from moalign.generate import default_device, estimate_norm_stats
+from moalign.generate import estimate_norm_stats
 from moalign.objectives.base import resolve_objectives
 from moalign.objectives.normalize import NormStats, save_norm_stats
-from moalign.policies import load_policy
+from moalign.policies import default_device, load_policy
 
 
 @dataclass
@@ -28,7 +28,7 @@ class StatsConfig:
 
 
 def compute_stats(cfg: StatsConfig) -> NormStats:
-    from moalign.compare import demo_prompts_path
+    from moalign.data.prompts import demo_prompts_path
 
     prompts = load_prompts(cfg.prompts or demo_prompts_path(), column=cfg.prompt_column, limit=cfg.n_prompts)
     policy = load_policy(cfg.policy, device=cfg.device or default_device())

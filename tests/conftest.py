@@ -43,7 +43,13 @@ def policy_tokenizer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_policy_dir(tmp_path_factory, policy_tokenizer_dir) -> Path:
-    """A 2-layer random Llama with the bundled tokenizer and chat template, saved to a temp dir."""
+    """A 2-layer random Llama with the bundled tokenizer and chat template, saved to a temp dir.
+
+    Its weights are drawn wide (initializer_range 0.3) and its end-of-turn row (tied input/output
+    embedding, zero by default because it is also the pad id) is set so that greedy decoding varies from
+    prompt to prompt and reaches end-of-turn on some prompts and not on others: tests comparing outputs
+    are then not void (``test_tiny_policy_is_not_degenerate`` checks it).
+    """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(policy_tokenizer_dir)
@@ -52,8 +58,12 @@ def tiny_policy_dir(tmp_path_factory, policy_tokenizer_dir) -> Path:
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+        initializer_range=0.3,
     )  # fmt: skip
     model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        eot = tok.convert_tokens_to_ids("<|im_end|>")
+        model.get_output_embeddings().weight[eot] = 0.6 * torch.randn(32, generator=torch.Generator().manual_seed(1))
     d = tmp_path_factory.mktemp("tiny_policy")
     model.save_pretrained(d)
     tok.save_pretrained(d)

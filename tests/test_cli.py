@@ -81,3 +81,81 @@ def test_objectives_lists_builtins(capsys):
     assert {"test_len", "helpful", "harmless", "non_toxic", "positive", "relevant", "concise"} <= set(
         out.split()
     )
+
+
+def test_a_registered_method_is_one_module_and_one_line(tmp_path, tiny_policy_dir, prompts_file, capsys):
+    """A method registered from outside the package gets its own flags, a --method choice and records."""
+    from dataclasses import dataclass
+
+    import moalign.config as config
+    from moalign.configbase import config_field
+    from moalign.decoding.engine import first_candidate
+    from moalign.decoding.registry import _REGISTRY, MethodSpec, methods_table, register_method
+    from moalign.decoding.selection import EngineDecoder
+
+    @dataclass
+    class GreedyishArgs:
+        rows: int = config_field(2, "greedyish: rows per prompt")
+
+    def build(ctx, args):
+        return EngineDecoder(ctx.engine, args.rows, ctx.cfg.max_new_tokens, ctx.cfg.max_new_tokens,
+                             first_candidate, keep_all=True)  # fmt: skip
+
+    register_method(MethodSpec("greedyish", "test method", GreedyishArgs, build))
+    try:
+        # GenerateConfig is composed at import: a plugin's settings arrive through the flags' namespace
+        assert "`greedyish`" in methods_table() and "`--rows`" in methods_table()
+        cfg = config.GenerateConfig(method="greedyish")
+        assert cfg.method_args() == GreedyishArgs(rows=2)
+        out = tmp_path / "g.jsonl"
+        code, _, err = _run(capsys, "generate", "--method", "greedyish", "--policy", tiny_policy_dir,
+                            "--objectives", "test_len", "--prompts", prompts_file, "--max-new-tokens", 4,
+                            "--normalize", "none", "--out", out)  # fmt: skip
+        assert code == 0, err
+        recs = [json.loads(x) for x in out.read_text().splitlines()]
+        assert len(recs) == 3 * 2 and {r["sample_index"] for r in recs} == {0, 1}
+        assert len({r["prompt_id"] for r in recs}) == 3
+    finally:
+        _REGISTRY.pop("greedyish", None)
+
+
+def test_methods_command_matches_readme(capsys):
+    """The README's method table is the registry's (regenerate it with `moalign methods`)."""
+    from pathlib import Path
+
+    code, out, _ = _run(capsys, "methods")
+    assert code == 0
+    for name in ("sample", "best-of-n", "cd", "rmod", "darwin", "sample-replace", "mutate-bon"):
+        assert f"| `{name}` |" in out
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert out.strip() in readme
+
+
+def test_darwin_flags_and_combiner_choices_come_from_registries(capsys):
+    from moalign.cli import build_parser
+    from moalign.training.combiners import available_combiners, get_combiner, register_combiner
+
+    parser = build_parser()
+    args = parser.parse_args(["generate", "--method", "darwin", "--mutations", "4", "--cycles", "2"])
+    assert args.method == "darwin" and args.mutations == 4 and args.cycles == 2
+    register_combiner("test-halves", lambda **kw: get_combiner("linear", **kw))
+    try:
+        args = build_parser().parse_args(["train", "dpo", "--combiner", "test-halves"])
+        assert args.combiner == "test-halves"
+        assert "test-halves" in available_combiners()
+    finally:
+        from moalign.training import combiners
+
+        combiners._REGISTRY.pop("test-halves", None)
+
+
+def test_skip_invalid_prompts_flag(tmp_path, tiny_policy_dir, capsys):
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [{"prompt": "Say hi"}, {"prompt": "  "}, {"prompt": "Why?"}]))
+    common = ["generate", "--policy", tiny_policy_dir, "--objectives", "test_len", "--prompts", f,
+              "--max-new-tokens", 3, "--n", 1, "--normalize", "none"]  # fmt: skip
+    code, _, err = _run(capsys, *common, "--out", tmp_path / "a.jsonl")
+    assert code == 2 and "record 1" in err and "p.jsonl" in err
+    code, _, err = _run(capsys, *common, "--skip-invalid", "--out", tmp_path / "b.jsonl")
+    assert code == 0, err
+    assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 2

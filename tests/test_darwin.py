@@ -188,3 +188,31 @@ def test_darwin_real_policy(tmp_path, real_policy, shared_data):
         # at least one instruction parsed from the real policy's reply or an honest fallback to copies
         assert 0 <= cyc["mutation"]["parsed"] <= 3 and len(cyc["instructions"]) == 3
         assert rec["forward_tokens"] > 0
+
+
+def test_mutation_complete_waits_for_the_whole_last_item():
+    from moalign.decoding.darwin import mutation_complete
+
+    assert not mutation_complete("1. a\n2. b", 2)  # the second item may still be growing
+    assert not mutation_complete("1. a\n2. b\n", 2)  # a bare trailing newline does not count
+    assert mutation_complete("1. a\n2. b\nThat's it", 2)
+    assert mutation_complete("1. a\n2. b\n3. c", 2)
+    assert not mutation_complete("Sure!\n1. a", 2)
+
+
+def test_selector_finish_ends_rows_early(tiny_policy):
+    """Selection.finish ends rows like an end-of-turn token: they stop growing and count as finished."""
+    from moalign.decoding.engine import BlockStep, BlockwiseEngine, SamplingConfig, Selection
+
+    eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=1.0))
+
+    def stop_row0(step: BlockStep) -> Selection:
+        P, K = step.done.shape
+        finish = torch.zeros(P, K, dtype=torch.bool)
+        finish[:, 0] = True
+        return Selection(torch.zeros(P, dtype=torch.long), parents=torch.arange(K).expand(P, K), finish=finish)
+
+    res = eng.decode(PROMPTS[:1], k=2, block_size=3, max_new_tokens=9, selector=stop_row0, seed=0, keep_all=True)
+    assert res[0].rows[0].finished and len(res[0].rows[0].token_ids) <= 3
+    r1 = res[0].rows[1]
+    assert r1.finished or len(r1.token_ids) == 9

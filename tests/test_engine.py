@@ -243,8 +243,11 @@ def test_forward_tokens_count_prefill_and_running_rows(tiny_policy):
     assert res[0].forward_tokens == n_prompt + 3 * 4
     rows = [[p, p, to_prompt(PROMPTS[0])]]
     n0 = len(eng.tok(eng.render(rows[0][2]), add_special_tokens=False).input_ids)
-    res = eng.decode([p], k=3, block_size=5, max_new_tokens=5, row_prompts=rows)
-    assert res[0].forward_tokens == n_prompt + n0 + 3 * 4
+    res = eng.decode([p], k=3, block_size=5, max_new_tokens=5, row_prompts=rows, keep_all=True)
+    # a row that ended at token t was fed t tokens (its end-of-turn included), never the 5th
+    fed = [min(len(r.token_ids) + 1, 4) if r.finished else 4 for r in res[0].rows]
+    assert res[0].rows[2].finished  # the other prompt ends early here: the count must stop with it
+    assert res[0].forward_tokens == n_prompt + n0 + sum(fed)
 
 
 def test_bad_parents_and_row_prompts(tiny_policy):
@@ -257,3 +260,14 @@ def test_bad_parents_and_row_prompts(tiny_policy):
         eng.decode(p, k=2, block_size=2, max_new_tokens=4, row_prompts=[[p[0]]])
     with pytest.raises(MoalignError, match="recache"):
         eng.decode(p, k=2, block_size=2, max_new_tokens=4, recache="bogus")
+
+
+def test_tiny_policy_is_not_degenerate(tiny_policy):
+    """The tiny model's greedy outputs differ between prompts, vary within a response, and end with
+    end-of-turn on some prompts but not all (so greedy/EOS tests exercise both paths)."""
+    prompts = [to_prompt(p) for p in PROMPTS + ["Say hi", "Name a fruit", "Count to three", "Why?"]]
+    eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=0))
+    res = eng.decode(prompts, k=1, block_size=23, max_new_tokens=23)
+    assert len({tuple(r.token_ids) for r in res}) == len(res)
+    assert all(len(set(r.token_ids)) > 1 for r in res if len(r.token_ids) > 1)
+    assert any(r.finished for r in res) and not all(r.finished for r in res)

@@ -92,6 +92,13 @@ def to_prompt(item, id: str | None = None) -> Prompt:
     return Prompt(tuple(msgs), id=id)
 
 
+def demo_prompts_path() -> str:
+    """The bundled demo prompts (a JSONL file inside the package)."""
+    from importlib import resources
+
+    return str(resources.files("moalign") / "resources" / "demo_prompts.jsonl")
+
+
 # columns tried, in order, when none is given
 PROMPT_COLUMNS = ("prompt", "messages", "instruction", "question", "Question", "chosen", "turns")
 

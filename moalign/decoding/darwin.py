@@ -8,8 +8,8 @@ Exploration and exploitation are separate operators on the shared engine:
   the top-k keep their state and every unfinished row outside them continues from a random top-k row's
   response, keeping its own instruction (the engine re-prefills it as its own prompt + the copied tokens).
 
-An archive of instructions (seeded with the original, scored by one plain sample) drives ``cycles`` outer
-iterations: pick a parent uniformly, mutate it, run one replacement cycle, add the two instructions most
+An archive of instructions (seeded with the original, scored by one plain sample, which is decoded as an
+extra row of the first cycle rather than before it) drives ``cycles`` outer iterations: pick a parent uniformly, mutate it, run one replacement cycle, add the two instructions most
 often in the top-k when their beam beats the parent (dropping the parent if one was added). The best
 response by reward over all cycles is the output; the best-so-far after every cycle is kept in the trace,
 so one run reports MC = 1..N.
@@ -118,6 +118,33 @@ def parse_mutations(reply: str, n: int) -> list[str]:
     return out
 
 
+def mutation_complete(reply: str, n: int) -> bool:
+    """True once ``reply`` holds ``n`` numbered items and something follows the n-th one's line (so that
+    line is whole; replies reach selectors stripped, so a trailing newline alone is not seen)."""
+    lines = reply.splitlines()
+    count = 0
+    for i, line in enumerate(lines):
+        m = _NUMBERED.match(line)
+        if m and m.group(2).strip().strip('"').strip():
+            count += 1
+            if count == n:
+                return i < len(lines) - 1
+    return False
+
+
+def _stop_when_complete(n: int):
+    """A selector for the mutator: rows stop once their reply holds ``n`` complete numbered items."""
+
+    def select(step: BlockStep) -> Selection:
+        P, K = step.done.shape
+        finish = torch.tensor([[mutation_complete(t, n) for t in row] for row in step.texts])
+        return Selection(
+            torch.zeros(P, dtype=torch.long), parents=torch.arange(K).expand(P, K), finish=finish
+        )
+
+    return select
+
+
 def with_instruction(prompt: Prompt, instruction: str) -> Prompt:
     """The conversation with its last user turn replaced by ``instruction``."""
     msgs = list(prompt.messages)
@@ -144,11 +171,23 @@ def replacement_parents(
 
 class _ReplacementSelector:
     """The per-cycle selector: replacement every block (if ``replace``), argmax of the reward at the end.
-    Keeps the top-k counts and the final values of every row for the archive."""
+    Keeps the top-k counts and the final values of every row for the archive. The first ``reserved`` rows
+    of a group (the seed sample, decoded alongside the first cycle) take no part in the search: they are
+    never replaced, never copied and never counted."""
 
-    def __init__(self, value_fn: ValueFn, scal: Scalarization, top_k: int, replace: bool, P: int, K: int):
+    def __init__(
+        self,
+        value_fn: ValueFn,
+        scal: Scalarization,
+        top_k: int,
+        replace: bool,
+        P: int,
+        K: int,
+        reserved: int = 0,
+    ):
         self.value_fn, self.scal, self.top_k, self.replace = value_fn, scal, top_k, replace
-        self.counts = torch.zeros(P, K, dtype=torch.long)
+        self.reserved = reserved
+        self.counts = torch.zeros(P, K - reserved, dtype=torch.long)
         self.final_values: torch.Tensor | None = None
         self.final_scores: torch.Tensor | None = None
 
@@ -156,24 +195,26 @@ class _ReplacementSelector:
         v, active = values_for_active(step, self.value_fn)
         s = self.scal(v)  # [P, K]
         P, K = s.shape
+        r = self.reserved
         parents = torch.arange(K).expand(P, K).clone()
         info: list[dict | None] = [None] * P
         for p in active.nonzero().flatten().tolist():
-            top = torch.topk(s[p], self.top_k).indices
+            beams = s[p, r:]
+            top = torch.topk(beams, self.top_k).indices
             self.counts[p, top] += 1
-            if step.final:
+            if step.final or not self.replace:
                 continue
-            if self.replace:
-                parents[p], _ = replacement_parents(s[p], step.done[p].cpu(), self.top_k, step.rng)
-                info[p] = {
-                    "scores": rounded(s[p]),
-                    "top_k": top.tolist(),
-                    "parents": parents[p].tolist(),
-                    "replaced": int((parents[p] != torch.arange(K)).sum()),
-                }
+            par, _ = replacement_parents(beams, step.done[p, r:].cpu(), self.top_k, step.rng)
+            parents[p, r:] = par + r
+            info[p] = {
+                "scores": rounded(beams),
+                "top_k": top.tolist(),
+                "parents": par.tolist(),
+                "replaced": int((par != torch.arange(K - r)).sum()),
+            }
         if step.final:
             self.final_values, self.final_scores = v, s
-        return Selection(s.argmax(dim=1), info, parents)
+        return Selection(s[:, r:].argmax(dim=1) + r, info, parents)
 
 
 class DarwinDecoder:
@@ -221,8 +262,8 @@ class DarwinDecoder:
             for p in parents
         ]
         res = self.mutator.decode(
-            asks, k=1, block_size=self.args.mutation_max_new_tokens,
-            max_new_tokens=self.args.mutation_max_new_tokens, seed=seed,
+            asks, k=1, block_size=16, max_new_tokens=self.args.mutation_max_new_tokens, seed=seed,
+            selector=_stop_when_complete(n),
         )  # fmt: skip
         out, info = [], []
         for parent, r in zip(parents, res):
@@ -245,40 +286,47 @@ class DarwinDecoder:
             return zlib.crc32(":".join(map(str, (seed, *parts))).encode()) & 0x7FFFFFFF
 
         rng = torch.Generator().manual_seed(sub("archive"))
-        # the archive starts with the original instruction, scored by one plain sample (the first best)
-        first = self.engine.decode(prompts, k=1, block_size=T, max_new_tokens=T, seed=sub("seed"),
-                                   prompt_indices=prompt_indices)  # fmt: skip
-        v0, r0 = self._score(prompts, [r.response for r in first])
-        archive: list[list[tuple[Prompt, float]]] = [[(p, float(r0[i]))] for i, p in enumerate(prompts)]
-        best = list(first)
-        best_r = [float(x) for x in r0]
+        # the archive starts with the original instruction, scored by one plain sample (the first best);
+        # that sample is decoded as an extra row of the first cycle (it needs nothing the cycle produces, and
+        # the cycle needs nothing from it until its end), so it costs no extra sequential decoding
+        archive: list[list[tuple[Prompt, float]]] = [[(p, float("nan"))] for p in prompts]
+        best: list[DecodeResult | None] = [None] * P
+        best_r = [float("-inf")] * P
         best_cycle = [0] * P
-        forward = [r.forward_tokens for r in first]
-        traces: list[list[dict]] = [
-            [{"cycle": 0, "seed_sample": True, "reward": round(best_r[i], 4), "values": rounded(v0[i]),
-              "forward_tokens": forward[i]}]
-            for i in range(P)
-        ]  # fmt: skip
+        forward = [0] * P
+        traces: list[list[dict]] = [[] for _ in range(P)]
 
         for c in range(1, a.cycles + 1):
+            seed_row = 1 if c == 1 else 0
             pick = [int(torch.randint(len(archive[i]), (1,), generator=rng)) for i in range(P)]
             parents = [archive[i][pick[i]] for i in range(P)]
             mut_info: list[dict | None] = [None] * P
             if self.mutate:
                 instr, mut_info = self._mutate([pp for pp, _ in parents], seed=sub("mutate", c))
-                row_prompts = [[with_instruction(parents[i][0], t) for t in instr[i]] for i in range(P)]
+                beam_prompts = [[with_instruction(parents[i][0], t) for t in instr[i]] for i in range(P)]
             else:
                 instr = [[pp.messages[-1]["content"]] * n for pp, _ in parents]
-                row_prompts = None
-            sel = _ReplacementSelector(self.value_fn, self.scal, a.replace_top_k, self.replace, P, n)
+                beam_prompts = [[pp] * n for pp, _ in parents]
+            row_prompts = [[prompts[i]] * seed_row + beam_prompts[i] for i in range(P)]
+            sel = _ReplacementSelector(self.value_fn, self.scal, a.replace_top_k, self.replace, P, n + seed_row,
+                                       reserved=seed_row)  # fmt: skip
             block = a.replace_every if self.replace else T
             res = self.engine.decode(
-                prompts, k=n, block_size=block, max_new_tokens=T, selector=sel, seed=sub("cycle", c),
+                prompts, k=n + seed_row, block_size=block, max_new_tokens=T, selector=sel, seed=sub("cycle", c),
                 keep_all=True, prompt_indices=prompt_indices, row_prompts=row_prompts, recache=a.recache,
             )  # fmt: skip
             scores = sel.final_scores
             for i, r in enumerate(res):
-                s = scores[i]
+                if seed_row:
+                    seed_r = float(scores[i, 0])
+                    archive[i] = [(prompts[i], seed_r)]
+                    parents[i] = archive[i][0]
+                    best[i], best_r[i] = r.rows[0], seed_r
+                    traces[i].append({"cycle": 0, "seed_sample": True, "reward": round(seed_r, 4),
+                                      "values": rounded(sel.final_values[i, 0]), "response": r.rows[0].response,
+                                      "forward_tokens": 0, "decoded_with_cycle": 1})  # fmt: skip
+                s = scores[i, seed_row:]
+                rows = r.rows[seed_row:]
                 j = int(s.argmax())
                 # archive: the two instructions most often in the top-k, when their beam beats the parent
                 order = sorted(range(n), key=lambda b: (-int(sel.counts[i, b]), -float(s[b]), b))
@@ -288,15 +336,15 @@ class DarwinDecoder:
                     known = {pp.messages[-1]["content"] for pp, _ in archive[i]}
                     for b in order[:2]:
                         if float(s[b]) > parent_r and instr[i][b] not in known:
-                            archive[i].append((row_prompts[i][b], float(s[b])))
+                            archive[i].append((beam_prompts[i][b], float(s[b])))
                             known.add(instr[i][b])
                             added.append(b)
                     if added and len(archive[i]) > 1:
                         archive[i] = [e for e in archive[i] if e[0] is not parent_prompt]
-                improved = float(s[j]) > best_r[i]
-                if improved:
-                    best[i], best_r[i], best_cycle[i] = r.rows[j], float(s[j]), c
-                forward[i] += r.forward_tokens + (mut_info[i]["forward_tokens"] if mut_info[i] else 0)
+                if float(s[j]) > best_r[i]:
+                    best[i], best_r[i], best_cycle[i] = rows[j], float(s[j]), c
+                spent = r.forward_tokens + (mut_info[i]["forward_tokens"] if mut_info[i] else 0)
+                forward[i] += spent
                 entry = {
                     "cycle": c,
                     "parent": parent_prompt.messages[-1]["content"],
@@ -313,7 +361,7 @@ class DarwinDecoder:
                     "archive": [[pp.messages[-1]["content"], round(rw, 4)] for pp, rw in archive[i]],
                     "best_so_far": {"cycle": best_cycle[i], "reward": round(best_r[i], 4),
                                     "response": best[i].response},
-                    "forward_tokens": r.forward_tokens,
+                    "forward_tokens": r.forward_tokens,  # this cycle's decoding (the seed row's too in cycle 1)
                 }  # fmt: skip
                 traces[i].append(entry)
         out = []

@@ -108,11 +108,13 @@ class Selection:
     ``chosen [P]``: the row whose response is the group's output (read at the final step).
     ``parents [P, K]``: the row (within the group) each row continues from; ``None`` broadcasts ``chosen``.
     ``info``: a JSON-able trace entry per group (or None).
+    ``finish [P, K]``: rows to end here as if they had produced an end-of-turn token (a stop condition).
     """
 
     chosen: torch.Tensor
     info: list[dict | None] | None = None
     parents: torch.Tensor | None = None
+    finish: torch.Tensor | None = None
 
 
 Selector = Callable[[BlockStep], Selection]
@@ -358,6 +360,9 @@ class BlockwiseEngine:
             if on_block is not None:
                 on_block(steps)
             block_index += 1
+            if sel.finish is not None:
+                done = done | torch.as_tensor(sel.finish, dtype=torch.bool, device=device).reshape(-1)
+                final = final or bool(done.all())
             if final:
                 final_sel = sel
                 break

@@ -475,7 +475,7 @@ def train_values(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if prompts is None:
-        from moalign.compare import demo_prompts_path
+        from moalign.data.prompts import demo_prompts_path
 
         prompts = load_prompts(
             cfg.prompts or demo_prompts_path(), column=cfg.prompt_column, limit=cfg.n_prompts
