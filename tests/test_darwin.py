@@ -216,3 +216,26 @@ def test_selector_finish_ends_rows_early(tiny_policy):
     assert res[0].rows[0].finished and len(res[0].rows[0].token_ids) <= 3
     r1 = res[0].rows[1]
     assert r1.finished or len(r1.token_ids) == 9
+
+
+def test_replacement_selector_scores_partial_beams_with_values_and_final_beams_with_the_reward():
+    from moalign.decoding.darwin import _ReplacementSelector
+    from moalign.decoding.engine import BlockStep
+    from moalign.decoding.scalarize import Scalarization
+
+    values = lambda step: torch.tensor([[[0.0], [0.0], [1.0], [0.5]]])  # noqa: E731  (value estimates)
+    reward = lambda step: torch.tensor([[[9.0], [3.0], [1.0], [2.0]]])  # noqa: E731  (the reward itself)
+    sel = _ReplacementSelector(values, reward, Scalarization("weights", (1.0,)), 2, True, 1, 4, reserved=1)
+
+    def step(final: bool) -> BlockStep:
+        return BlockStep(prompts=[to_prompt("q")], prompt_indices=[0], texts=[["a", "b", "c", "d"]],
+                         token_ids=torch.zeros(1, 4, 1, dtype=torch.long), done=torch.zeros(1, 4, dtype=torch.bool),
+                         block_index=0, final=final, rng=torch.Generator().manual_seed(0))  # fmt: skip
+
+    mid = sel(step(False))
+    assert mid.parents[0, 0] == 0  # the reserved seed row is never replaced
+    assert set(mid.parents[0, 1:].tolist()) <= {2, 3} and mid.parents[0, 2] == 2 and mid.parents[0, 3] == 3
+    end = sel(step(True))
+    assert int(end.chosen[0]) == 1  # best beam by the reward (row 0, the seed row, is not a beam)
+    # top-2 by value mid-way (beams 1, 2), by reward at the end (beams 0, 2)
+    assert sel.counts[0].tolist() == [1, 1, 2]

@@ -178,6 +178,7 @@ class _ReplacementSelector:
     def __init__(
         self,
         value_fn: ValueFn,
+        reward_fn: ValueFn,
         scal: Scalarization,
         top_k: int,
         replace: bool,
@@ -185,14 +186,16 @@ class _ReplacementSelector:
         K: int,
         reserved: int = 0,
     ):
-        self.value_fn, self.scal, self.top_k, self.replace = value_fn, scal, top_k, replace
+        self.value_fn, self.reward_fn, self.scal = value_fn, reward_fn, scal
+        self.top_k, self.replace = top_k, replace
         self.reserved = reserved
         self.counts = torch.zeros(P, K - reserved, dtype=torch.long)
         self.final_values: torch.Tensor | None = None
         self.final_scores: torch.Tensor | None = None
 
     def __call__(self, step: BlockStep) -> Selection:
-        v, active = values_for_active(step, self.value_fn)
+        # partial responses are scored by the value function; complete ones by the reward itself
+        v, active = values_for_active(step, self.reward_fn if step.final else self.value_fn)
         s = self.scal(v)  # [P, K]
         P, K = s.shape
         r = self.reserved
@@ -241,16 +244,6 @@ class DarwinDecoder:
             self.mutator = BlockwiseEngine(policy, sampling, system_prompt=None)
 
     # -------------------------------------------------------------------------------------------- parts
-    def _score(self, prompts: list[Prompt], responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values [n, G], scalarised reward [n]) of complete responses against the original prompts."""
-        step = BlockStep(
-            prompts=prompts, prompt_indices=list(range(len(prompts))), texts=[[r] for r in responses],
-            token_ids=torch.zeros(len(prompts), 1, 0, dtype=torch.long),
-            done=torch.ones(len(prompts), 1, dtype=torch.bool), block_index=0, final=True,
-        )  # fmt: skip
-        v = self.reward(step)[:, 0, :].cpu()
-        return v, self.scal(v)
-
     def _mutate(self, parents: list[Prompt], seed: int) -> tuple[list[list[str]], list[dict]]:
         """n instructions per parent (missing ones are copies of the parent) and a trace entry per parent
         (the reply, how many items parsed, the tokens the mutator processed)."""
@@ -308,8 +301,8 @@ class DarwinDecoder:
                 instr = [[pp.messages[-1]["content"]] * n for pp, _ in parents]
                 beam_prompts = [[pp] * n for pp, _ in parents]
             row_prompts = [[prompts[i]] * seed_row + beam_prompts[i] for i in range(P)]
-            sel = _ReplacementSelector(self.value_fn, self.scal, a.replace_top_k, self.replace, P, n + seed_row,
-                                       reserved=seed_row)  # fmt: skip
+            sel = _ReplacementSelector(self.value_fn, self.reward, self.scal, a.replace_top_k, self.replace, P,
+                                       n + seed_row, reserved=seed_row)  # fmt: skip
             block = a.replace_every if self.replace else T
             res = self.engine.decode(
                 prompts, k=n + seed_row, block_size=block, max_new_tokens=T, selector=sel, seed=sub("cycle", c),
