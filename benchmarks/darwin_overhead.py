@@ -98,7 +98,10 @@ def main() -> None:
             for v in order:
                 cmd = [sys.executable, __file__, "--child", v, "--tokens", str(T), "--prompts", str(args.prompts),
                        "--threads", str(args.threads), "--seed", str(args.seed)]  # fmt: skip
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    sys.exit(f"{v} (T={T}) failed:\n{proc.stderr[-3000:]}")
+                out = proc.stdout
                 line = next(x for x in out.splitlines() if x.startswith("RESULT "))
                 runs[v].append(json.loads(line[len("RESULT ") :]))
                 print(f"T={T} {v} repeat {r}: {runs[v][-1]['seconds']:.1f} s", flush=True)

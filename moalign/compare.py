@@ -46,7 +46,11 @@ def parse_method(spec: str) -> tuple[str, str, dict]:
 
 
 def compare(cfg: CompareConfig, progress: bool = True) -> EvaluationResult:
-    """Run every method of ``cfg.methods`` into ``out_dir/LABEL.jsonl``, then evaluate against the first."""
+    """Run every method of ``cfg.methods`` into ``out_dir/LABEL.jsonl``, then evaluate against the first.
+
+    Methods decode with ``cfg.objectives`` (the proxy); with ``cfg.judges`` their responses are then scored
+    by the judges too (cached in ``out_dir/LABEL.judges.jsonl``, so a rerun scores nothing again) and every
+    table, ``summary.json`` and the plot show proxy and judge figures side by side."""
     specs = [parse_method(m) for m in cfg.methods.split(",") if m.strip()]
     if not specs:
         raise MoalignError("--methods names no method")
@@ -56,6 +60,10 @@ def compare(cfg: CompareConfig, progress: bool = True) -> EvaluationResult:
         cfg.prompts or demo_prompts_path(), column=cfg.prompt_column, limit=cfg.limit, skip_invalid=cfg.skip_invalid
     )
     objectives = resolve_objectives(cfg.objectives)
+    if cfg.judges:
+        from moalign.evaluation.evaluate import parse_judges
+
+        parse_judges(cfg.judges)  # an unknown judge fails here, before any decoding
     policy = load_policy(cfg.policy, device=cfg.device or default_device())
     base = {k: v for k, v in asdict(cfg).items() if k in GenerateConfig.__dataclass_fields__}
     paths = []
@@ -66,9 +74,9 @@ def compare(cfg: CompareConfig, progress: bool = True) -> EvaluationResult:
         generate(gcfg, policy=policy, objectives=objectives, prompts=prompts, progress=progress)
         paths.append(gcfg.out)
     ecfg = EvaluateConfig(inputs=paths, objectives=",".join(o.name for o in objectives),
-                          reference=paths[0], n_boot=cfg.n_boot, seed=cfg.seed)  # fmt: skip
-    result = evaluate_files(ecfg)
-    result.extra = {"config": asdict(cfg), "versions": versions(), "runs": paths}
+                          reference=paths[0], n_boot=cfg.n_boot, seed=cfg.seed, judges=cfg.judges)  # fmt: skip
+    result = evaluate_files(ecfg)  # with judges: scores the responses (cached in LABEL.judges.jsonl)
+    result.extra = {**result.extra, "config": asdict(cfg), "versions": versions(), "runs": paths}
     (out_dir / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
     from moalign.evaluation.report import plot_comparison
 

@@ -86,7 +86,14 @@ class EvaluateConfig:
     objectives: str | None = _f(None, "objectives to report (default: those scored in the inputs)")
     reference: str | None = _f(None, "the run (one of --inputs) that win rates are measured against")
     normalize: str = _f("auto", "auto (stats saved with the runs) | none | PATH to a stats JSON")
-    rescore: bool = _f(False, "score the responses again instead of using the scores in the files")
+    rescore: bool = _f(
+        False, "score the responses again instead of using the scores in the files (judge scores too)"
+    )
+    judges: str | None = _f(
+        None,
+        "comma-separated judge objectives (names or rm:PATH[@INDEX]) that score the responses beside the "
+        "proxy objectives; judge scores are cached in RUN.judges.jsonl beside each run",
+    )
     n_boot: int = _f(1000, "bootstrap resamples for confidence intervals")
     seed: int = _f(0, "bootstrap seed")
     json: bool = _f(False, "print the result as JSON instead of a table")
@@ -102,6 +109,11 @@ class CompareConfig(GenerateConfig):
         "comma-separated methods; a method may repeat with its own settings, e.g. rmod:lam=0.1:k=8",
     )
     out_dir: str = _f("runs/compare", "folder for one JSONL per method, summary.json and comparison.png")
+    judges: str | None = _f(
+        None,
+        "comma-separated judge objectives (names or rm:PATH[@INDEX]) that score the responses after decoding "
+        "with --objectives, reported beside them; cached in OUT_DIR/LABEL.judges.jsonl",
+    )
     n_boot: int = _f(1000, "bootstrap resamples for confidence intervals")
 
 

@@ -18,6 +18,13 @@ Metrics (see ``specs/rmod.md``):
 The minimum over objectives is scale-sensitive, so the worst case and the win rate are usually computed on
 z-scored rewards ``z_g = (r_g - mu_g) / sigma_g`` with statistics ``(mu, sigma)`` fitted once on a reference
 set (:class:`~moalign.objectives.normalize.NormStats`); every result records which score space was used.
+
+Proxy and judges: the ``objectives`` are the PROXY (usually the signals a method decoded with, in each record's
+``scores``); optional ``judges`` are other signals, in each record's ``judge_scores``, reported beside them with
+their own means, worst case and win rate, the per-method gap ``proxy worst case - judge worst case`` and the mean
+response length in words. Judges are z-scored with statistics fitted on the reference run's responses (all runs
+pooled without a reference, or when a judge is constant on the reference); the statistics are kept in the
+result. A judge that a run decoded with is listed in that method's ``JudgeSummary.optimised``.
 """
 
 from __future__ import annotations
@@ -37,10 +44,12 @@ from moalign.objectives.normalize import NormStats, fit_norm_stats, normalize_sc
 __all__ = [
     "EvaluationResult",
     "Interval",
+    "JudgeSummary",
     "MethodSummary",
     "NormStats",
     "bootstrap_ci",
     "evaluate_methods",
+    "fit_judge_norm",
     "fit_norm_stats",
     "normalize_scores",
     "per_objective_mean",
@@ -165,6 +174,42 @@ class Interval:
 
 
 @dataclass
+class JudgeSummary:
+    """One method scored by the judges: raw judge means, the mean worst case over z-scored judges and its
+    win rate vs the reference (``None`` for the reference itself), the gap ``proxy worst case - judge worst
+    case`` (per prompt, paired), the mean response length in words, and the judges this run decoded with
+    (``optimised``: not independent judges of it)."""
+
+    objective_means: dict[str, Interval]
+    worst_case: Interval
+    length_words: Interval
+    gap: Interval
+    win_rate: Interval | None = None
+    optimised: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "objective_means": {k: v.to_dict() for k, v in self.objective_means.items()},
+            "worst_case": self.worst_case.to_dict(),
+            "win_rate": None if self.win_rate is None else self.win_rate.to_dict(),
+            "proxy_minus_judge_worst_case": self.gap.to_dict(),
+            "length_words": self.length_words.to_dict(),
+            "optimised": list(self.optimised),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> JudgeSummary:
+        return cls(
+            objective_means={k: Interval.from_dict(v) for k, v in d["objective_means"].items()},
+            worst_case=Interval.from_dict(d["worst_case"]),
+            length_words=Interval.from_dict(d["length_words"]),
+            gap=Interval.from_dict(d["proxy_minus_judge_worst_case"]),
+            win_rate=None if d.get("win_rate") is None else Interval.from_dict(d["win_rate"]),
+            optimised=[str(x) for x in d.get("optimised", [])],
+        )
+
+
+@dataclass
 class MethodSummary:
     """Metrics of one method. ``objective_means`` are on raw scores; ``worst_case`` and ``win_rate`` on the
     result's ``score_space``. ``win_rate`` is ``None`` for the reference method or without a reference."""
@@ -176,13 +221,14 @@ class MethodSummary:
     win_rate: Interval | None = None
     n_paired: int | None = None
     n_responses: int | None = None  # records (responses); ``n`` counts prompts. None: one per prompt
+    judge: JudgeSummary | None = None  # the judges' view of this method (only when judges were given)
 
     @property
     def samples_per_prompt(self) -> float:
         return 1.0 if self.n_responses is None else self.n_responses / self.n
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "method": self.method,
             "n": self.n,
             "n_responses": self.n if self.n_responses is None else self.n_responses,
@@ -191,6 +237,9 @@ class MethodSummary:
             "win_rate": None if self.win_rate is None else self.win_rate.to_dict(),
             "n_paired": self.n_paired,
         }
+        if self.judge is not None:
+            d["judge"] = self.judge.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MethodSummary:
@@ -202,6 +251,7 @@ class MethodSummary:
             win_rate=None if d.get("win_rate") is None else Interval.from_dict(d["win_rate"]),
             n_paired=None if d.get("n_paired") is None else int(d["n_paired"]),
             n_responses=None if d.get("n_responses") is None else int(d["n_responses"]),
+            judge=None if d.get("judge") is None else JudgeSummary.from_dict(d["judge"]),
         )
 
 
@@ -219,10 +269,16 @@ class EvaluationResult:
     tie_tol: float = 0.0
     norm: NormStats | None = None
     extra: dict = field(default_factory=dict)
+    judges: list[str] = field(default_factory=list)  # empty: no judges (proxy figures only)
+    judge_norm: NormStats | None = None  # z-score statistics of the judges (fitted on: .source)
+
+    @property
+    def judge_score_space(self) -> str | None:
+        return None if self.judge_norm is None else self.judge_norm.describe()
 
     def to_dict(self) -> dict:
         """A JSON-able dict (plain floats, lists and strings)."""
-        return {
+        d = {
             "objectives": list(self.objectives),
             "reference": self.reference,
             "score_space": self.score_space,
@@ -234,6 +290,11 @@ class EvaluationResult:
             "methods": {k: v.to_dict() for k, v in self.methods.items()},
             "extra": dict(self.extra),
         }
+        if self.judges:
+            d["judges"] = list(self.judges)
+            d["judge_score_space"] = self.judge_score_space
+            d["judge_norm"] = None if self.judge_norm is None else self.judge_norm.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EvaluationResult:
@@ -249,55 +310,119 @@ class EvaluationResult:
                 tie_tol=float(d.get("tie_tol", 0.0)),
                 norm=None if d.get("norm") is None else NormStats.from_dict(d["norm"]),
                 extra=dict(d.get("extra", {})),
+                judges=list(d.get("judges", [])),
+                judge_norm=None if d.get("judge_norm") is None else NormStats.from_dict(d["judge_norm"]),
             )
         except (KeyError, TypeError) as e:
             raise MoalignError(f"not an evaluation result: missing or malformed field {e}") from None
 
     def table(self) -> str:
-        """A plain-text aligned table: one row per method; ``±`` is the half-width of the CI."""
+        """A plain-text aligned table: one row per method; ``±`` is the half-width of the CI.
+
+        With judges, the PROXY columns (objectives) and the JUDGES columns (judge means, response length,
+        judge worst case and win rate) stand side by side under a group row, followed by the gap
+        ``proxy - judge`` of the worst case; a judge that a method decoded with is marked ``*``.
+        """
         conf = round(100 * (1 - self.alpha))
         multi = any(m.samples_per_prompt != 1 for m in self.methods.values())
+        judged = bool(self.judges)
         head = ["method", "n", *(["responses"] if multi else []), *[f"{g} (raw)" for g in self.objectives]]
+        proxy_cols = (len(head) - len(self.objectives), None)
         head.append("worst case")
         if self.reference is not None:
             head.append(f"win vs {self.reference} (%)")
+        proxy_cols = (proxy_cols[0], len(head))
+        any_mark = judged and any(m.judge is not None and m.judge.optimised for m in self.methods.values())
+        if judged:
+            judge_cols = (len(head), None)
+            head += [f"{j} (raw)" for j in self.judges]
+            head += ["length (words)", "worst case"]
+            if self.reference is not None:
+                head.append(f"win vs {self.reference} (%)")
+            judge_cols = (judge_cols[0], len(head))
+            head.append("proxy - judge")
         rows = []
         for name, m in self.methods.items():
             row = [name, str(m.n), *([str(m.n_responses or m.n)] if multi else [])]
             row += [_pm(m.objective_means[g]) for g in self.objectives]
             row.append(_pm(m.worst_case))
             if self.reference is not None:
-                if m.win_rate is None:
-                    row.append("(reference)" if name == self.reference else "-")
-                else:
-                    wr = m.win_rate
-                    row.append(f"{100 * wr.estimate:.1f} ± {100 * wr.half_width:.1f}")
+                row.append(self._win_cell(name, m.win_rate))
+            if judged:
+                js = m.judge
+                if js is None:
+                    raise MoalignError(f"method {name!r} has no judge scores but the result has judges")
+
+                def mark(flag: bool) -> str:
+                    return "*" if flag else (" " if any_mark else "")
+
+                row += [_pm(js.objective_means[j]) + mark(j in js.optimised) for j in self.judges]
+                row.append(_pm(js.length_words, 1) + mark(False))
+                row.append(_pm(js.worst_case) + mark(bool(js.optimised)))
+                if self.reference is not None:
+                    row.append(self._win_cell(name, js.win_rate) + mark(bool(js.optimised)))
+                row.append(_pm(js.gap, signed=True) + mark(bool(js.optimised)))
             rows.append(row)
         widths = [max(len(r[j]) for r in [head, *rows]) for j in range(len(head))]
+
+        groups: list[tuple[str, tuple[int, int]]] = []
+        if judged:
+            groups = [("PROXY (decoding objectives)", proxy_cols), ("JUDGES (other signals)", judge_cols)]
+            for label, (a, b) in groups:  # widen the group's last column until its label fits
+                span = sum(widths[a:b]) + 2 * (b - a - 1)
+                widths[b - 1] += max(0, len(label) - span)
 
         def fmt(r: list[str]) -> str:
             return "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
 
         lines = [fmt(head), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)]
+        if groups:
+            cells, j = [], 0
+            for label, (a, b) in groups:
+                cells += [" " * widths[k] for k in range(j, a)]
+                span = sum(widths[a:b]) + 2 * (b - a - 1)
+                cells.append(label.center(span, "-") if len(label) + 2 <= span else label.ljust(span))
+                j = b
+            cells += [" " * widths[k] for k in range(j, len(widths))]
+            lines.insert(0, "  ".join(cells).rstrip())
         per = "mean over prompts of min over objectives"
         if multi:
             per = "mean over prompts of (mean over a prompt's samples of) min over objectives; n = prompts"
         notes = [
-            f"worst case = {per}, on {self.score_space} scores",
+            f"{'PROXY ' if judged else ''}worst case = {per}, on {self.score_space} scores",
             f"± = half-width of the {conf}% paired bootstrap CI ({self.n_boot} resamples)",
         ]
         if self.reference is not None:
             notes.append(
                 f"win rate = P[worst case > {self.reference}'s] + 0.5 P[tie], same score space, paired by prompt_id"
             )
+        if judged:
+            notes += [
+                f"JUDGES worst case{' and win rate' if self.reference is not None else ''}: the same over the "
+                f"judges, on {self.judge_score_space} scores",
+                "length = mean response length in words (whitespace-separated; a prompt's samples averaged)",
+                "proxy - judge = mean over prompts of (proxy worst case - judge worst case), each in its own "
+                "score space",
+            ]
+            if any_mark:
+                notes.append(
+                    "* optimised by this run: not an independent judge (the judge worst case, win rate and gap "
+                    "include it)"
+                )
         return "\n".join([*lines, *notes])
+
+    def _win_cell(self, name: str, wr: Interval | None) -> str:
+        if wr is None:
+            return "(reference)" if name == self.reference else "-"
+        return f"{100 * wr.estimate:.1f} ± {100 * wr.half_width:.1f}"
 
     def __str__(self) -> str:
         return self.table()
 
 
-def _pm(iv: Interval) -> str:
-    return f"{iv.estimate:.3f} ± {iv.half_width:.3f}"
+def _pm(iv: Interval, digits: int = 3, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return f"{iv.estimate:{sign}.{digits}f} ± {iv.half_width:.{digits}f}"
 
 
 def _sample_index(method: str, pid: str, rec: Mapping[str, Any]) -> int:
@@ -313,7 +438,11 @@ def _sample_index(method: str, pid: str, rec: Mapping[str, Any]) -> int:
 
 
 def _score_matrix(
-    method: str, records: Sequence[Mapping[str, Any]], objectives: Sequence[str]
+    method: str,
+    records: Sequence[Mapping[str, Any]],
+    objectives: Sequence[str],
+    key: str = "scores",
+    what: str = "objective",
 ) -> tuple[list[str], np.ndarray]:
     """``(prompt_ids, scores [n, G])`` of one method's records, validated: one row per record (response).
 
@@ -341,19 +470,19 @@ def _score_matrix(
             )
         seen.add((pid, si))
         where = f"method {method!r}, prompt {pid!r}" + (f" sample {si}" if si else "")
-        sc = rec.get("scores")
+        sc = rec.get(key)
         if not isinstance(sc, Mapping):
-            raise MoalignError(f"{where}: record has no 'scores' dict")
+            raise MoalignError(f"{where}: record has no {key!r} dict")
         row = []
         for g in objectives:
             if g not in sc:
-                raise MoalignError(f"{where}: no score for objective {g!r} (scores present: {sorted(sc)})")
+                raise MoalignError(f"{where}: no score for {what} {g!r} (scores present: {sorted(sc)})")
             try:
                 v = float(sc[g])
             except (TypeError, ValueError):
-                raise MoalignError(f"{where}: score for {g!r} is not a number ({sc[g]!r})") from None
+                raise MoalignError(f"{where}: score for {what} {g!r} is not a number ({sc[g]!r})") from None
             if not math.isfinite(v):
-                raise MoalignError(f"{where}: score for {g!r} is {v} (not finite)")
+                raise MoalignError(f"{where}: score for {what} {g!r} is {v} (not finite)")
             row.append(v)
         ids.append(pid)
         rows.append(row)
@@ -372,6 +501,71 @@ def _mean_by_prompt(prompt_ids: Sequence[str], values: np.ndarray) -> tuple[list
     return list(pos), sums / counts.reshape(-1, *([1] * (values.ndim - 1)))
 
 
+def response_words(text: Any) -> int:
+    """Length of a response in words: whitespace-separated tokens."""
+    return len(str(text).split())
+
+
+def _words(method: str, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    out = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec.get("response"), str):
+            raise MoalignError(
+                f"method {method!r}: record {i} (prompt {rec.get('prompt_id')!r}) has no 'response' text "
+                "(the judges' length column needs it)"
+            )
+        out.append(response_words(rec["response"]))
+    return np.asarray(out, dtype=np.float64)
+
+
+def _paired_win(
+    method: str,
+    reference: str,
+    ids: Sequence[str],
+    wc: np.ndarray,
+    ref_ids: Sequence[str],
+    ref_wc: np.ndarray,
+    tie_tol: float,
+    n_boot: int,
+    alpha: float,
+    seed: int,
+) -> tuple[Interval, int]:
+    """Worst-case win rate of per-prompt worst cases ``wc`` vs the reference's, paired by prompt_id."""
+    ref_pos = {pid: j for j, pid in enumerate(ref_ids)}
+    pairs = [(i, ref_pos[pid]) for i, pid in enumerate(ids) if pid in ref_pos]
+    if not pairs:
+        raise MoalignError(
+            f"method {method!r} and reference {reference!r} share no prompt_id: "
+            "the win rate needs responses to the same prompts"
+        )
+    ia = np.array([p[0] for p in pairs])
+    ib = np.array([p[1] for p in pairs])
+    # a one-column matrix: min over objectives is the per-prompt worst case itself
+    ind = worst_case_win_indicator(wc[ia, None], ref_wc[ib, None], tie_tol)
+    return Interval(*bootstrap_ci(np.mean, ind, n_boot=n_boot, alpha=alpha, seed=seed)), len(pairs)
+
+
+def fit_judge_norm(
+    judge_raw: Mapping[str, np.ndarray], judges: Sequence[str], reference: str | None
+) -> NormStats:
+    """Z-score statistics of the judges: fitted on the reference run's responses (every sample), or on all
+    runs' responses pooled when there is no reference or a judge is constant on the reference; the
+    statistics' ``source`` says which."""
+    if reference is not None:
+        try:
+            return fit_norm_stats(
+                judge_raw[reference], judges, source=f"judges fitted on reference run {reference!r}"
+            )
+        except MoalignError:
+            const = [j for k, j in enumerate(judges) if not judge_raw[reference][:, k].std() > 0]
+            names = ", ".join(map(repr, const))
+            source = f"judges fitted on all runs pooled ({names} constant on {reference!r})"
+    else:
+        source = "judges fitted on all runs pooled"
+    pooled = np.concatenate([judge_raw[m] for m in judge_raw], axis=0)
+    return fit_norm_stats(pooled, judges, source=source)
+
+
 def evaluate_methods(
     runs: Mapping[str, Sequence[Mapping[str, Any]]],
     objectives: Sequence[str],
@@ -381,6 +575,9 @@ def evaluate_methods(
     seed: int = 0,
     alpha: float = 0.05,
     tie_tol: float = 0.0,
+    judges: Sequence[str] | None = None,
+    judge_norm: NormStats | None = None,
+    optimised: Mapping[str, Sequence[str]] | None = None,
 ) -> EvaluationResult:
     """Compare methods on the same prompts.
 
@@ -397,6 +594,13 @@ def evaluate_methods(
     the mean over its samples of each sample's ``min_g z_g``, and the win rate compares these per-prompt
     worst cases. The bootstrap resamples prompts. ``MethodSummary.n`` counts prompts and ``n_responses``
     records.
+
+    ``judges`` (names in each record's ``judge_scores``) adds a :class:`JudgeSummary` per method: the same
+    metrics over the judges, with the worst case on judges z-scored by ``judge_norm`` (default:
+    :func:`fit_judge_norm`, i.e. fitted on the reference run's responses, else all runs pooled), the gap
+    ``mean_prompts(proxy worst case - judge worst case)`` and the mean response length in words (a prompt's
+    samples averaged), all with bootstrap CIs. ``optimised[method]`` names the objectives that method decoded
+    with; judges among them are listed in its ``JudgeSummary.optimised``.
     """
     objectives = [str(g) for g in objectives]
     if not objectives:
@@ -407,6 +611,9 @@ def evaluate_methods(
         raise MoalignError("no runs to evaluate")
     if reference is not None and reference not in runs:
         raise MoalignError(f"reference method {reference!r} is not among the runs {sorted(runs)}")
+    judges = [str(j) for j in judges] if judges else []
+    if len(set(judges)) != len(judges):
+        raise MoalignError(f"duplicate judges: {judges}")
     if norm is not None:
         norm = norm.subset(objectives)
         score_space = norm.describe()
@@ -423,6 +630,26 @@ def evaluate_methods(
         _, wc_p = _mean_by_prompt(ids, wc_sample)
         data[str(method)] = (pids, raw_p, wc_p, len(ids))
 
+    # the judges: raw scores per response, their statistics, then per prompt as above (+ length in words)
+    jdata: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    if judges:
+        jraw = {}
+        for method, records in runs.items():
+            _, jraw[str(method)] = _score_matrix(
+                str(method), records, judges, key="judge_scores", what="judge"
+            )
+        if judge_norm is None:
+            judge_norm = fit_judge_norm(jraw, judges, None if reference is None else str(reference))
+        else:
+            judge_norm = judge_norm.subset(judges)
+        for method, records in runs.items():
+            ids, _ = _score_matrix(str(method), records, objectives)
+            m = str(method)
+            _, jraw_p = _mean_by_prompt(ids, jraw[m])
+            _, jwc_p = _mean_by_prompt(ids, worst_case(judge_norm.apply(jraw[m])))
+            _, len_p = _mean_by_prompt(ids, _words(m, records))
+            jdata[m] = (jraw_p, jwc_p, len_p)
+
     summaries: dict[str, MethodSummary] = {}
     for method, (ids, raw, wc_p, n_responses) in data.items():
         est, lo, hi = bootstrap_ci(per_objective_mean, raw, n_boot=n_boot, alpha=alpha, seed=seed)
@@ -430,21 +657,33 @@ def evaluate_methods(
         wc = Interval(*bootstrap_ci(np.mean, wc_p, n_boot=n_boot, alpha=alpha, seed=seed))
         win = None
         n_paired = None
-        if reference is not None and method != str(reference):
+        is_ref = reference is None or method == str(reference)
+        if not is_ref:
             ref_ids, _, ref_wc, _ = data[str(reference)]
-            ref_pos = {pid: j for j, pid in enumerate(ref_ids)}
-            pairs = [(i, ref_pos[pid]) for i, pid in enumerate(ids) if pid in ref_pos]
-            if not pairs:
-                raise MoalignError(
-                    f"method {method!r} and reference {reference!r} share no prompt_id: "
-                    "the win rate needs responses to the same prompts"
-                )
-            ia = np.array([p[0] for p in pairs])
-            ib = np.array([p[1] for p in pairs])
-            # a one-column matrix: min over objectives is the per-prompt worst case itself
-            ind = worst_case_win_indicator(wc_p[ia, None], ref_wc[ib, None], tie_tol)
-            win = Interval(*bootstrap_ci(np.mean, ind, n_boot=n_boot, alpha=alpha, seed=seed))
-            n_paired = len(pairs)
+            win, n_paired = _paired_win(
+                method, str(reference), ids, wc_p, ref_ids, ref_wc, tie_tol, n_boot, alpha, seed
+            )
+        judge = None
+        if judges:
+            jraw_p, jwc_p, len_p = jdata[method]
+            est, lo, hi = bootstrap_ci(per_objective_mean, jraw_p, n_boot=n_boot, alpha=alpha, seed=seed)
+            jmeans = {g: Interval(float(est[j]), float(lo[j]), float(hi[j])) for j, g in enumerate(judges)}
+            jwin = None
+            if not is_ref:
+                ref_ids = data[str(reference)][0]
+                jwin, _ = _paired_win(
+                    method, str(reference), ids, jwc_p, ref_ids, jdata[str(reference)][1], tie_tol, n_boot,
+                    alpha, seed,
+                )  # fmt: skip
+            decoded = {str(x) for x in (optimised or {}).get(method, ())}
+            judge = JudgeSummary(
+                objective_means=jmeans,
+                worst_case=Interval(*bootstrap_ci(np.mean, jwc_p, n_boot=n_boot, alpha=alpha, seed=seed)),
+                length_words=Interval(*bootstrap_ci(np.mean, len_p, n_boot=n_boot, alpha=alpha, seed=seed)),
+                gap=Interval(*bootstrap_ci(np.mean, wc_p - jwc_p, n_boot=n_boot, alpha=alpha, seed=seed)),
+                win_rate=jwin,
+                optimised=[j for j in judges if j in decoded],
+            )
         summaries[method] = MethodSummary(
             method=method,
             n=raw.shape[0],
@@ -453,6 +692,7 @@ def evaluate_methods(
             win_rate=win,
             n_paired=n_paired,
             n_responses=n_responses,
+            judge=judge,
         )
 
     return EvaluationResult(
@@ -465,4 +705,6 @@ def evaluate_methods(
         seed=int(seed),
         tie_tol=float(tie_tol),
         norm=norm,
+        judges=judges,
+        judge_norm=judge_norm if judges else None,
     )

@@ -44,10 +44,16 @@ def _yerr(ivs: Sequence[Interval], scale: float = 1.0) -> np.ndarray:
 def plot_comparison(result: EvaluationResult, path: str | Path) -> Path:
     """Bar charts comparing methods: per-objective means (raw) grouped by method, the mean worst case (in the
     result's score space) and, when a reference was given, the worst-case win rate vs the reference.
-    Error bars are the bootstrap confidence intervals. Returns the PNG path."""
+    Error bars are the bootstrap confidence intervals. Returns the PNG path.
+
+    A result with judges gets two rows: PROXY (top) and JUDGES (bottom) with the same panels, plus the proxy
+    and judge worst case side by side per method (top right) and the mean response length in words (bottom
+    right); bars of a judge that the method decoded with are hatched (not an independent judge)."""
     if not result.methods:
         raise MoalignError("nothing to plot: the evaluation result has no methods")
     p = _png_path(path)
+    if result.judges:
+        return _save(_judged_comparison(result), p)
     methods = list(result.methods)
     summaries = [result.methods[m] for m in methods]
     conf = round(100 * (1 - result.alpha))
@@ -105,6 +111,107 @@ def plot_comparison(result: EvaluationResult, path: str | Path) -> Path:
         fontsize="medium",
     )
     return _save(fig, p)
+
+
+def _xticks(ax, x, labels) -> None:
+    rot = 30 if len(labels) > 3 else 0
+    ax.set_xticks(x, labels, rotation=rot, ha="right" if rot else "center")
+
+
+def _grouped_means(ax, methods, names, summaries_means, hatched, title, ylabel) -> None:
+    """One bar per name within each method group; ``hatched[m]`` names the bars to hatch for method ``m``."""
+    x = np.arange(len(methods))
+    bw = 0.8 / len(names)
+    for j, g in enumerate(names):
+        ivs = [summaries_means[m][g] for m in methods]
+        bars = ax.bar(x - 0.4 + bw * (j + 0.5), [iv.estimate for iv in ivs], bw, yerr=_yerr(ivs), capsize=3,
+                      label=g, color=f"C{j}")  # fmt: skip
+        for bar, m in zip(bars, methods):
+            if g in hatched.get(m, ()):
+                bar.set_hatch("//")
+                bar.set_edgecolor("black")
+    ax.axhline(0, color="black", linewidth=0.6)
+    _xticks(ax, x, methods)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize="medium")
+    ax.legend(fontsize="small", title_fontsize="small")
+
+
+def _single_bars(ax, labels, ivs, color, title, ylabel, hatched=(), scale=1.0) -> None:
+    x = np.arange(len(labels))
+    bars = ax.bar(x, [scale * iv.estimate for iv in ivs], 0.6, yerr=_yerr(ivs, scale), capsize=4, color=color)
+    for bar, lab in zip(bars, labels):
+        if lab in hatched:
+            bar.set_hatch("//")
+            bar.set_edgecolor("black")
+    _xticks(ax, x, labels)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize="medium")
+
+
+def _judged_comparison(result: EvaluationResult) -> Figure:
+    """PROXY row and JUDGES row of :func:`plot_comparison` (a result with judges)."""
+    methods = list(result.methods)
+    sm = result.methods
+    conf = round(100 * (1 - result.alpha))
+    win_methods = [m for m in methods if sm[m].win_rate is not None]
+    n_cols = (3 if win_methods else 2) + 1
+    width_per = max(4.0, 0.9 * len(methods) + 1.5)
+    fig = Figure(figsize=(width_per * n_cols + 1.0, 9.6), layout="constrained")
+    axes = fig.subplots(2, n_cols, squeeze=False)
+    opt = {m: list(sm[m].judge.optimised) for m in methods}
+    opt_methods = [m for m in methods if opt[m]]
+
+    for row, (group, names, space) in enumerate(
+        [
+            ("PROXY", result.objectives, result.score_space),
+            ("JUDGES", result.judges, result.judge_score_space),
+        ]
+    ):
+        means = {m: (sm[m].objective_means if row == 0 else sm[m].judge.objective_means) for m in methods}
+        _grouped_means(axes[row][0], methods, names, means, opt if row == 1 else {},
+                       f"{group}: per-objective mean (raw)", "mean score (raw)")  # fmt: skip
+        wcs = [sm[m].worst_case if row == 0 else sm[m].judge.worst_case for m in methods]
+        _single_bars(axes[row][1], methods, wcs, "C7" if row == 0 else "C9", f"{group}: worst case\n({space})",
+                     "mean over prompts of min over objectives", hatched=opt_methods if row == 1 else ())  # fmt: skip
+        axes[row][1].axhline(0, color="black", linewidth=0.6)
+        if win_methods:
+            ax = axes[row][2]
+            ivs = [sm[m].win_rate if row == 0 else sm[m].judge.win_rate for m in win_methods]
+            _single_bars(ax, win_methods, ivs, "C2" if row == 0 else "C4", f"{group}: worst-case win rate vs "
+                         f"{result.reference}", "worst-case win rate (%)", hatched=opt_methods if row == 1 else (),
+                         scale=100.0)  # fmt: skip
+            ax.axhline(50, color="black", linestyle="--", linewidth=0.8, label="parity (50%)")
+            ax.set_ylim(0, 100)
+            ax.legend(fontsize="small", loc="lower right")
+
+    # proxy vs judge worst case, side by side per method (each in its own score space)
+    ax = axes[0][n_cols - 1]
+    x = np.arange(len(methods))
+    for j, (lab, ivs, color) in enumerate(
+        [
+            ("proxy", [sm[m].worst_case for m in methods], "C7"),
+            ("judges", [sm[m].judge.worst_case for m in methods], "C9"),
+        ]
+    ):
+        ax.bar(x - 0.2 + 0.4 * j, [iv.estimate for iv in ivs], 0.4, yerr=_yerr(ivs), capsize=3, color=color,
+               label=lab)  # fmt: skip
+    ax.axhline(0, color="black", linewidth=0.6)
+    _xticks(ax, x, [f"{m}\ngap {sm[m].judge.gap.estimate:+.2f}" for m in methods])
+    ax.set_ylabel("worst case (own score space)")
+    ax.set_title("Worst case: proxy vs judges\n(gap = proxy - judge)", fontsize="medium")
+    ax.legend(fontsize="small")
+
+    _single_bars(axes[1][n_cols - 1], methods, [sm[m].judge.length_words for m in methods], "C5",
+                 "Mean response length (words)", "words")  # fmt: skip
+
+    note = "; hatched = optimised by this run (not an independent judge)" if opt_methods else ""
+    fig.suptitle(
+        f"Method comparison, PROXY (top) vs JUDGES (bottom); error bars = {conf}% bootstrap CI "
+        f"({result.n_boot} resamples){note}",
+        fontsize="medium",
+    )
+    return fig
 
 
 def plot_weight_trajectory(
