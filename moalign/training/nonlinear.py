@@ -1,0 +1,588 @@
+"""Non-linear rewards for inference-aware meta-alignment (IAMA, non-linear GRPO); pure tensor functions.
+
+IAMA (Takakura et al., arXiv 2602.01603; spec ``shared/specs/iama.md``) trains one base policy ``pi`` so
+that each criterion ``i`` is served at deployment by a cheap inference-time operator ``T_i`` applied to
+``pi``, and maximises ``g(R_1[pi], ..., R_C[pi])`` with ``R_i[pi] = E_x E_{y ~ T_i[pi]} r_i(x, y)``.
+Non-linear GRPO is standard GRPO with each completion's reward replaced by the first variation (functional
+derivative) of that objective, ``r~(x, y) = sum_i (dg/dR_i) * dR_i/dpi(x, y)``, estimated from the
+completions of one group. This module computes that transformed reward; the trainer then treats it as the
+reward (group centring, std scaling, clipped ratio, KL), see :func:`nonlinear_rewards`.
+
+Operators (``method`` of a :class:`CriterionSpec`):
+
+``bon``   best-of-N with the criterion's own reward (parameter ``N``, an integer >= 1):
+          ``R = E[max of N draws] = r_max - int C(s)^N ds``, first variation
+          ``dR/dpi(y) = int_{r_min}^{r(y)} N C(s)^(N-1) ds`` (up to an additive constant).
+``tilt``  reward tilting ``T[pi] ∝ pi * exp(r / tau)`` (parameter ``tau > 0``): ``R = A / Z`` with
+          ``Z = E_pi e^{r/tau}``, ``A = E_pi r e^{r/tau}``, first variation ``e^{r(y)/tau} (r(y) - A/Z) / Z``.
+
+Aggregators (``kind`` of an :class:`AggregatorSpec`), applied to the per-criterion objective values ``R_i``
+(the expected reward *after* the inference-time operator, averaged over the batch's prompts):
+
+``sum``         ``g = sum_i w_i R_i``; ``dg/dR_i = w_i`` (default ``w_i = 1/C``).
+``min``         ``g = min_i R_i``; all weight on the lowest ``R_i``, split equally between ties.
+``smooth-min``  ``g = -(1/gamma) log sum_i w_i exp(-gamma R_i)``;
+                ``dg/dR_i = w_i e^{-gamma R_i} / sum_j w_j e^{-gamma R_j}`` (softmin weights, sum to 1).
+
+Conventions: a *group* is the last dimension of a rewards tensor ``[..., M]`` (the ``M`` sampled completions
+of one prompt). Every estimator is the exact formula evaluated on a discrete distribution over the group's
+rewards: by default the group's empirical distribution (mass ``1/M`` each); with ``probs`` the given
+probabilities, which makes the functions exact on a finite response space (used by the tests and by tabular
+toys). Computation is in float64; results come back in the input's floating dtype (float64 for integer
+input) on the input's device. Bad input raises :class:`moalign.errors.MoalignError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from moalign.errors import MoalignError
+
+__all__ = [
+    "AGGREGATORS",
+    "METHODS",
+    "AggregatorSpec",
+    "CriterionSpec",
+    "NonlinearRewards",
+    "aggregator_value",
+    "aggregator_weights",
+    "bon_first_variation",
+    "bon_value",
+    "first_variation",
+    "nonlinear_rewards",
+    "objective_value",
+    "parse_aggregator",
+    "parse_criteria",
+    "parse_criterion",
+    "tilt_first_variation",
+    "tilt_value",
+]
+
+Method = Literal["bon", "tilt"]
+AggregatorKind = Literal["sum", "min", "smooth-min"]
+
+#: inference-time operators a criterion can be served by
+METHODS: tuple[str, ...] = ("bon", "tilt")
+#: aggregators across criteria
+AGGREGATORS: tuple[str, ...] = ("sum", "min", "smooth-min")
+
+# relative tolerance under which two objective values count as tied for the ``min`` aggregator
+_MIN_TIE_RTOL = 1e-9
+
+
+# --------------------------------------------------------------------------------------------------------
+# specs and parsers
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_bon_n(n: object, where: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, int | float):
+        raise MoalignError(f"{where}: best-of-N needs an integer N >= 1, got {n!r}")
+    if not math.isfinite(n) or n != int(n) or n < 1:
+        raise MoalignError(f"{where}: best-of-N needs an integer N >= 1, got {n!r}")
+    return int(n)
+
+
+def _check_tau(tau: object, where: str) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, int | float):
+        raise MoalignError(f"{where}: tilting needs a temperature tau > 0, got {tau!r}")
+    if not math.isfinite(tau) or tau <= 0:
+        raise MoalignError(f"{where}: tilting needs a finite temperature tau > 0, got {tau!r}")
+    return float(tau)
+
+
+@dataclass(frozen=True)
+class CriterionSpec:
+    """One criterion: its reward column's ``name``, the inference-time ``method`` serving it, and ``param``.
+
+    ``param`` is ``N`` (an integer >= 1) for ``method="bon"`` and the temperature ``tau > 0`` for
+    ``method="tilt"``. ``CriterionSpec("helpful", "bon", 4)`` is what ``parse_criterion("helpful:bon:4")``
+    returns.
+    """
+
+    name: str
+    method: Method
+    param: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip() or ":" in self.name or "," in self.name:
+            raise MoalignError(
+                f"criterion name must be a non-empty string without ':' or ',', got {self.name!r}"
+            )
+        if self.method not in METHODS:
+            raise MoalignError(
+                f"criterion {self.name!r}: unknown method {self.method!r} (expected one of {', '.join(METHODS)})"
+            )
+        where = f"criterion {self.name!r}"
+        if self.method == "bon":
+            object.__setattr__(self, "param", _check_bon_n(self.param, where))
+        else:
+            object.__setattr__(self, "param", _check_tau(self.param, where))
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.method}:{self.param:g}"
+
+
+@dataclass(frozen=True)
+class AggregatorSpec:
+    """How the criteria's objective values are combined: ``kind`` in :data:`AGGREGATORS`.
+
+    ``weights`` (one non-negative number per criterion, not all zero) are the ``w_i`` of ``sum`` and
+    ``smooth-min``; ``None`` means uniform ``1/C``. ``sum`` uses them as given (not renormalised); ``smooth-min``
+    only through their ratios. ``min`` takes no weights. ``gamma > 0`` is the smooth-min temperature
+    (required for ``smooth-min``, not allowed otherwise); ``gamma -> inf`` recovers ``min`` (uniform weights).
+    """
+
+    kind: AggregatorKind = "sum"
+    weights: tuple[float, ...] | None = None
+    gamma: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in AGGREGATORS:
+            raise MoalignError(f"unknown aggregator {self.kind!r} (expected one of {', '.join(AGGREGATORS)})")
+        if self.weights is not None:
+            if self.kind == "min":
+                raise MoalignError("aggregator 'min' takes no weights")
+            try:
+                w = tuple(float(x) for x in self.weights)
+            except (TypeError, ValueError) as e:
+                raise MoalignError(f"aggregator weights must be numbers, got {self.weights!r}") from e
+            if not w or any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+                raise MoalignError(
+                    f"aggregator weights must be finite, >= 0 and not all zero, got {list(self.weights)}"
+                )
+            object.__setattr__(self, "weights", w)
+        if self.kind == "smooth-min":
+            if self.gamma is None:
+                raise MoalignError("aggregator 'smooth-min' needs a temperature gamma > 0")
+            if isinstance(self.gamma, bool) or not isinstance(self.gamma, int | float):
+                raise MoalignError(f"aggregator 'smooth-min': gamma must be a number > 0, got {self.gamma!r}")
+            if not math.isfinite(self.gamma) or self.gamma <= 0:
+                raise MoalignError(
+                    f"aggregator 'smooth-min': gamma must be finite and > 0, got {self.gamma!r}"
+                )
+            object.__setattr__(self, "gamma", float(self.gamma))
+        elif self.gamma is not None:
+            raise MoalignError(f"aggregator {self.kind!r} takes no gamma (only 'smooth-min' does)")
+
+    def weight_vector(self, n_criteria: int) -> torch.Tensor:
+        """The ``w_i`` as a float64 tensor of length ``n_criteria`` (uniform ``1/C`` when unset)."""
+        if self.weights is None:
+            return torch.full((n_criteria,), 1.0 / n_criteria, dtype=torch.float64)
+        if len(self.weights) != n_criteria:
+            raise MoalignError(
+                f"aggregator {self.kind!r} has {len(self.weights)} weights but there are {n_criteria} criteria"
+            )
+        return torch.tensor(self.weights, dtype=torch.float64)
+
+
+def parse_criterion(text: str) -> CriterionSpec:
+    """Parse ``NAME:METHOD:PARAM``, e.g. ``helpful:bon:4`` (best-of-4) or ``harmless:tilt:0.5`` (tau 0.5)."""
+    if not isinstance(text, str):
+        raise MoalignError(f"criterion must be a string NAME:METHOD:PARAM, got {text!r}")
+    parts = [p.strip() for p in text.strip().split(":")]
+    if len(parts) != 3 or not all(parts):
+        raise MoalignError(
+            f"criterion {text!r}: expected NAME:METHOD:PARAM (e.g. helpful:bon:4 or harmless:tilt:0.5)"
+        )
+    name, method, raw = parts
+    if method not in METHODS:
+        raise MoalignError(
+            f"criterion {text!r}: unknown method {method!r} (expected one of {', '.join(METHODS)})"
+        )
+    if method == "bon":
+        try:
+            n = int(raw)
+        except ValueError:
+            raise MoalignError(
+                f"criterion {text!r}: best-of-N needs an integer N >= 1, got {raw!r}"
+            ) from None
+        if n < 1:
+            raise MoalignError(f"criterion {text!r}: best-of-N needs an integer N >= 1, got {raw!r}")
+        return CriterionSpec(name, "bon", n)
+    try:
+        tau = float(raw)
+    except ValueError:
+        raise MoalignError(f"criterion {text!r}: tilting needs a temperature tau > 0, got {raw!r}") from None
+    if not math.isfinite(tau) or tau <= 0:
+        raise MoalignError(f"criterion {text!r}: tilting needs a finite temperature tau > 0, got {raw!r}")
+    return CriterionSpec(name, "tilt", tau)
+
+
+def parse_criteria(texts: str | Sequence[str | CriterionSpec]) -> list[CriterionSpec]:
+    """Parse a comma-separated string (``helpful:bon:4,harmless:tilt:0.5``) or a list of criteria.
+
+    Names must be unique.
+    """
+    items = [t for t in texts.split(",")] if isinstance(texts, str) else list(texts)
+    if not items:
+        raise MoalignError("need at least one criterion, got none")
+    out = [c if isinstance(c, CriterionSpec) else parse_criterion(c) for c in items]
+    seen: set[str] = set()
+    for c in out:
+        if c.name in seen:
+            raise MoalignError(f"criterion name {c.name!r} appears more than once")
+        seen.add(c.name)
+    return out
+
+
+def parse_aggregator(text: str) -> AggregatorSpec:
+    """Parse ``sum``, ``sum:W1,W2,...``, ``min``, ``smooth-min:GAMMA`` or ``smooth-min:GAMMA:W1,W2,...``."""
+    if not isinstance(text, str):
+        raise MoalignError(f"aggregator must be a string, got {text!r}")
+    parts = [p.strip() for p in text.strip().split(":")]
+    kind = parts[0]
+    if kind not in AGGREGATORS:
+        raise MoalignError(
+            f"aggregator {text!r}: unknown kind {kind!r} (expected one of {', '.join(AGGREGATORS)})"
+        )
+
+    def weights(raw: str) -> tuple[float, ...]:
+        try:
+            return tuple(float(x) for x in raw.split(","))
+        except ValueError:
+            raise MoalignError(
+                f"aggregator {text!r}: weights must be comma-separated numbers, got {raw!r}"
+            ) from None
+
+    if kind == "min":
+        if len(parts) != 1:
+            raise MoalignError(f"aggregator {text!r}: 'min' takes no parameters")
+        return AggregatorSpec("min")
+    if kind == "sum":
+        if len(parts) > 2:
+            raise MoalignError(f"aggregator {text!r}: expected sum or sum:W1,W2,...")
+        return AggregatorSpec("sum", weights(parts[1]) if len(parts) == 2 else None)
+    if len(parts) not in (2, 3):
+        raise MoalignError(
+            f"aggregator {text!r}: expected smooth-min:GAMMA or smooth-min:GAMMA:W1,W2,... (gamma > 0)"
+        )
+    try:
+        gamma = float(parts[1])
+    except ValueError:
+        raise MoalignError(f"aggregator {text!r}: gamma must be a number > 0, got {parts[1]!r}") from None
+    return AggregatorSpec("smooth-min", weights(parts[2]) if len(parts) == 3 else None, gamma)
+
+
+# --------------------------------------------------------------------------------------------------------
+# per-criterion estimators (group = last dimension)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _out_dtype(t: torch.Tensor) -> torch.dtype:
+    return t.dtype if t.is_floating_point() else torch.float64
+
+
+def _check_group(
+    rewards: object, probs: object, what: str = "rewards"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate ``rewards [..., M]`` (and ``probs`` of the same shape); return float64 copies.
+
+    ``probs`` comes back normalised along the last dimension.
+    """
+    if not isinstance(rewards, torch.Tensor):
+        raise MoalignError(f"{what} must be a torch tensor, got {type(rewards).__name__}")
+    if rewards.dim() < 1 or rewards.shape[-1] < 1:
+        raise MoalignError(f"{what} must have shape [..., M] with M >= 1, got {tuple(rewards.shape)}")
+    if rewards.is_complex() or rewards.dtype == torch.bool:
+        raise MoalignError(f"{what} must be real numbers, got dtype {rewards.dtype}")
+    r = rewards.detach().to(torch.float64)
+    if not bool(torch.isfinite(r).all()):
+        bad = "NaN" if bool(torch.isnan(r).any()) else "infinite"
+        raise MoalignError(f"{what} contain {bad} values")
+    if probs is None:
+        return r, None
+    if not isinstance(probs, torch.Tensor):
+        raise MoalignError(f"probs must be a torch tensor, got {type(probs).__name__}")
+    if probs.shape != rewards.shape:
+        raise MoalignError(
+            f"probs has shape {tuple(probs.shape)} but {what} have shape {tuple(rewards.shape)}"
+        )
+    p = probs.detach().to(device=r.device, dtype=torch.float64)
+    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()):
+        raise MoalignError("probs must be finite and >= 0")
+    tot = p.sum(-1, keepdim=True)
+    if bool((tot <= 0).any()):
+        raise MoalignError("probs must not be all zero within a group")
+    return r, p / tot
+
+
+def _sorted_levels(r: torch.Tensor, p: torch.Tensor | None):
+    """Sorted rewards, sort index and the CDF level ``P_j = P(r <= r_(j))`` at each sorted position.
+
+    Ties: the gap between tied values is zero, so the level in force on the next gap is the CDF at the tied
+    value (all tied members counted); tied members get identical results whatever their order.
+    """
+    vals, idx = torch.sort(r, dim=-1, stable=True)
+    m = r.shape[-1]
+    if p is None:
+        levels = torch.arange(1, m + 1, dtype=torch.float64, device=r.device) / m
+        levels = levels.expand_as(vals)
+    else:
+        levels = torch.cumsum(torch.gather(p, -1, idx), dim=-1)
+    return vals, idx, levels
+
+
+def bon_first_variation(rewards: torch.Tensor, n: int, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """First variation of the best-of-``n`` objective, estimated from each group; same shape as ``rewards``.
+
+    With the group sorted ``r_(1) <= ... <= r_(M)`` returns (spec, "Estimate from one GRPO group")
+    ``r~_(k) = sum_{j<k} (r_(j+1) - r_(j)) * n * P_j^(n-1)``, ``P_j = j/M`` (``probs``: the cumulative
+    probability of the ``j`` smallest), i.e. ``int_{r_(1)}^{r(y)} n C^(n-1)(s) ds`` under the group's
+    empirical CDF ``C``. That is the first variation ``dR/dpi(y) = -int_{r(y)}^{r_max} n C^(n-1) ds`` shifted by
+    a constant so that the group's minimum gets 0; the constant does not matter (perturbations of ``pi`` have
+    zero total mass, and GRPO's group centring removes it). With ``probs`` the 0 is at the smallest listed
+    reward, whatever its probability.
+
+    Properties: ``n = 1`` gives ``r - min(r)`` (plain GRPO after centring); tied rewards share a CDF level
+    and get identical values; the result is non-decreasing in each completion's own reward; it is the exact
+    gradient of :func:`bon_value` w.r.t. the group's probabilities (with ``probs``: the exact first
+    variation of that discrete distribution).
+
+    Error: as an estimate of the first variation under the policy's true reward distribution, the bias is
+    ``O(1/M)``: for a completion ``y`` of the group, ``C_hat(s) = B/M`` below ``r(y)`` with
+    ``B ~ Binomial(M - 1, C(s))``, so ``M * bias(y) -> int_{r_min}^{r(y)} n (n-1) C^(n-2) ((n-2)(1-C)/2 - C) ds``
+    (the tests check this constant); the random fluctuation of one group is ``O(M^(-1/2))`` and averages out
+    over groups and steps.
+    """
+    n = _check_bon_n(n, "bon_first_variation")
+    r, p = _check_group(rewards, probs)
+    vals, idx, levels = _sorted_levels(r, p)
+    gaps = vals[..., 1:] - vals[..., :-1]
+    terms = gaps * n * levels[..., :-1] ** (n - 1)
+    out_sorted = torch.cat([torch.zeros_like(vals[..., :1]), torch.cumsum(terms, dim=-1)], dim=-1)
+    out = torch.empty_like(out_sorted).scatter_(-1, idx, out_sorted)
+    return out.to(_out_dtype(rewards))
+
+
+def bon_value(rewards: torch.Tensor, n: int, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Best-of-``n`` objective ``E[max of n draws]`` of each group's distribution; shape ``rewards.shape[:-1]``.
+
+    ``r_(M) - sum_{j<M} (r_(j+1) - r_(j)) P_j^n`` (= ``r_max - int C^n``), the plug-in estimate with draws
+    with replacement from the group (or from ``probs``). Bias ``O(1/M)`` as an estimate of the policy's value
+    (it is the value whose gradient :func:`bon_first_variation` returns).
+    """
+    n = _check_bon_n(n, "bon_value")
+    r, p = _check_group(rewards, probs)
+    vals, _, levels = _sorted_levels(r, p)
+    gaps = vals[..., 1:] - vals[..., :-1]
+    out = vals[..., -1] - (gaps * levels[..., :-1] ** n).sum(-1)
+    return out.to(_out_dtype(rewards))
+
+
+def _tilt_parts(r: torch.Tensor, p: torch.Tensor | None, tau: float):
+    """``log Z`` and ``A / Z`` of the tilted distribution, computed stably (shift-invariant)."""
+    m = r.shape[-1]
+    logp = torch.full_like(r, -math.log(m)) if p is None else torch.log(p)
+    s = r / tau + logp
+    log_z = torch.logsumexp(s, dim=-1, keepdim=True)
+    mean_tilted = (torch.exp(s - log_z) * r).sum(-1, keepdim=True)
+    return log_z, mean_tilted
+
+
+def tilt_first_variation(
+    rewards: torch.Tensor, tau: float, probs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """First variation of the tilted objective, estimated from each group; same shape as ``rewards``.
+
+    Returns ``r~_j = e^{r_j/tau} (r_j - A^/Z^) / Z^`` with ``Z^ = mean e^{r/tau}``, ``A^ = mean r e^{r/tau}``
+    (``probs``: expectations under ``probs``), computed as ``exp(r_j/tau - log Z^) * (r_j - A^/Z^)`` so large
+    ``r/tau`` does not overflow. It has zero mean over the group (under ``probs``), so it is already centred.
+
+    Not monotone in the own reward: like the exact first variation it decreases in ``r_j`` for
+    ``r_j < A/Z - tau``. Error: plug-in ratio estimator, bias ``O(1/M)`` (the constant grows with
+    ``e^{(r_max - r_min)/tau}``), fluctuation ``O(M^(-1/2))``.
+    """
+    tau = _check_tau(tau, "tilt_first_variation")
+    r, p = _check_group(rewards, probs)
+    log_z, mean_tilted = _tilt_parts(r, p, tau)
+    out = torch.exp(r / tau - log_z) * (r - mean_tilted)
+    return out.to(_out_dtype(rewards))
+
+
+def tilt_value(rewards: torch.Tensor, tau: float, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Tilted objective ``A / Z`` (mean reward under ``pi e^{r/tau}``) per group; shape ``rewards.shape[:-1]``.
+
+    Plug-in ratio estimate, bias ``O(1/M)``.
+    """
+    tau = _check_tau(tau, "tilt_value")
+    r, p = _check_group(rewards, probs)
+    _, mean_tilted = _tilt_parts(r, p, tau)
+    return mean_tilted.squeeze(-1).to(_out_dtype(rewards))
+
+
+def first_variation(
+    rewards: torch.Tensor, spec: CriterionSpec, probs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`bon_first_variation` or :func:`tilt_first_variation` as ``spec`` says (group = last dim)."""
+    if spec.method == "bon":
+        return bon_first_variation(rewards, int(spec.param), probs)
+    return tilt_first_variation(rewards, spec.param, probs)
+
+
+def objective_value(
+    rewards: torch.Tensor, spec: CriterionSpec, probs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`bon_value` or :func:`tilt_value` as ``spec`` says (group = last dim)."""
+    if spec.method == "bon":
+        return bon_value(rewards, int(spec.param), probs)
+    return tilt_value(rewards, spec.param, probs)
+
+
+# --------------------------------------------------------------------------------------------------------
+# aggregators
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_values(values: object) -> torch.Tensor:
+    if not isinstance(values, torch.Tensor):
+        raise MoalignError(f"objective values must be a torch tensor, got {type(values).__name__}")
+    if values.dim() < 1 or values.shape[-1] < 1:
+        raise MoalignError(
+            f"objective values must have shape [..., C] with C >= 1, got {tuple(values.shape)}"
+        )
+    v = values.detach().to(torch.float64)
+    if not bool(torch.isfinite(v).all()):
+        raise MoalignError("objective values contain NaN or infinite entries")
+    return v
+
+
+def aggregator_weights(values: torch.Tensor, spec: AggregatorSpec) -> torch.Tensor:
+    """``dg/dR_i`` at the objective values ``values [..., C]`` (one ``R_i`` per criterion); float64, same shape.
+
+    ``sum``: ``w`` (constant). ``min``: ``1/k`` on each of the ``k`` criteria tied at the lowest value
+    (relative tolerance 1e-9), 0 elsewhere. ``smooth-min``: ``w_i e^{-gamma R_i} / sum_j w_j e^{-gamma R_j}``
+    (the exact gradient of ``-(1/gamma) log sum_i w_i e^{-gamma R_i}``; sums to 1).
+    """
+    v = _check_values(values)
+    c = v.shape[-1]
+    if spec.kind == "sum":
+        return spec.weight_vector(c).to(v.device).expand_as(v).clone()
+    if spec.kind == "min":
+        lo = v.min(-1, keepdim=True).values
+        tied = (v - lo) <= _MIN_TIE_RTOL * torch.clamp(lo.abs(), min=1.0)
+        tied = tied.to(torch.float64)
+        return tied / tied.sum(-1, keepdim=True)
+    w = spec.weight_vector(c).to(v.device)
+    return torch.softmax(-spec.gamma * v + torch.log(w), dim=-1)
+
+
+def aggregator_value(values: torch.Tensor, spec: AggregatorSpec) -> torch.Tensor:
+    """``g(R_1, ..., R_C)`` for ``values [..., C]``; float64, shape ``values.shape[:-1]``."""
+    v = _check_values(values)
+    c = v.shape[-1]
+    if spec.kind == "sum":
+        return (v * spec.weight_vector(c).to(v.device)).sum(-1)
+    if spec.kind == "min":
+        return v.min(-1).values
+    w = spec.weight_vector(c).to(v.device)
+    return -torch.logsumexp(-spec.gamma * v + torch.log(w), dim=-1) / spec.gamma
+
+
+# --------------------------------------------------------------------------------------------------------
+# the combined transform
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NonlinearRewards:
+    """Result of :func:`nonlinear_rewards`.
+
+    ``rewards [B, M]``: the transformed reward ``sum_i weights_i * per_criterion[..., i]`` (input dtype).
+    ``per_criterion [B, M, C]``: each criterion's first variation ``r~_i`` (before weighting).
+    ``values [C]``: each criterion's objective value ``R_i`` (batch mean over prompts; float64).
+    ``weights [C]``: the aggregator's ``dg/dR_i`` at ``values`` (float64).
+    ``aggregate``: ``g(values)``.
+    ``stats``: what a trainer logs, flat floats: ``{name}/reward_mean`` (raw reward), ``{name}/transformed_mean``
+    (``r~_i``), ``{name}/value`` (``R_i``), ``{name}/weight``, and ``transformed_mean`` / ``aggregate``.
+    """
+
+    rewards: torch.Tensor
+    per_criterion: torch.Tensor
+    values: torch.Tensor
+    weights: torch.Tensor
+    aggregate: float
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def nonlinear_rewards(
+    rewards: torch.Tensor,
+    criteria: Sequence[CriterionSpec | str] | str,
+    aggregator: AggregatorSpec | str | None = None,
+    probs: torch.Tensor | None = None,
+) -> NonlinearRewards:
+    """IAMA's transformed reward for every completion: ``r~ = sum_i (dg/dR_i) r~_i``.
+
+    ``rewards [B, M, C]``: ``B`` prompts, a group of ``M`` completions each, one reward column per criterion
+    (in the order of ``criteria``). ``criteria``: :class:`CriterionSpec` objects or strings for
+    :func:`parse_criteria`. ``aggregator``: an :class:`AggregatorSpec` or a string for
+    :func:`parse_aggregator` (default ``sum`` with weights ``1/C``). ``probs [B, M]`` (optional): the
+    completions' probabilities within each group, for exact computations on a finite response space; the
+    default is the group's empirical distribution.
+
+    ``R_i`` is averaged over the batch's prompts before the aggregator (the spec's ``R_i = E_x E_y``), so the
+    weights ``dg/dR_i`` are one vector per batch. The whole group of every prompt must be present: apply this
+    after gathering completions across processes. The result is meant to be fed to GRPO as the reward (group
+    centring; with ``bon:1`` for every criterion and ``sum`` it equals plain GRPO on ``sum_i w_i r_i`` after
+    centring).
+    """
+    specs = parse_criteria(criteria)
+    if aggregator is None:
+        agg = AggregatorSpec("sum")
+    elif isinstance(aggregator, str):
+        agg = parse_aggregator(aggregator)
+    elif isinstance(aggregator, AggregatorSpec):
+        agg = aggregator
+    else:
+        raise MoalignError(
+            f"aggregator must be an AggregatorSpec or a string, got {type(aggregator).__name__}"
+        )
+    if not isinstance(rewards, torch.Tensor):
+        raise MoalignError(f"rewards must be a torch tensor [B, M, C], got {type(rewards).__name__}")
+    if rewards.dim() != 3 or rewards.shape[0] < 1 or rewards.shape[1] < 1:
+        raise MoalignError(f"rewards must have shape [B, M, C] with B, M >= 1, got {tuple(rewards.shape)}")
+    c = len(specs)
+    if rewards.shape[2] != c:
+        raise MoalignError(f"rewards have {rewards.shape[2]} criterion columns but {c} criteria were given")
+    if probs is not None and (not isinstance(probs, torch.Tensor) or probs.shape != rewards.shape[:2]):
+        shape = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
+        raise MoalignError(f"probs must be a tensor of shape {tuple(rewards.shape[:2])} [B, M], got {shape}")
+    if agg.kind != "min":
+        agg.weight_vector(c)  # checks the number of weights before any work
+
+    cols, vals = [], []
+    for i, spec in enumerate(specs):
+        col = rewards[..., i]
+        try:
+            cols.append(first_variation(col, spec, probs).to(torch.float64))
+            vals.append(objective_value(col, spec, probs).to(torch.float64).mean())
+        except MoalignError as e:
+            raise MoalignError(f"criterion {spec.name!r}: {e}") from None
+    per = torch.stack(cols, dim=-1)  # [B, M, C]
+    values = torch.stack(vals)  # [C]
+    weights = aggregator_weights(values, agg)
+    combined = (per * weights.to(per.device)).sum(-1)
+    out_dtype = _out_dtype(rewards)
+    raw = rewards.detach().to(torch.float64)
+    g = float(aggregator_value(values, agg))
+    stats: dict[str, float] = {}
+    for i, spec in enumerate(specs):
+        stats[f"{spec.name}/reward_mean"] = float(raw[..., i].mean())
+        stats[f"{spec.name}/transformed_mean"] = float(per[..., i].mean())
+        stats[f"{spec.name}/value"] = float(values[i])
+        stats[f"{spec.name}/weight"] = float(weights[i])
+    stats["transformed_mean"] = float(combined.mean())
+    stats["aggregate"] = g
+    return NonlinearRewards(
+        rewards=combined.to(out_dtype),
+        per_criterion=per.to(out_dtype),
+        values=values,
+        weights=weights,
+        aggregate=g,
+        stats=stats,
+    )
