@@ -54,6 +54,12 @@ class _GenerateSettings:
     )
     system_prompt: str | None = _f(None, "system prompt added before every conversation")
     device: str | None = _f(None, "torch device (default: cuda if available, else cpu)")
+    dtype: str = _f(
+        "auto",
+        "policy weights' dtype: auto (as the checkpoint was saved; float32 for a GGUF file) | bfloat16 | "
+        "float16 | float32",
+        choices=("auto", "bfloat16", "float16", "float32"),
+    )
 
     def validate(self) -> None:
         get_method(self.method)  # names the known methods when it is not one

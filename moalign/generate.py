@@ -91,7 +91,7 @@ def generate(
         prompts = prompts[: cfg.limit]
     objectives = objectives if objectives is not None else resolve_objectives(cfg.objectives)
     names = [o.name for o in objectives]
-    policy = policy or load_policy(cfg.policy, device=cfg.device or default_device())
+    policy = policy or load_policy(cfg.policy, device=cfg.device or default_device(), dtype=cfg.dtype)
     sampling = SamplingConfig(cfg.temperature, cfg.top_p, cfg.top_k)
     engine = BlockwiseEngine(policy, sampling, system_prompt=cfg.system_prompt)
     raw_scorer = ObjectiveScorer(objectives)

@@ -116,14 +116,21 @@ def load_policy(
 ) -> Policy:
     """Load a causal LM and its tokenizer by bundled name, local path (folder or .gguf file) or hub id.
 
-    A local PEFT adapter folder (``adapter_config.json``) is loaded on top of its base model and merged.
+    ``dtype``: ``"auto"`` (the dtype the checkpoint was saved in), ``"float32"``, ``"bfloat16"``,
+    ``"float16"`` or a torch dtype; None means float32. A local PEFT adapter folder
+    (``adapter_config.json``) is loaded on top of its base model and merged.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, kw = resolve_policy_source(name_or_path)
     convert_to = kw.pop("_convert_to", None)
-    if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if isinstance(dtype, str) and dtype != "auto":
+        names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if dtype not in names:
+            raise MoalignError(f"unknown dtype {dtype!r}; choose auto, {', '.join(names)}")
+        dtype = names[dtype]
+    if dtype == "auto" and "gguf_file" in kw:
+        dtype = torch.float32  # a GGUF file is de-quantised: to float32 unless told otherwise
     try:
         if (Path(src) / "adapter_config.json").exists():
             model, tok = _load_adapter(src, dtype)

@@ -48,6 +48,8 @@ class RecordWriter:
             if old is not None:
                 for key in resume_keys:
                     a, b = _comparable(old.get(key)), _comparable(meta.get(key))
+                    # a setting the interrupted run's version did not have yet is not a difference
+                    b = {k: v for k, v in b.items() if k in a}
                     if a != b:
                         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
                         raise MoalignError(

@@ -234,3 +234,13 @@ def test_implicit_reward_margins_are_positive_when_the_policy_prefers_chosen(tin
         implicit_reward_margins(tiny_policy.model, tiny_policy.tokenizer, pairs, beta=0.1)  # no reference at all
 
 
+
+
+def test_policy_dtype_flag(tiny_policy_dir, tmp_path):
+    """--dtype: auto keeps the checkpoint's dtype, a named dtype converts, an unknown one is a clear error."""
+    from moalign.policies import load_policy
+
+    assert next(load_policy(str(tiny_policy_dir), dtype="auto").model.parameters()).dtype == torch.float32
+    assert next(load_policy(str(tiny_policy_dir), dtype="bfloat16").model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(MoalignError, match="unknown dtype"):
+        load_policy(str(tiny_policy_dir), dtype="float8")
