@@ -24,6 +24,29 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    """Three short prompts in a JSONL file."""
+    import json
+
+    f = tmp_path / "prompts.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt": p}) for p in ["Say hi", "Name a color", "Why is the sky blue?"]))
+    return f
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """``run_cli(*argv) -> (exit code, stdout, stderr)`` of ``moalign`` called in-process."""
+    from moalign.cli import main
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.exists():

@@ -14,36 +14,21 @@ register_objective("test_vowels", lambda: CallableObjective("test_vowels", lambd
     sum(c in "aeiou" for c in x) / 10 for x in r]))  # fmt: skip
 
 
-@pytest.fixture
-def prompts_file(tmp_path):
-    f = tmp_path / "prompts.jsonl"
-    f.write_text(
-        "\n".join(json.dumps({"prompt": p}) for p in ["Say hi", "Name a color", "Why is the sky blue?"])
-    )
-    return f
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_generate_evaluate_and_config_reproduction(tmp_path, tiny_policy_dir, prompts_file, capsys):
+def test_generate_evaluate_and_config_reproduction(tmp_path, tiny_policy_dir, prompts_file, capsys, run_cli):
     common = ["--policy", tiny_policy_dir, "--objectives", "test_len,test_vowels", "--prompts", prompts_file,
               "--max-new-tokens", 8, "--normalize", "none", "--seed", 3]  # fmt: skip
     a, b = tmp_path / "sample.jsonl", tmp_path / "cd.jsonl"
-    assert _run(capsys, "generate", "--method", "sample", "--n", 1, "--out", a, *common)[0] == 0
+    assert run_cli("generate", "--method", "sample", "--n", 1, "--out", a, *common)[0] == 0
     assert (
-        _run(capsys, "generate", "--method", "cd", "--k", 2, "--block-size", 4, "--out", b, *common)[0] == 0
+        run_cli("generate", "--method", "cd", "--k", 2, "--block-size", 4, "--out", b, *common)[0] == 0
     )
-    code, out, err = _run(capsys, "evaluate", "--inputs", a, b, "--reference", a, "--json", "--n-boot", 50)
+    code, out, err = run_cli("evaluate", "--inputs", a, b, "--reference", a, "--json", "--n-boot", 50)
     assert code == 0, err
     res = json.loads(out)
     assert set(res["methods"]) == {"sample", "cd"} and res["methods"]["cd"]["n"] == 3
     # a run's meta file reproduces it
     c = tmp_path / "again.jsonl"
-    assert _run(capsys, "generate", "--config", str(b).replace(".jsonl", ".meta.json"), "--out", c)[0] == 0
+    assert run_cli("generate", "--config", str(b).replace(".jsonl", ".meta.json"), "--out", c)[0] == 0
     ra = [json.loads(x)["response"] for x in b.read_text().splitlines()]
     rc = [json.loads(x)["response"] for x in c.read_text().splitlines()]
     assert ra == rc
@@ -60,9 +45,9 @@ def test_generate_evaluate_and_config_reproduction(tmp_path, tiny_policy_dir, pr
         (["evaluate", "--inputs", "/no/run.jsonl"], "file not found"),
     ],
 )  # fmt: skip
-def test_one_line_errors(tmp_path, prompts_file, capsys, argv, message):
+def test_one_line_errors(tmp_path, prompts_file, capsys, argv, message, run_cli):
     argv = [a.format(p=prompts_file, o=tmp_path / "o.jsonl") for a in argv]
-    code, out, err = _run(capsys, *argv)
+    code, out, err = run_cli(*argv)
     assert code == 2
     assert message in err
     assert err.strip().count("\n") == 0 and err.startswith("moalign: error:")
@@ -75,15 +60,15 @@ def test_unknown_method_is_rejected_by_the_parser(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_objectives_lists_builtins(capsys):
-    code, out, _ = _run(capsys, "objectives")
+def test_objectives_lists_builtins(capsys, run_cli):
+    code, out, _ = run_cli("objectives")
     assert code == 0
     assert {"test_len", "helpful", "harmless", "non_toxic", "positive", "relevant", "concise"} <= set(
         out.split()
     )
 
 
-def test_a_registered_method_is_one_module_and_one_line(tmp_path, tiny_policy_dir, prompts_file, capsys):
+def test_a_registered_method_is_one_module_and_one_line(tmp_path, tiny_policy_dir, prompts_file, capsys, run_cli):
     """A method registered from outside the package gets its own flags, a --method choice and records."""
     from dataclasses import dataclass
 
@@ -108,7 +93,7 @@ def test_a_registered_method_is_one_module_and_one_line(tmp_path, tiny_policy_di
         cfg = config.GenerateConfig(method="greedyish")
         assert cfg.method_args() == GreedyishArgs(rows=2)
         out = tmp_path / "g.jsonl"
-        code, _, err = _run(capsys, "generate", "--method", "greedyish", "--policy", tiny_policy_dir,
+        code, _, err = run_cli("generate", "--method", "greedyish", "--policy", tiny_policy_dir,
                             "--objectives", "test_len", "--prompts", prompts_file, "--max-new-tokens", 4,
                             "--normalize", "none", "--out", out)  # fmt: skip
         assert code == 0, err
@@ -119,11 +104,11 @@ def test_a_registered_method_is_one_module_and_one_line(tmp_path, tiny_policy_di
         _REGISTRY.pop("greedyish", None)
 
 
-def test_methods_command_matches_readme(capsys):
+def test_methods_command_matches_readme(capsys, run_cli):
     """The README's method table is the registry's (regenerate it with `moalign methods`)."""
     from pathlib import Path
 
-    code, out, _ = _run(capsys, "methods")
+    code, out, _ = run_cli("methods")
     assert code == 0
     for name in ("sample", "best-of-n", "cd", "rmod", "darwin", "sample-replace", "mutate-bon"):
         assert f"| `{name}` |" in out
@@ -149,13 +134,13 @@ def test_darwin_flags_and_combiner_choices_come_from_registries(capsys):
         combiners._REGISTRY.pop("test-halves", None)
 
 
-def test_skip_invalid_prompts_flag(tmp_path, tiny_policy_dir, capsys):
+def test_skip_invalid_prompts_flag(tmp_path, tiny_policy_dir, capsys, run_cli):
     f = tmp_path / "p.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in [{"prompt": "Say hi"}, {"prompt": "  "}, {"prompt": "Why?"}]))
     common = ["generate", "--policy", tiny_policy_dir, "--objectives", "test_len", "--prompts", f,
               "--max-new-tokens", 3, "--n", 1, "--normalize", "none"]  # fmt: skip
-    code, _, err = _run(capsys, *common, "--out", tmp_path / "a.jsonl")
+    code, _, err = run_cli(*common, "--out", tmp_path / "a.jsonl")
     assert code == 2 and "record 1" in err and "p.jsonl" in err
-    code, _, err = _run(capsys, *common, "--skip-invalid", "--out", tmp_path / "b.jsonl")
+    code, _, err = run_cli(*common, "--skip-invalid", "--out", tmp_path / "b.jsonl")
     assert code == 0, err
     assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 2

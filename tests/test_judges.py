@@ -11,7 +11,6 @@ import json
 import numpy as np
 import pytest
 
-from moalign.cli import main
 from moalign.config import CompareConfig, EvaluateConfig
 from moalign.errors import MoalignError
 from moalign.evaluation import bootstrap_ci, evaluate_methods, fit_norm_stats, worst_case_win_rate
@@ -265,30 +264,15 @@ def test_hand_written_run_without_meta_counts_its_scored_objectives_as_decoding(
 
 
 # ---------------------------------------------------------------------------------------- compare, CLI
-@pytest.fixture
-def prompts_file(tmp_path):
-    f = tmp_path / "prompts.jsonl"
-    f.write_text(
-        "\n".join(json.dumps({"prompt": p}) for p in ["Say hi", "Name a color", "Why is the sky blue?"])
-    )
-    return f
-
-
-def _run(capsys, *argv):
-    code = main([str(x) for x in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_compare_judges_writes_and_reuses_judge_scores(
     tmp_path, tiny_policy_dir, prompts_file, capsys, one_thread
-):
+, run_cli):
     out_dir = tmp_path / "cmp"
     argv = ["compare", "--policy", tiny_policy_dir, "--prompts", prompts_file, "--objectives", "tj_vowels,tj_chars",
             "--judges", "tj_hashy,tj_chars", "--methods", "sample:n=1,best-of-n:n=2", "--max-new-tokens", 4,
             "--normalize", "none", "--n-boot", 20, "--out-dir", out_dir]  # fmt: skip
     CALLS.clear()
-    code, out, err = _run(capsys, *argv)
+    code, out, err = run_cli(*argv)
     assert code == 0, err
     assert CALLS["tj_hashy"] == 2  # one batch per method
     for label in ("sample-n1", "best-of-n-n2"):
@@ -312,21 +296,21 @@ def test_compare_judges_writes_and_reuses_judge_scores(
 
     # a rerun: decoding resumes (nothing left to do) and the judges are not called again
     CALLS.clear()
-    code, out2, err = _run(capsys, *argv)
+    code, out2, err = run_cli(*argv)
     assert code == 0, err
     assert "tj_hashy" not in CALLS
     again = json.loads((out_dir / "summary.json").read_text())
     assert again["methods"] == summary["methods"]
 
     # without --judges the summary is as before: no judge keys
-    code, _, err = _run(capsys, *[a for a in argv if a not in ("--judges", "tj_hashy,tj_chars")])
+    code, _, err = run_cli(*[a for a in argv if a not in ("--judges", "tj_hashy,tj_chars")])
     assert code == 0, err
     plain = json.loads((out_dir / "summary.json").read_text())
     assert "judges" not in plain and all("judge" not in m for m in plain["methods"].values())
 
 
 @pytest.mark.parametrize("command", ["compare", "evaluate"])
-def test_unknown_judge_is_a_one_line_error(tmp_path, prompts_file, capsys, command):
+def test_unknown_judge_is_a_one_line_error(tmp_path, prompts_file, capsys, command, run_cli):
     run = tmp_path / "r.jsonl"
     _write_run(run, ["a", "b"])
     if command == "compare":
@@ -334,7 +318,7 @@ def test_unknown_judge_is_a_one_line_error(tmp_path, prompts_file, capsys, comma
                 "--out-dir", tmp_path / "out"]  # fmt: skip
     else:
         argv = ["evaluate", "--inputs", run, "--judges", "nope"]
-    code, _, err = _run(capsys, *argv)
+    code, _, err = run_cli(*argv)
     assert code == 2
     assert "unknown objective 'nope'" in err
     assert err.startswith("moalign: error:") and err.strip().count("\n") == 0
