@@ -145,6 +145,9 @@ def test_torch_is_seeded_independently_of_global_state(tmp_path, tiny_policy):
         ("rmod", {"rmod_select": "argmax"}),
         ("rmod", {"rmod_select": "sample", "lam": 2.0}),
         ("sample-replace", {"mutations": 3, "replace_every": 4, "replace_top_k": 2, "cycles": 2}),
+        ("darwin", {"mutations": 3, "replace_every": 4, "replace_top_k": 2, "cycles": 2,
+                    "mutation_max_new_tokens": 16}),
+        ("mutate-bon", {"mutations": 2, "cycles": 2, "replace_top_k": 1, "mutation_max_new_tokens": 16}),
     ],
 )
 def test_every_method_resumes_mid_batch_to_identical_records(tmp_path, tiny_policy, one_thread, method, kw):
