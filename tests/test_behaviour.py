@@ -244,3 +244,20 @@ def test_policy_dtype_flag(tiny_policy_dir, tmp_path):
     assert next(load_policy(str(tiny_policy_dir), dtype="bfloat16").model.parameters()).dtype == torch.bfloat16
     with pytest.raises(MoalignError, match="unknown dtype"):
         load_policy(str(tiny_policy_dir), dtype="float8")
+
+
+def test_rmod_sample_rule_draws_from_the_step_generator():
+    """Fails if RMOD's sample rule ignores the run's generator (a fixed or per-plan generator): the draws
+    follow the step's generator, which the engine seeds from the run seed and the batch."""
+    from moalign.decoding.rmod import rmod_selector
+
+    v = torch.randn(64, 6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.3
+    select = rmod_selector(lambda step: v, lam=1.0, rule="sample")
+
+    def draw(seed: int) -> list[int]:
+        step = _step(v)
+        step.rng = torch.Generator().manual_seed(seed)
+        return select(step).chosen.tolist()
+
+    assert draw(1) == draw(1)
+    assert draw(1) != draw(2)
