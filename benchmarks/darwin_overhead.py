@@ -71,7 +71,9 @@ def child(args) -> None:
         "peak_rss_mb": peak_rss / 1024,
         "rss_growth_mb": (peak_rss - base_rss) / 1024,
         "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-        "mutation_parsed": [c["mutation"]["parsed"] for r in recs for c in r["trace"][1:] if c.get("mutation")],
+        "mutation_parsed": [
+            c["mutation"]["parsed"] for r in recs for c in r["trace"][1:] if c.get("mutation")
+        ],
     }
     print("RESULT " + json.dumps(out))
 
@@ -120,7 +122,9 @@ def main() -> None:
         f"sample-replace {r['ratio_vs_best_of_5']['sample-replace']:.2f}x"
         for T, r in results.items()
     ]  # fmt: skip
-    summary = f"darwin_overhead ({args.prompts} MT-Bench prompts, wall time over best-of-5): " + "; ".join(parts)
+    summary = f"darwin_overhead ({args.prompts} MT-Bench prompts, wall time over best-of-5): " + "; ".join(
+        parts
+    )
     write_result("darwin_overhead", {"config": vars(args), "results": results}, summary)
 
 

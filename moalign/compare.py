@@ -57,7 +57,10 @@ def compare(cfg: CompareConfig, progress: bool = True) -> EvaluationResult:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = load_prompts(
-        cfg.prompts or demo_prompts_path(), column=cfg.prompt_column, limit=cfg.limit, skip_invalid=cfg.skip_invalid
+        cfg.prompts or demo_prompts_path(),
+        column=cfg.prompt_column,
+        limit=cfg.limit,
+        skip_invalid=cfg.skip_invalid,
     )
     objectives = resolve_objectives(cfg.objectives)
     if cfg.judges:

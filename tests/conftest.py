@@ -30,7 +30,9 @@ def prompts_file(tmp_path) -> Path:
     import json
 
     f = tmp_path / "prompts.jsonl"
-    f.write_text("\n".join(json.dumps({"prompt": p}) for p in ["Say hi", "Name a color", "Why is the sky blue?"]))
+    f.write_text(
+        "\n".join(json.dumps({"prompt": p}) for p in ["Say hi", "Name a color", "Why is the sky blue?"])
+    )
     return f
 
 
@@ -86,7 +88,9 @@ def tiny_policy_dir(tmp_path_factory, policy_tokenizer_dir) -> Path:
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
         eot = tok.convert_tokens_to_ids("<|im_end|>")
-        model.get_output_embeddings().weight[eot] = 0.6 * torch.randn(32, generator=torch.Generator().manual_seed(1))
+        model.get_output_embeddings().weight[eot] = 0.6 * torch.randn(
+            32, generator=torch.Generator().manual_seed(1)
+        )
     d = tmp_path_factory.mktemp("tiny_policy")
     model.save_pretrained(d)
     tok.save_pretrained(d)

@@ -75,15 +75,21 @@ def test_ended_rows_pad_in_every_block(tiny_policy):
 
     handle = _eos_bias(tiny_policy, int(eng.eos_ids[0]), 9.0)
     try:
-        eng.decode([to_prompt(p) for p in PROMPTS], k=4, block_size=4, max_new_tokens=16, selector=selector, seed=2)
+        eng.decode(
+            [to_prompt(p) for p in PROMPTS], k=4, block_size=4, max_new_tokens=16, selector=selector, seed=2
+        )
     finally:
         handle.remove()
-    assert any(n >= 2 for n in ended), "no row ended two or more tokens before a block's end: the test is void"
+    assert any(n >= 2 for n in ended), (
+        "no row ended two or more tokens before a block's end: the test is void"
+    )
 
 
 def _mean_logprob(policy, **sampling) -> float:
     eng = BlockwiseEngine(policy, SamplingConfig(**sampling))
-    res = eng.decode([to_prompt(p) for p in PROMPTS], k=16, block_size=12, max_new_tokens=12, seed=0, keep_all=True)
+    res = eng.decode(
+        [to_prompt(p) for p in PROMPTS], k=16, block_size=12, max_new_tokens=12, seed=0, keep_all=True
+    )
     lps = [lp for r in res for row in r.rows for lp in row.token_logprobs]
     return float(np.mean(lps))
 
@@ -94,13 +100,19 @@ def test_temperature_top_k_top_p_change_what_is_sampled(tiny_policy, one_thread)
     cold, hot = _mean_logprob(tiny_policy, temperature=0.5), _mean_logprob(tiny_policy, temperature=2.0)
     assert cold > hot + 0.5, (cold, hot)
     eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=0))
-    greedy = [r.token_ids for r in eng.decode([to_prompt(p) for p in PROMPTS], k=1, block_size=8, max_new_tokens=8)]
+    greedy = [
+        r.token_ids for r in eng.decode([to_prompt(p) for p in PROMPTS], k=1, block_size=8, max_new_tokens=8)
+    ]
     for kw in (dict(top_k=1), dict(top_p=1e-6)):
         e = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=1.5, **kw))
-        res = e.decode([to_prompt(p) for p in PROMPTS], k=3, block_size=8, max_new_tokens=8, seed=4, keep_all=True)
+        res = e.decode(
+            [to_prompt(p) for p in PROMPTS], k=3, block_size=8, max_new_tokens=8, seed=4, keep_all=True
+        )
         assert all(row.token_ids == g for r, g in zip(res, greedy) for row in r.rows), kw
     free = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=1.5))
-    res = free.decode([to_prompt(p) for p in PROMPTS], k=3, block_size=8, max_new_tokens=8, seed=4, keep_all=True)
+    res = free.decode(
+        [to_prompt(p) for p in PROMPTS], k=3, block_size=8, max_new_tokens=8, seed=4, keep_all=True
+    )
     assert any(row.token_ids != g for r, g in zip(res, greedy) for row in r.rows)
 
 
@@ -119,7 +131,9 @@ def test_hidden_state_of_an_ended_row_stays_at_its_end_of_turn(tiny_policy):
                 hit = next((i for i, t in enumerate(row) if t in eos), None)
                 if hit is None or hit == T - 1:
                     continue
-                p_ids = eng.tok(eng.render(step.prompts[p]), return_tensors="pt", add_special_tokens=False).input_ids
+                p_ids = eng.tok(
+                    eng.render(step.prompts[p]), return_tensors="pt", add_special_tokens=False
+                ).input_ids
                 full = torch.cat([p_ids, torch.tensor([row[: hit + 1]])], dim=1)
                 with torch.no_grad():
                     h = tiny_policy.model(full, output_hidden_states=True).hidden_states[-1][0, -1]
@@ -128,7 +142,9 @@ def test_hidden_state_of_an_ended_row_stays_at_its_end_of_turn(tiny_policy):
 
     handle = _eos_bias(tiny_policy, int(eng.eos_ids[0]), 9.0)
     try:
-        eng.decode([to_prompt(p) for p in PROMPTS], k=3, block_size=6, max_new_tokens=12, selector=selector, seed=1)
+        eng.decode(
+            [to_prompt(p) for p in PROMPTS], k=3, block_size=6, max_new_tokens=12, selector=selector, seed=1
+        )
     finally:
         handle.remove()
     assert len(checked) >= 3, "too few rows ended early: the test is void"
@@ -146,8 +162,14 @@ def test_every_batch_draws_from_its_own_seed(tmp_path, tiny_policy):
     prompts = [to_prompt("Tell me a story", id=f"s{i}") for i in range(4)]
     obj = [CallableObjective("len", lambda p, r: [len(x) / 10 for x in r])]
     cfg = GenerateConfig(method="sample", n=1, max_new_tokens=10, batch_size=1, normalize="none", seed=0)
-    a = [r["response"] for r in generate(cfg, policy=tiny_policy, objectives=obj, prompts=prompts, progress=False)]
-    b = [r["response"] for r in generate(cfg, policy=tiny_policy, objectives=obj, prompts=prompts, progress=False)]
+    a = [
+        r["response"]
+        for r in generate(cfg, policy=tiny_policy, objectives=obj, prompts=prompts, progress=False)
+    ]
+    b = [
+        r["response"]
+        for r in generate(cfg, policy=tiny_policy, objectives=obj, prompts=prompts, progress=False)
+    ]
     assert a == b
     assert len(set(a)) == 4
 
@@ -231,9 +253,9 @@ def test_implicit_reward_margins_are_positive_when_the_policy_prefers_chosen(tin
     m = torch.as_tensor(m, dtype=torch.float64)
     assert torch.allclose(m, torch.full((2,), 0.1 * 3.0, dtype=torch.float64), atol=1e-4)
     with pytest.raises(MoalignError):
-        implicit_reward_margins(tiny_policy.model, tiny_policy.tokenizer, pairs, beta=0.1)  # no reference at all
-
-
+        implicit_reward_margins(
+            tiny_policy.model, tiny_policy.tokenizer, pairs, beta=0.1
+        )  # no reference at all
 
 
 def test_policy_dtype_flag(tiny_policy_dir, tmp_path):
@@ -241,7 +263,9 @@ def test_policy_dtype_flag(tiny_policy_dir, tmp_path):
     from moalign.policies import load_policy
 
     assert next(load_policy(str(tiny_policy_dir), dtype="auto").model.parameters()).dtype == torch.float32
-    assert next(load_policy(str(tiny_policy_dir), dtype="bfloat16").model.parameters()).dtype == torch.bfloat16
+    assert (
+        next(load_policy(str(tiny_policy_dir), dtype="bfloat16").model.parameters()).dtype == torch.bfloat16
+    )
     with pytest.raises(MoalignError, match="unknown dtype"):
         load_policy(str(tiny_policy_dir), dtype="float8")
 

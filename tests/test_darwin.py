@@ -210,9 +210,13 @@ def test_selector_finish_ends_rows_early(tiny_policy):
         P, K = step.done.shape
         finish = torch.zeros(P, K, dtype=torch.bool)
         finish[:, 0] = True
-        return Selection(torch.zeros(P, dtype=torch.long), parents=torch.arange(K).expand(P, K), finish=finish)
+        return Selection(
+            torch.zeros(P, dtype=torch.long), parents=torch.arange(K).expand(P, K), finish=finish
+        )
 
-    res = eng.decode(PROMPTS[:1], k=2, block_size=3, max_new_tokens=9, selector=stop_row0, seed=0, keep_all=True)
+    res = eng.decode(
+        PROMPTS[:1], k=2, block_size=3, max_new_tokens=9, selector=stop_row0, seed=0, keep_all=True
+    )
     assert res[0].rows[0].finished and len(res[0].rows[0].token_ids) <= 3
     r1 = res[0].rows[1]
     assert r1.finished or len(r1.token_ids) == 9

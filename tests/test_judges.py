@@ -265,8 +265,8 @@ def test_hand_written_run_without_meta_counts_its_scored_objectives_as_decoding(
 
 # ---------------------------------------------------------------------------------------- compare, CLI
 def test_compare_judges_writes_and_reuses_judge_scores(
-    tmp_path, tiny_policy_dir, prompts_file, capsys, one_thread
-, run_cli):
+    tmp_path, tiny_policy_dir, prompts_file, capsys, one_thread, run_cli
+):
     out_dir = tmp_path / "cmp"
     argv = ["compare", "--policy", tiny_policy_dir, "--prompts", prompts_file, "--objectives", "tj_vowels,tj_chars",
             "--judges", "tj_hashy,tj_chars", "--methods", "sample:n=1,best-of-n:n=2", "--max-new-tokens", 4,
