@@ -55,6 +55,17 @@ def _eos_bias(policy, eos: int, bump: float):
     return policy.model.get_output_embeddings().register_forward_hook(hook)
 
 
+def _ended_rows(step: BlockStep, eos: set[int]):
+    """``(p, k, row tokens, index of its end-of-turn)`` for every row of the step that has ended."""
+    P, K, _ = step.token_ids.shape
+    for p in range(P):
+        for k in range(K):
+            row = step.token_ids[p, k].tolist()
+            hit = next((i for i, t in enumerate(row) if t in eos), None)
+            if hit is not None:
+                yield p, k, row, hit
+
+
 def test_ended_rows_pad_in_every_block(tiny_policy):
     """Fails if rows that ended keep generating: after a row's end-of-turn every position is padding."""
     eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=1.0))
@@ -63,14 +74,10 @@ def test_ended_rows_pad_in_every_block(tiny_policy):
 
     def selector(step: BlockStep) -> Selection:
         P, K, T = step.token_ids.shape
-        for p in range(P):
-            for k in range(K):
-                row = step.token_ids[p, k].tolist()
-                hit = next((i for i, t in enumerate(row) if t in eos), None)
-                if hit is not None:
-                    assert bool(step.done[p, k])
-                    assert all(t == eng.pad_id for t in row[hit + 1 :]), row
-                    ended.append(T - hit - 1)
+        for p, k, row, hit in _ended_rows(step, eos):
+            assert bool(step.done[p, k])
+            assert all(t == eng.pad_id for t in row[hit + 1 :]), row
+            ended.append(T - hit - 1)
         return Selection(torch.zeros(P, dtype=torch.long), parents=torch.arange(K).expand(P, K))
 
     handle = _eos_bias(tiny_policy, int(eng.eos_ids[0]), 9.0)
@@ -125,19 +132,16 @@ def test_hidden_state_of_an_ended_row_stays_at_its_end_of_turn(tiny_policy):
 
     def selector(step: BlockStep) -> Selection:
         P, K, T = step.token_ids.shape
-        for p in range(P):
-            for k in range(K):
-                row = step.token_ids[p, k].tolist()
-                hit = next((i for i, t in enumerate(row) if t in eos), None)
-                if hit is None or hit == T - 1:
-                    continue
-                p_ids = eng.tok(
-                    eng.render(step.prompts[p]), return_tensors="pt", add_special_tokens=False
-                ).input_ids
-                full = torch.cat([p_ids, torch.tensor([row[: hit + 1]])], dim=1)
-                with torch.no_grad():
-                    h = tiny_policy.model(full, output_hidden_states=True).hidden_states[-1][0, -1]
-                checked.append(torch.allclose(step.last_hidden[p, k], h, atol=1e-4))
+        for p, k, row, hit in _ended_rows(step, eos):
+            if hit == T - 1:
+                continue
+            p_ids = eng.tok(
+                eng.render(step.prompts[p]), return_tensors="pt", add_special_tokens=False
+            ).input_ids
+            full = torch.cat([p_ids, torch.tensor([row[: hit + 1]])], dim=1)
+            with torch.no_grad():
+                h = tiny_policy.model(full, output_hidden_states=True).hidden_states[-1][0, -1]
+            checked.append(torch.allclose(step.last_hidden[p, k], h, atol=1e-4))
         return Selection(torch.zeros(P, dtype=torch.long), parents=torch.arange(K).expand(P, K))
 
     handle = _eos_bias(tiny_policy, int(eng.eos_ids[0]), 9.0)
