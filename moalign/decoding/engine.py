@@ -212,15 +212,13 @@ class BlockwiseEngine:
         enc = self.encode([rendered[r] for r in rows])
         ids = torch.cat([enc.input_ids.to(device), resp[rows]], dim=1)
         a_new = torch.cat([enc.attention_mask.to(device), torch.ones_like(resp[rows])], dim=1)
+        # the splice below assumes every layer's keys span the whole attention mask (full-attention layers)
+        if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+            raise MoalignError(
+                "re-prefilling rows is not supported for sliding-window caches; use recache='copy'"
+            )
         fwd.index_add_(0, group_of[rows], a_new.sum(dim=1).to(fwd.dtype))
-        new_cache = self._new_cache()
-        lg, new_cache, hid = self._forward(ids, a_new, new_cache)
-        # lengths: attention mask and every layer's keys share the sequence dimension (full-attention layers)
-        for layer in list(cache.layers) + list(new_cache.layers):
-            if getattr(layer, "is_sliding", False):
-                raise MoalignError(
-                    "re-prefilling rows is not supported for sliding-window caches; use recache='copy'"
-                )
+        lg, new_cache, hid = self._forward(ids, a_new, self._new_cache())
         L = max(attn.shape[1], a_new.shape[1])
         attn = _left_pad(attn, L, 0)
         a_new = _left_pad(a_new, L, 0)

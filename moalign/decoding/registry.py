@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -139,16 +140,15 @@ def method_arg_fields() -> list[tuple[str, Any, dataclasses.Field]]:
     shared by several methods (same name) appears once and must have the same default."""
     _load_builtins()
     out: dict[str, tuple[str, Any, dataclasses.Field]] = {}
-    import typing
-
     for spec in _REGISTRY.values():
         if spec.args is None:
             continue
         hints = typing.get_type_hints(spec.args)
         for f in dataclasses.fields(spec.args):
-            new = dataclasses.field(default=f.default, metadata=f.metadata) if f.default_factory is (
-                dataclasses.MISSING
-            ) else dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)  # fmt: skip
+            if f.default_factory is dataclasses.MISSING:
+                new = dataclasses.field(default=f.default, metadata=f.metadata)
+            else:
+                new = dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)
             if f.name in out:
                 if out[f.name][2].default != new.default:
                     raise MoalignError(f"method setting {f.name!r} is declared twice with different defaults")
