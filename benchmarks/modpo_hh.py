@@ -36,7 +36,7 @@ from _common import ROOT, SHARED_DATA
 from moalign.data.pairs import load_pairs, split_pairs
 from moalign.evaluation.metrics import bootstrap_ci
 from moalign.training.dpo import (
-    MODPOConfig,
+    MultiObjectiveDPOConfig,
     build_trainer,
     implicit_reward_margins,
     policy_logps,
@@ -150,11 +150,11 @@ def main() -> None:
         if (d / "summary.json").exists() and (d / "generations.json").exists():
             print(f"{c}: done already", flush=True)
             continue
-        cfg = MODPOConfig(
+        cfg = MultiObjectiveDPOConfig(
             objective=[f"{n}={DATA / f}" for n, f in FILES.items()], combiner=c, output_dir=str(d),
             max_steps=args.steps, per_device_train_batch_size=args.batch, max_length=ml, max_prompt_length=mpl,
             learning_rate=args.lr, beta=args.beta, lora_last_layers=args.lora_last_layers, seed=args.seed,
-            precompute_ref_log_probs=True, logging_steps=10, device="cpu",
+            precompute_ref_log_probs=True, logging_steps=10, use_cpu=True,
         )  # fmt: skip
         for ps in toks.values():
             for p in ps:

@@ -17,7 +17,8 @@ import torch
 from _common import write_result
 
 from moalign.cli import add_dataclass_flags, config_from_args
-from moalign.decoding.value_heads import TrainValuesConfig, format_report, load_value_function, train_values
+from moalign.decoding.value_heads import load_value_function
+from moalign.training.values import TrainValuesConfig, format_report, train_values
 
 
 def main() -> None:

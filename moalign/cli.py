@@ -2,6 +2,14 @@
 
 Every command accepts ``--config FILE`` (a JSON config, or a run's ``.meta.json``); flags override it.
 Bad input prints one line ``moalign: error: ...`` and exits with status 2.
+
+``moalign train NAME`` commands come from :data:`TRAIN_COMMANDS` (one line each). Their flags are built
+when the command is parsed (so other commands never import the training stack): a config that subclasses
+``transformers.TrainingArguments`` (directly or through a TRL config) gets its flags from transformers'
+``HfArgumentParser`` (every TrainingArguments field is a flag, as ``--name_with_underscores`` or
+``--name-with-dashes``); other config dataclasses use :func:`add_dataclass_flags`. For the former,
+``--config FILE`` is applied in a first pass as the parser's defaults (a required field given by the file is
+no longer required) and the flags are parsed in a second pass, so flags given explicitly override the file.
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -22,6 +31,11 @@ from moalign.config import (
     load_config_file,
 )
 from moalign.errors import MoalignError
+
+try:  # transformers is a core dependency; a stub keeps the non-training commands importable without it
+    from transformers.hf_argparser import HfArgumentParser
+except ImportError:  # pragma: no cover
+    HfArgumentParser = argparse.ArgumentParser  # type: ignore[misc,assignment]
 
 
 # ------------------------------------------------------------------------------------ dataclass -> flags
@@ -59,7 +73,47 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
     parser.add_argument("--config", dest="_config", default=None, help="JSON config file (flags override it)")
 
 
+def is_hf_config(cls) -> bool:
+    """Whether a config class subclasses ``transformers.TrainingArguments`` (checked without importing it)."""
+    return any(
+        b.__name__ == "TrainingArguments" and b.__module__.startswith("transformers") for b in cls.__mro__
+    )
+
+
+def _init_fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.init}
+
+
+def hf_config_from_namespace(cls, args: argparse.Namespace):
+    """Instantiate a TrainingArguments-based config from parsed flags (``--config`` already applied)."""
+    values = {k: v for k, v in vars(args).items() if k in _init_fields(cls)}
+    try:
+        return cls(**values)
+    except MoalignError:
+        raise
+    except (ValueError, TypeError) as e:  # TrainingArguments' own checks; one line
+        raise MoalignError(f"invalid {cls.__name__}: {' '.join(str(e).split())}") from None
+
+
+def config_file_values(cls, path: str) -> dict:
+    """A config file's values for ``cls``: old field names upgraded (``cls.upgrade_config``), the token
+    placeholders of ``TrainingArguments.to_dict()`` dropped, unknown names refused."""
+    values = load_config_file(path)
+    if not isinstance(values, dict):
+        raise MoalignError(f"config file {path} must hold a JSON object")
+    upgrade = getattr(cls, "upgrade_config", None)
+    if upgrade is not None:
+        values = upgrade(values)
+    values = {k: v for k, v in values.items() if not (k.endswith("_token") and v == f"<{k.upper()}>")}
+    unknown = sorted(set(values) - _init_fields(cls))
+    if unknown:
+        raise MoalignError(f"{path}: unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    return values
+
+
 def config_from_args(cls, args: argparse.Namespace, **defaults):
+    if is_hf_config(cls):
+        return hf_config_from_namespace(cls, args)
     values = dict(defaults)
     if getattr(args, "_config", None):
         values.update(load_config_file(args._config))
@@ -152,27 +206,99 @@ def _train_command(module: str, cfg_name: str, fn_name: str) -> Callable:
         mod = importlib.import_module(module)
         cfg = config_from_args(getattr(mod, cfg_name), args)
         result = getattr(mod, fn_name)(cfg)
-        print(json.dumps(result, indent=2, default=str))
+        if int(os.environ.get("RANK", "0")) == 0:  # accelerate launch: print once
+            print(json.dumps(result, indent=2, default=str))
 
     return run
 
 
-# (subcommand, module, config class, function, help)
+def _option_given(action: argparse.Action, argv: list[str]) -> bool:
+    return any(a == o or a.startswith(o + "=") for a in argv for o in action.option_strings)
+
+
+class TrainArgumentParser(HfArgumentParser):
+    """The parser of one ``moalign train NAME`` command (``parser_class`` of the ``train`` subparsers).
+
+    ``config=(module, class name)``: the config class, imported and turned into flags on first use (parse or
+    ``--help``): ``HfArgumentParser`` for TrainingArguments-based configs, :func:`add_dataclass_flags` for
+    the others. ``--config FILE`` + flags: see the module docstring. Parse errors raise :class:`MoalignError`
+    (``main`` prints one line and returns 2).
+    """
+
+    def __init__(self, *args, config: tuple[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._config_ref = config
+        self.config_class = None
+
+    def _ensure_flags(self) -> None:
+        if self.config_class is not None or self._config_ref is None:
+            return
+        import importlib
+
+        module, name = self._config_ref
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise MoalignError(f"{self.prog} is not available here: {e}") from None
+        self.config_class = cls
+        if is_hf_config(cls):
+            self._add_dataclass_arguments(cls)  # HfArgumentParser: every field, TrainingArguments' included
+            self.add_argument("--config", dest="_config", default=None,
+                              help="JSON config file or a run's saved config (flags given override it)")  # fmt: skip
+        else:
+            add_dataclass_flags(self, cls)
+
+    def format_help(self) -> str:
+        self._ensure_flags()
+        return super().format_help()
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._ensure_flags()
+        argv = list(sys.argv[1:] if args is None else args)
+        cls = self.config_class
+        if cls is None or not is_hf_config(cls):
+            return super().parse_known_args(argv, namespace)
+        pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        pre.add_argument("--config", dest="_config", default=None)
+        path = pre.parse_known_args(argv)[0]._config
+        if not path:
+            return super().parse_known_args(argv, namespace)
+        values = config_file_values(cls, path)
+        saved = [(a, a.default, a.required) for a in self._actions]
+        try:
+            for a in self._actions:
+                if a.dest not in values:
+                    continue
+                a.required = False
+                if isinstance(a, argparse._AppendAction) and _option_given(a, argv):
+                    continue  # a repeated flag given on the command line replaces the file's list
+                a.default = values[a.dest]
+            return super().parse_known_args(argv, namespace)
+        finally:
+            for a, default, required in saved:
+                a.default, a.required = default, required
+
+    def error(self, message: str):
+        raise MoalignError(" ".join(message.split()))  # main() prints it as one line, exit status 2
+
+
+# (subcommand, module, config class, function, help). A new trainer is one more line here: its config
+# (a TrainingArguments/TRL config subclass, or a plain dataclass) becomes the flags, the function gets the config.
 TRAIN_COMMANDS = [
     ("reward", "moalign.objectives.bradley_terry", "TrainRewardConfig", "train_reward",
      "train a Bradley-Terry reward model for one objective from preference pairs"),
-    ("values", "moalign.decoding.value_heads", "TrainValuesConfig", "train_values",
+    ("values", "moalign.training.values", "TrainValuesConfig", "train_values",
      "train CD-FUDGE value heads on the policy's hidden states (for cd/rmod --values PATH)"),
     ("distill", "moalign.training.distill", "DistillConfig", "train_distill",
      "fine-tune the policy on its own RMOD outputs (distilled RMOD)"),
-    ("dpo", "moalign.training.dpo", "MODPOConfig", "train_dpo",
+    ("dpo", "moalign.training.dpo", "MultiObjectiveDPOConfig", "train_dpo",
      "multi-objective DPO with a gradient combiner (mgda-decoupled, mgda, linear, ...)"),
+    ("grpo", "moalign.training.grpo", "IAMAConfig", "train_grpo",
+     "IAMA: non-linear GRPO so that best-of-N / tilting per criterion serves every criterion (--nonlinear off: GRPO)"),
 ]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
     parser = argparse.ArgumentParser(
         prog="moalign", description="Multi-objective alignment of language models."
     )
@@ -213,22 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot_weights)
 
     train = sub.add_parser("train", help="train reward models, value heads, distilled or DPO policies")
-    tsub = train.add_subparsers(dest="what", required=True)
+    tsub = train.add_subparsers(dest="what", required=True, parser_class=TrainArgumentParser)
     for name, module, cfg_name, fn_name, help_ in TRAIN_COMMANDS:
-        try:
-            cfg_cls = getattr(importlib.import_module(module), cfg_name)
-        except (ImportError, AttributeError):
-            continue  # that part is not installed / not available
-        p = tsub.add_parser(name, help=help_)
-        add_dataclass_flags(p, cfg_cls)
+        p = tsub.add_parser(name, help=help_, description=help_, config=(module, cfg_name))
         p.set_defaults(func=_train_command(module, cfg_name, fn_name))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         args.func(args)
     except MoalignError as e:
         print(f"moalign: error: {e}", file=sys.stderr)

@@ -125,7 +125,7 @@ def test_darwin_flags_and_combiner_choices_come_from_registries(capsys):
     assert args.method == "darwin" and args.mutations == 4 and args.cycles == 2
     register_combiner("test-halves", lambda **kw: get_combiner("linear", **kw))
     try:
-        args = build_parser().parse_args(["train", "dpo", "--combiner", "test-halves"])
+        args = build_parser().parse_args(["train", "dpo", "--combiner", "test-halves", "--output-dir", "x"])
         assert args.combiner == "test-halves"
         assert "test-halves" in available_combiners()
     finally:
@@ -144,3 +144,110 @@ def test_skip_invalid_prompts_flag(tmp_path, tiny_policy_dir, capsys, run_cli):
     code, _, err = run_cli(*common, "--skip-invalid", "--out", tmp_path / "b.jsonl")
     assert code == 0, err
     assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 2
+
+
+TOY_TRAINERS = """
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+from trl import GRPOConfig
+
+from moalign.training.lora import LoraArguments
+
+
+@dataclass
+class ToyConfig(TrainingArguments, LoraArguments):
+    prompts: str = field(default="p.jsonl", metadata={"help": "prompt file"})
+    output_dir: str = field(kw_only=True, metadata={"help": "required: no default"})
+    tags: list[str] = field(default_factory=list, metadata={"help": "repeatable", "action": "append"})
+
+
+@dataclass
+class ToyGRPOConfig(GRPOConfig, LoraArguments):
+    use_lora: bool = field(default=True, metadata={"help": "LoRA on by default here"})
+
+    def __post_init__(self):
+        if not self.use_cpu and not torch.cuda.is_available():
+            self.use_cpu = True
+        if self.bf16 is None and self.use_cpu:
+            self.bf16 = False
+        super().__post_init__()
+
+
+def train_toy(cfg):
+    keys = ("output_dir", "prompts", "learning_rate", "seed", "lora_r", "use_lora", "tags", "max_steps",
+            "num_generations", "beta", "use_cpu", "bf16")
+    return {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)} | {"class": type(cfg).__name__}
+"""
+
+
+def test_train_commands_from_training_arguments_configs(tmp_path, monkeypatch, run_cli):
+    """A TrainingArguments/TRL-config trainer is one TRAIN_COMMANDS line: every field is a flag (from
+    HfArgumentParser), --config FILE works with flags overriding it, missing required fields are one line."""
+    import moalign.cli as cli
+
+    (tmp_path / "toy_trainers.py").write_text(TOY_TRAINERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "TRAIN_COMMANDS", [*cli.TRAIN_COMMANDS,
+        ("toy", "toy_trainers", "ToyConfig", "train_toy", "toy trainer"),
+        ("toygrpo", "toy_trainers", "ToyGRPOConfig", "train_toy", "toy GRPO trainer")])  # fmt: skip
+
+    def run(*argv):
+        code, out, err = run_cli("train", *argv)
+        return code, (json.loads(out) if code == 0 else None), err
+
+    code, res, err = run("toy", "--output-dir", tmp_path / "o", "--learning_rate", "0.25", "--lora-r", "4",
+                         "--use-lora", "--tags", "a", "--tags", "b", "c")  # fmt: skip
+    assert code == 0, err
+    assert res["learning_rate"] == 0.25 and res["lora_r"] == 4 and res["use_lora"] is True
+    assert res["tags"] == [["a"], ["b", "c"]] and res["seed"] == 42  # TrainingArguments' own default
+    code, _, err = run("toy", "--lora-r", "4")
+    assert code == 2 and "required" in err and "--output_dir" in err and err.count("\n") == 1
+    code, _, err = run("toy", "--output-dir", "o", "--learning_rate", "fast")
+    assert code == 2 and "invalid float value" in err and err.count("\n") == 1
+
+    # --config: file values become defaults (a required field too); flags given explicitly win
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps({"output_dir": str(tmp_path / "f"), "learning_rate": 0.5, "seed": 7, "tags": [["x"]],
+                             "prompts": "q.jsonl"}))  # fmt: skip
+    code, res, err = run("toy", "--config", f, "--seed", "8")
+    assert code == 0, err
+    assert (res["output_dir"], res["learning_rate"], res["seed"], res["tags"], res["prompts"]) == (
+        str(tmp_path / "f"), 0.5, 8, [["x"]], "q.jsonl")  # fmt: skip
+    code, res, _ = run("toy", "--config", f, "--tags", "y", "--output-dir", tmp_path / "g")
+    assert res["tags"] == [["y"]] and res["output_dir"] == str(tmp_path / "g") and res["learning_rate"] == 0.5
+    # a run's saved TrainingArguments.to_dict() (tokens redacted as "<HUB_TOKEN>") reproduces it
+    from toy_trainers import ToyConfig
+
+    saved = ToyConfig(output_dir=str(tmp_path / "s"), learning_rate=0.125, lora_r=3, tags=["t"]).to_dict()
+    assert saved["hub_token"] == "<HUB_TOKEN>"
+    (tmp_path / "meta.json").write_text(json.dumps({"config": saved}, default=str))
+    code, res, err = run("toy", "--config", tmp_path / "meta.json")
+    assert code == 0, err
+    assert (res["learning_rate"], res["lora_r"], res["tags"], res["output_dir"]) == (0.125, 3, ["t"], str(tmp_path / "s"))
+    f.write_text(json.dumps({"output_dir": "o", "no_such_field": 1}))
+    code, _, err = run("toy", "--config", f)
+    assert code == 2 and "unknown ToyConfig field(s): no_such_field" in err
+
+    # a TRL config (GRPOConfig) + LoraArguments: the same mechanism, no change needed
+    code, res, err = run("toygrpo", "--output-dir", tmp_path / "r", "--num-generations", "4", "--beta", "0.02",
+                         "--lora-r", "8", "--max-steps", "3")  # fmt: skip
+    assert code == 0, err
+    assert res["class"] == "ToyGRPOConfig" and res["num_generations"] == 4 and res["beta"] == 0.02
+    assert res["lora_r"] == 8 and res["use_lora"] is True and res["max_steps"] == 3
+    if not __import__("torch").cuda.is_available():
+        assert res["use_cpu"] is True and res["bf16"] is False
+    code, res, err = run("toygrpo", "--output-dir", tmp_path / "r", "--no-use-lora")
+    assert code == 0 and res["use_lora"] is False, err
+
+
+def test_train_help_lists_commands_without_importing_trainers(capsys):
+    """`moalign train --help` and the other commands do not import the training stack."""
+    import subprocess
+    import sys
+
+    code = ("import sys, moalign.cli as c; p = c.build_parser(); p.parse_args(['objectives']); "
+            "print('moalign.training.dpo' in sys.modules, 'trl' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

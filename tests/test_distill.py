@@ -36,8 +36,9 @@ def _write_run(path, n=6, method="rmod", system_prompt=None, response="The answe
 def test_distill_lowers_loss_and_loads(tiny_policy_dir, tmp_path, lora):
     run = _write_run(tmp_path / "run.jsonl")
     out = tmp_path / "distilled"
-    cfg = DistillConfig(inputs=[str(run)], output_dir=str(out), policy=str(tiny_policy_dir), lora=lora,
-                        max_steps=8, lr=1e-2 if lora else 1e-3, batch_size=3, seed=0)  # fmt: skip
+    cfg = DistillConfig(inputs=[str(run)], output_dir=str(out), policy=str(tiny_policy_dir), use_lora=lora,
+                        max_steps=8, learning_rate=1e-2 if lora else 1e-3, per_device_train_batch_size=3,
+                        seed=0)  # fmt: skip
     res = train_distill(cfg)
     assert res["kind"] == ("lora" if lora else "full") and res["steps"] == 8
     assert res["train_loss"]["last"] < res["train_loss"]["first"]
@@ -106,6 +107,42 @@ def test_bad_inputs(tmp_path):
         load_distill_records(DistillConfig(inputs=[str(run)], output_dir="o", methods="best-of-n"))
     with pytest.raises(MoalignError, match="lora-r"):
         DistillConfig(inputs=[str(run)], output_dir="o", lora_r=0).validate()
+    with pytest.raises(MoalignError, match="lora-dropout"):
+        DistillConfig(inputs=[str(run)], output_dir="o", lora_dropout=1.5)
+
+
+def test_config_is_an_sft_config_with_the_shared_lora_flags(tmp_path, run_cli):
+    """Same LoRA flags as every trainer; CPU without setting anything; old flag names in config files."""
+    from trl import SFTConfig
+
+    from moalign.cli import build_parser, config_from_args
+    from moalign.training.lora import LoraArguments
+
+    cfg = DistillConfig(inputs=["x.jsonl"], output_dir=str(tmp_path / "o"))
+    assert isinstance(cfg, SFTConfig) and isinstance(cfg, LoraArguments)
+    assert cfg.use_lora and cfg.lora_r == 16 and cfg.learning_rate == 2e-4 and cfg.completion_only_loss
+    assert cfg.max_length == 512 and not cfg.activation_checkpointing
+    assert DistillConfig(inputs=["x"], output_dir="o", use_lora=False).learning_rate == 2e-5
+    import torch
+
+    if not torch.cuda.is_available():
+        assert cfg.use_cpu and cfg.bf16 is False
+    args = build_parser().parse_args(["train", "distill", "--inputs", "a.jsonl", "b.jsonl", "--output-dir",
+                                      str(tmp_path), "--lora-r", "4", "--lora-alpha", "32", "--lora-target-modules",
+                                      "q_proj", "v_proj", "--max-steps", "3"])  # fmt: skip
+    cfg = config_from_args(DistillConfig, args)
+    assert cfg.inputs == ["a.jsonl", "b.jsonl"] and cfg.max_steps == 3
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules) == (4, 32, ["q_proj", "v_proj"])
+    # an old distill_config.json (lora/lr/epochs/batch_size/device) still loads; flags override it
+    old = tmp_path / "distill_config.json"
+    old.write_text(json.dumps({"config": {"inputs": ["r.jsonl"], "output_dir": str(tmp_path / "d"), "lora": False,
+                                          "lr": 1e-3, "epochs": 2.0, "batch_size": 2, "device": "cpu"}}))  # fmt: skip
+    cfg = config_from_args(DistillConfig, build_parser().parse_args(["train", "distill", "--config", str(old),
+                                                                     "--per-device-train-batch-size", "5"]))  # fmt: skip
+    assert not cfg.use_lora and cfg.learning_rate == 1e-3 and cfg.num_train_epochs == 2.0 and cfg.use_cpu
+    assert cfg.per_device_train_batch_size == 5 and cfg.inputs == ["r.jsonl"]
+    code, _, err = run_cli("train", "distill", "--inputs", "a.jsonl")
+    assert code == 2 and err.startswith("moalign: error:") and "--output" in err and err.count("\n") == 1
 
 
 @pytest.mark.real
@@ -113,8 +150,8 @@ def test_real_policy_lora_distill(tmp_path):
     """LoRA on the bundled policy: the adapter names the bundled policy and load_policy merges it."""
     run = _write_run(tmp_path / "run.jsonl", n=4, response="Sure! Here is a short, friendly answer.")
     out = tmp_path / "distilled"
-    cfg = DistillConfig(inputs=[str(run)], output_dir=str(out), lora=True, lora_r=4, max_steps=4, lr=2e-3,
-                        batch_size=2, max_length=128, seed=0)  # fmt: skip
+    cfg = DistillConfig(inputs=[str(run)], output_dir=str(out), use_lora=True, lora_r=4, max_steps=4,
+                        learning_rate=2e-3, per_device_train_batch_size=2, max_length=128, seed=0)  # fmt: skip
     res = train_distill(cfg)
     assert (
         json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]

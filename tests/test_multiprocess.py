@@ -1,0 +1,137 @@
+"""Multi-objective DPO on two processes (DDP over gloo, CPU) equals one process with the same GLOBAL batch.
+
+Both settings run the real command line as subprocesses on the tiny random Llama of ``conftest.py``:
+
+- one process: ``moalign train dpo ... --per-device-train-batch-size 4``
+- two processes: ``accelerate launch --multi_gpu --num_processes 2 -m moalign.cli train dpo ...
+  --per-device-train-batch-size 2`` (accelerate's torch.distributed launcher; without a GPU every process uses
+  the CPU and gloo). NB: ``accelerate launch --cpu --num_processes 2`` starts ONE process in accelerate 1.x
+  (several CPU processes only through mpirun), so it is not used here; the test checks that 2 ran.
+- two processes with gradient accumulation: ``--per-device-train-batch-size 1 --gradient-accumulation-steps 2``.
+
+Compared per optimizer step (``combiner_log.jsonl``): per-objective losses, combiner weights (mgda-decoupled),
+gradient norms, reward accuracy/margin; and the final parameters (full fine-tuning, SGD so that differences
+stay proportional). Tolerance: float32 with a different reduction order -- the two halves' gradients are
+averaged by all-reduce instead of inside one batched backward pass, and each process pads its sub-batches
+to its own longest sequence -- gives differences of a few float32 ulps per step (measured: losses and alpha
+<= 4e-7, gradient norms <= 5e-6 on norms ~2-3, parameters <= 2.4e-7 after 4 steps that moved them by ~2e-2).
+The tolerances below (1e-4 relative / 1e-5 absolute on statistics, 1e-5 absolute on parameters) are >= 20x
+above that and ~1000x below what a wrong reduction gives (a process combining only its own half of the batch
+changes alpha by up to 0.3 and the parameters by ~2e-2 here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "apple river stone cloud quick slow bright dark honest kind rude safe risky calm loud".split()
+
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torch.distributed with gloo is needed",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_pairs(path: Path, name: str, n: int, seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+
+    def words(k):
+        return " ".join(rng.choice(WORDS) for _ in range(k))
+
+    rows = [{"prompt": f"{name} question {i}: {words(rng.randint(2, 8))}?", "chosen": words(rng.randint(1, 9)),
+             "rejected": words(rng.randint(1, 9))} for i in range(n)]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_"))}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))  # fmt: skip
+    return env
+
+
+def _run(cmd: list[str], out: Path) -> None:
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    assert (out / "combiner_log.jsonl").exists(), res.stderr[-3000:]
+
+
+def _load(out: Path):
+    from safetensors.torch import load_file
+
+    rows = [json.loads(r) for r in (out / "combiner_log.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    return rows, load_file(str(out / "model.safetensors")), summary
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_policy_dir, tmp_path):
+    t0 = time.time()
+    for i, name in enumerate(("helpful", "harmless")):
+        _write_pairs(tmp_path / f"{name}.jsonl", name, 8, seed=i)
+    common = ["train", "dpo", "--policy", str(tiny_policy_dir),
+              "--objective", f"helpful={tmp_path / 'helpful.jsonl'}", "--objective", f"harmless={tmp_path / 'harmless.jsonl'}",
+              "--combiner", "mgda-decoupled", "--no-use-lora", "--optim", "sgd", "--learning-rate", "0.1",
+              "--lr-scheduler-type", "constant", "--max-steps", "4", "--heldout-frac", "0", "--max-length", "48",
+              "--max-prompt-length", "32", "--seed", "0"]  # fmt: skip
+    # 8 pairs per objective, global batch 4: 2 steps per epoch, so 4 steps also cross an epoch boundary
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    runs = {
+        "one": [sys.executable, "-m", "moalign.cli", *common, "--per-device-train-batch-size", "4"],
+        "two": [*launch, "--main_process_port", str(_free_port()), "-m", "moalign.cli", *common,
+                "--per-device-train-batch-size", "2"],
+        "two_ga": [*launch, "--main_process_port", str(_free_port()), "-m", "moalign.cli", *common,
+                   "--per-device-train-batch-size", "1", "--gradient-accumulation-steps", "2"],
+    }  # fmt: skip
+    results = {}
+    for name, cmd in runs.items():
+        out = tmp_path / name
+        _run([*cmd, "--output-dir", str(out)], out)
+        results[name] = _load(out)
+        shutil.rmtree(out / "runs", ignore_errors=True)
+
+    rows1, params1, s1 = results["one"]
+    start = _load_start(tiny_policy_dir)
+    moved = max(float((params1[k] - start[k]).abs().max()) for k in params1)
+    assert moved > 1e-2  # the steps changed the weights far beyond the tolerance
+    assert s1["processes"] == 1 and len(rows1) == 4
+    worst: dict[str, float] = {}
+    for name in ("two", "two_ga"):
+        rows2, params2, s2 = results[name]
+        assert s2["processes"] == 2, f"{name}: accelerate started {s2['processes']} process(es)"
+        assert [r["step"] for r in rows2] == [1, 2, 3, 4]
+        for r1, r2 in zip(rows1, rows2):
+            for key in ("losses", "alpha", "grad_norms", "accuracy", "margin"):
+                a, b = torch.tensor(r1[key], dtype=torch.float64), torch.tensor(r2[key], dtype=torch.float64)
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f"{name} step {r1['step']} {key}")
+                worst[key] = max(worst.get(key, 0.0), float((a - b).abs().max()))
+        assert set(params2) == set(params1)
+        for k in params1:
+            torch.testing.assert_close(params2[k], params1[k], rtol=0, atol=1e-5, msg=f"{name} {k}")
+        worst["params"] = max(worst.get("params", 0.0), max(float((params1[k] - params2[k]).abs().max()) for k in params1))
+    print(f"max |difference| one vs two processes: {worst}; moved {moved:.3g}; {time.time() - t0:.0f}s")
+
+
+def _load_start(policy_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(policy_dir / "model.safetensors"))
