@@ -1,0 +1,197 @@
+"""IAMA vs GRPO on HH, helpful and harmless, best-of-4 at deployment (issue 9, experiment 5; scaled to CPU).
+
+Three LoRA runs of the bundled policy with equal steps, prompts and seed: plain GRPO on the mean of the
+z-scored shipped `helpful` and `harmless` rewards (``--nonlinear off``), IAMA with both criteria
+``bon:4`` aggregated by the weighted sum, and by ``min``. The base policy and the three trained ones then
+sample 4 responses to each held-out HH prompt (the other half of the files, never trained on); from those:
+plain sampling (the mean of the 4), best-of-4 by helpful, best-of-4 by harmless. Scored by the PROXY
+(the shipped reward models the training optimised, z) and by JUDGES it never saw (Bradley-Terry heads on
+UltraFeedback and PKU-SafeRLHF, trained by benchmarks/judges.py / darwin_mtbench.py, z-scored on the base
+policy's samples), with 95% bootstrap intervals over prompts and response length in words.
+
+    python benchmarks/iama_hh.py --steps 20
+
+Writes benchmarks/results/iama_hh.{json,md,png}; runs go to benchmarks/results/iama_hh/ (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, SHARED_DATA, write_result  # noqa: E402
+
+FILES = ("hh-helpful-base-test.jsonl.gz", "hh-harmless-base-test-2000.jsonl.gz")
+JUDGES = {"helpful": RESULTS / "judges" / "judge_helpful", "harmless": RESULTS / "judges" / "judge_harmless"}
+
+
+def split_prompts(out: Path, n_train: int, n_eval: int) -> tuple[Path, Path]:
+    """Train prompts from the first records of each file, held-out prompts from the last ones."""
+    from moalign.data.prompts import load_prompts
+
+    train, held = [], []
+    for f in FILES:
+        ps = load_prompts(str(SHARED_DATA / f), skip_invalid=True)
+        ps = [p for p in ps if len(p.text) <= 300]  # short prompts: CPU time goes to the responses
+        train += ps[: n_train // 2]
+        held += ps[-(n_eval // 2) :]
+    paths = []
+    for name, ps in (("train", train), ("eval", held)):
+        p = out / f"{name}_prompts.jsonl"
+        p.write_text("".join(json.dumps({"id": x.id, "messages": [dict(m) for m in x.messages]}) + "\n" for x in ps))
+        paths.append(p)
+    return paths[0], paths[1]
+
+
+def boot_ci(x: np.ndarray, seed: int = 0, n: int = 2000) -> list[float]:
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n, len(x)))].mean(1)
+    return [float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--prompts-per-step", type=int, default=2)
+    ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--eval-prompts", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out-dir", default=str(RESULTS / "iama_hh"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_prompts, eval_prompts = split_prompts(out, args.steps * args.prompts_per_step, args.eval_prompts)
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from moalign.config import GenerateConfig
+    from moalign.generate import generate
+    from moalign.records import read_records
+    from moalign.training.grpo import IAMAConfig, train_grpo
+
+    variants = {"grpo": ("off", "sum"), "iama-sum": ("on", "sum"), "iama-min": ("on", "min")}
+    policies = {"base": "smollm2-135m-instruct"}
+    train_info = {}
+    for name, (nonlinear, agg) in variants.items():
+        d = out / name
+        if not (d / "iama_run.json").exists():
+            resume = "last" if d.exists() and get_last_checkpoint(str(d)) else None
+            cfg = IAMAConfig(
+                output_dir=str(d), prompts=str(train_prompts), criterion=["helpful:bon:4", "harmless:bon:4"],
+                nonlinear=nonlinear, aggregate=agg, num_generations=args.generations,
+                per_device_train_batch_size=args.prompts_per_step * args.generations,
+                max_completion_length=args.max_tokens, max_steps=args.steps, learning_rate=args.lr,
+                use_lora=True, lora_r=16, logging_steps=1, save_strategy="steps", save_steps=5,
+                report_to="none", seed=args.seed, disable_tqdm=True, resume_from_checkpoint=resume,
+            )  # fmt: skip
+            train_grpo(cfg)
+        rec = json.loads((d / "iama_run.json").read_text())
+        hist = [h for h in rec["log_history"] if "iama/helpful/reward" in h]
+        train_info[name] = {
+            "seconds": rec["result"]["seconds"],
+            "helpful_reward_first5_last5": [np.mean([h["iama/helpful/reward"] for h in hist[:5]]),
+                                             np.mean([h["iama/helpful/reward"] for h in hist[-5:]])],
+            "harmless_reward_first5_last5": [np.mean([h["iama/harmless/reward"] for h in hist[:5]]),
+                                              np.mean([h["iama/harmless/reward"] for h in hist[-5:]])],
+        }  # fmt: skip
+        policies[name] = str(d)
+
+    judges = ",".join(f"rm:{p}" for p in JUDGES.values() if p.exists())
+    objectives = "helpful,harmless" + ("," + judges if judges else "")
+    runs = {}
+    for name, pol in policies.items():
+        f = out / f"eval-{name}.jsonl"
+        generate(GenerateConfig(method="sample", policy=pol, prompts=str(eval_prompts), out=str(f), n=4,
+                                objectives=objectives, normalize="none", max_new_tokens=args.max_tokens,
+                                seed=args.seed, batch_size=8))  # fmt: skip
+        runs[name] = read_records(str(f))
+
+    # z-score every signal on the base policy's samples (proxy: shipped stats would do too; one rule for all)
+    names = list(runs["base"][0]["scores"])
+    base = np.array([[r["scores"][n] for n in names] for r in runs["base"]])
+    mu, sd = base.mean(0), base.std(0)
+    label = {names[0]: "proxy helpful", names[1]: "proxy harmless"}
+    for n in names[2:]:
+        label[n] = "judge helpful" if "helpful" in n else "judge harmless"
+
+    table = {}
+    for name, recs in runs.items():
+        by_prompt: dict[str, list] = {}
+        for r in recs:
+            by_prompt.setdefault(r["prompt_id"], []).append(r)
+        rows = {"sample": [], "bon4-helpful": [], "bon4-harmless": []}
+        words = {k: [] for k in rows}
+        for group in by_prompt.values():
+            z = (np.array([[r["scores"][n] for n in names] for r in group]) - mu) / sd
+            w = np.array([len(r["response"].split()) for r in group], dtype=float)
+            rows["sample"].append(z.mean(0))
+            words["sample"].append(w.mean())
+            for key, col in (("bon4-helpful", 0), ("bon4-harmless", 1)):
+                j = int(np.argmax(z[:, col]))  # best-of-4 by that criterion's own (proxy) reward
+                rows[key].append(z[j])
+                words[key].append(w[j])
+        table[name] = {
+            k: {**{label[n]: boot_ci(np.array(v)[:, i], seed=args.seed) for i, n in enumerate(names)},
+                "words": float(np.mean(words[k])), "prompts": len(v)}
+            for k, v in rows.items()
+        }  # fmt: skip
+
+    lines = ["| policy | selection | " + " | ".join(label[n] for n in names) + " | words |",
+             "|---" * (len(names) + 3) + "|"]  # fmt: skip
+    for name, sel in table.items():
+        for k, v in sel.items():
+            cells = [f"{v[label[n]][0]:+.2f} [{v[label[n]][1]:+.2f}, {v[label[n]][2]:+.2f}]" for n in names]
+            lines.append(f"| {name} | {k} | " + " | ".join(cells) + f" | {v['words']:.0f} |")
+    md = "\n".join(lines)
+    (RESULTS / "iama_hh.md").write_text(md + "\n")
+    print(md)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if judges else 1, figsize=(11 if judges else 6, 4.5), squeeze=False)
+    colors = {"base": "0.5", "grpo": "tab:blue", "iama-sum": "tab:red", "iama-min": "tab:orange"}
+    kinds = [("proxy", "proxy helpful", "proxy harmless")]
+    if judges:
+        kinds.append(("judge", "judge helpful", "judge harmless"))
+    for ax, (kind, hx, hy) in zip(axes[0], kinds):
+        for name, sel in table.items():
+            s, bh, bs = sel["sample"], sel["bon4-helpful"], sel["bon4-harmless"]
+            ax.scatter(s[hx][0], s[hy][0], marker="o", color=colors[name], alpha=0.5)
+            ax.scatter(bh[hx][0], bs[hy][0], marker="*", s=160, color=colors[name], label=name)
+            ax.plot([s[hx][0], bh[hx][0]], [s[hy][0], bs[hy][0]], color=colors[name], lw=0.8, alpha=0.5)
+        ax.set_xlabel(f"{hx} (z)")
+        ax.set_ylabel(f"{hy} (z)")
+        ax.set_title(f"{kind.upper()}: o = sampling, * = best-of-4 by each criterion")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "iama_hh.png", dpi=120)
+
+    def bon(name, crit, kind="proxy"):
+        return table[name][f"bon4-{crit}"][f"{kind} {crit}"][0]
+
+    summary = "iama_hh: best-of-4 proxy helpful/harmless " + ", ".join(
+        f"{n} {bon(n, 'helpful'):+.2f}/{bon(n, 'harmless'):+.2f}" for n in table
+    )
+    if judges:
+        summary += "; judge " + ", ".join(
+            f"{n} {bon(n, 'helpful', 'judge'):+.2f}/{bon(n, 'harmless', 'judge'):+.2f}" for n in table
+        )
+    write_result("iama_hh", {"args": vars(args), "train": train_info, "table": table,
+                             "signals": label}, summary + f" ({args.steps} steps, {args.eval_prompts} held-out prompts)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""IAMA vs GRPO on two length targets (the paper's first experiment, scaled down to the bundled policy).
+
+Two criteria on the completion's length in policy tokens, ``r_i = -(|len - L_i| / L_max)^2`` with targets
+``L_1`` (short) and ``L_2`` (long), both served by best-of-4 at deployment. Plain GRPO on ``(r_1 + r_2) / 2``
+is maximised by one length between the targets; IAMA's objective ``(R_1 + R_2) / 2`` with ``R_i`` the
+best-of-4 value is maximised by a spread that covers both targets (best-of-4 then finds each). Both runs
+use the same prompts (UltraFeedback), seed, LoRA, learning rate and number of steps; the lengths of fresh
+samples on held-out prompts (UltraFeedback eval) are compared with the base policy's, as a histogram.
+
+    python benchmarks/iama_length.py --steps 40        # ~30 CPU-minutes at one thread
+
+Writes benchmarks/results/iama_length.{json,png} and prints one summary line. Runs and trained adapters go
+to benchmarks/results/iama_length/ (resumes: a finished stage is not redone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, SHARED_DATA, write_result  # noqa: E402
+
+from moalign.objectives.base import Objective, register_objective  # noqa: E402
+
+L_MAX = 32  # the completion cap; set by --max-tokens
+
+
+class LengthTarget(Objective):
+    """``-(|len - target| / L_MAX)^2`` with ``len`` the response's length in policy tokens."""
+
+    def __init__(self, target: int):
+        from moalign.policies import load_tokenizer
+
+        self.target = target
+        self.name = f"len{target}"
+        self.tok = load_tokenizer("smollm2-135m-instruct")
+
+    def _score(self, prompts, responses):
+        lens = torch.tensor([len(self.tok(r, add_special_tokens=False)["input_ids"]) for r in responses])
+        return -(((lens - self.target).abs().double() / L_MAX) ** 2)
+
+
+def short_prompts(src: Path, dst: Path, max_chars: int = 200) -> Path:
+    """The prompts of ``src`` no longer than ``max_chars`` (long prompts cost CPU time and say nothing here)."""
+    from moalign.data.files import read_records
+
+    rows = [{"prompt": r["prompt"]} for r in read_records(str(src)) if 0 < len(r["prompt"].strip()) <= max_chars]
+    dst.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dst
+
+
+def lengths_of(run: Path) -> list[int]:
+    from moalign.records import read_records
+
+    return [int(r["n_tokens"]) for r in read_records(str(run))]
+
+
+def sample_lengths(policy: str, prompts: Path, out: Path, n: int, limit: int, targets, seed: int) -> list[int]:
+    from moalign.config import GenerateConfig
+    from moalign.generate import generate
+
+    cfg = GenerateConfig(
+        method="sample", policy=policy, prompts=str(prompts), out=str(out), n=n, limit=limit,
+        objectives=",".join(f"len{t}" for t in targets), normalize="none", max_new_tokens=L_MAX,
+        seed=seed, batch_size=8,
+    )  # fmt: skip
+    generate(cfg)
+    return lengths_of(out)
+
+
+def summarise(lens: list[int], targets, tol: int) -> dict:
+    t = torch.tensor(lens, dtype=torch.float64)
+    near = {f"within_{tol}_of_{L}": float(((t - L).abs() <= tol).double().mean()) for L in targets}
+    # best-of-4 on each criterion from groups of 4 consecutive samples of one prompt
+    g = t[: len(t) // 4 * 4].view(-1, 4)
+    bon = {f"bon4_len{L}": float((-(((g - L).abs() / L_MAX) ** 2)).max(dim=1).values.mean()) for L in targets}
+    return {"n": len(lens), "mean": float(t.mean()), "std": float(t.std()), **near, **bon,
+            "hist": torch.histc(t, bins=16, min=0, max=L_MAX).int().tolist()}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--targets", default="4,28", help="two target lengths in tokens")
+    ap.add_argument("--max-tokens", type=int, default=32, help="completion cap L_max (tokens)")
+    ap.add_argument("--prompts-per-step", type=int, default=2)
+    ap.add_argument("--generations", type=int, default=8, help="group size M")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--eval-prompts", type=int, default=32)
+    ap.add_argument("--eval-samples", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out-dir", default=str(RESULTS / "iama_length"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    global L_MAX
+    L_MAX = args.max_tokens
+    targets = [int(x) for x in args.targets.split(",")]
+    for t in targets:
+        register_objective(f"len{t}", lambda t=t: LengthTarget(t))
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_prompts = short_prompts(SHARED_DATA / "ultrafeedback-binarized-1000.jsonl.gz", out / "train_prompts.jsonl")
+    eval_prompts = short_prompts(SHARED_DATA / "ultrafeedback-binarized-eval-200.jsonl.gz", out / "eval_prompts.jsonl")
+
+    from moalign.training.grpo import IAMAConfig, train_grpo
+
+    runs = {"base": "smollm2-135m-instruct"}
+    train_info = {}
+    for name, nonlinear in (("grpo", "off"), ("iama", "on")):
+        d = out / name
+        if not (d / "iama_run.json").exists():
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume = "last" if d.exists() and get_last_checkpoint(str(d)) else None
+            cfg = IAMAConfig(
+                output_dir=str(d), prompts=str(train_prompts), limit=args.steps * args.prompts_per_step,
+                criterion=[f"len{t}:bon:4" for t in targets], nonlinear=nonlinear, normalize="none",
+                num_generations=args.generations, per_device_train_batch_size=args.prompts_per_step * args.generations,
+                max_completion_length=L_MAX, max_steps=args.steps, learning_rate=args.lr, use_lora=True,
+                lora_r=16, logging_steps=1, save_strategy="steps", save_steps=5, report_to="none",
+                seed=args.seed, disable_tqdm=True, temperature=1.0, resume_from_checkpoint=resume,
+            )  # fmt: skip
+            train_grpo(cfg)
+        rec = json.loads((d / "iama_run.json").read_text())
+        hist = [h for h in rec["log_history"] if "completions/mean_length" in h]
+        train_info[name] = {
+            "seconds": rec["result"]["seconds"],
+            "mean_length_first5": sum(h["completions/mean_length"] for h in hist[:5]) / max(1, len(hist[:5])),
+            "mean_length_last5": sum(h["completions/mean_length"] for h in hist[-5:]) / max(1, len(hist[-5:])),
+            "step_time_mean": sum(h.get("step_time", 0) for h in hist) / max(1, len(hist)),
+        }
+        runs[name] = str(d)
+
+    results = {}
+    for name, pol in runs.items():
+        lens = sample_lengths(pol, eval_prompts, out / f"eval-{name}.jsonl", args.eval_samples,
+                              args.eval_prompts, targets, args.seed)  # fmt: skip
+        results[name] = summarise(lens, targets, tol=8)
+        results[name]["lengths"] = lens
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = list(range(0, L_MAX + 5, 4))
+    for name, color in (("base", "0.6"), ("grpo", "tab:blue"), ("iama", "tab:red")):
+        ax.hist(results[name]["lengths"], bins=bins, histtype="step", lw=2, color=color,
+                label=f"{name} (mean {results[name]['mean']:.0f})")  # fmt: skip
+    for t in targets:
+        ax.axvline(t, color="k", ls=":", lw=1)
+    ax.set_xlabel(f"completion length (policy tokens; {L_MAX} = cut off)")
+    ax.set_ylabel(f"samples ({args.eval_prompts} held-out prompts x {args.eval_samples})")
+    ax.set_title(f"length targets {targets}, best-of-4 each; {args.steps} GRPO steps")
+    ax.legend()
+    fig.tight_layout()
+    png = RESULTS / "iama_length.png"
+    fig.savefig(png, dpi=120)
+
+    def frac(name, L):
+        return results[name][f"within_8_of_{L}"]
+
+    summary = (
+        f"iama_length: within 8 tokens of {targets[0]}/{targets[1]}: base {frac('base', targets[0]):.2f}/"
+        f"{frac('base', targets[1]):.2f}, GRPO {frac('grpo', targets[0]):.2f}/{frac('grpo', targets[1]):.2f}, "
+        f"IAMA {frac('iama', targets[0]):.2f}/{frac('iama', targets[1]):.2f} ({args.steps} steps; plot {png.name})"
+    )
+    write_result("iama_length", {"args": vars(args), "train": train_info, "eval": results}, summary)
+
+
+if __name__ == "__main__":
+    main()
