@@ -1,20 +1,7 @@
 """CD-FUDGE value heads on the policy's own hidden states, for decoding (``cd``/``rmod --values PATH``; spec: rmod.md).
 
-A value ``V_g(x, y^{<=t})`` estimates the final reward of objective ``g`` when the policy continues the prefix
-``y^{<=t}``. CD-FUDGE trains it by regressing *every* prefix of sampled responses onto the reward of the full
-response::
-
-    min_theta  mean_i  mean_{t=1..L_i}  (V_g(h_{i,t}) - z_g(x_i, y_i))^2
-
-where ``h_{i,t}`` is the policy's last-layer hidden state after response token ``t`` (the end-of-turn token
-included, so a finished response has a value too) and ``z_g`` is the objective's reward z-scored with
-statistics fitted on the training samples. Each response weighs the same (its positions share weight
-``1 / L_i``). The minimiser of the squared error is the conditional mean ``E[z_g | x, y^{<=t}]`` under the
-policy, which is exactly the controlled-decoding value.
-
-One head per objective: ``linear`` (fitted in closed form as weighted ridge regression, the ridge strength
-chosen per objective on a held-back part of the training prompts) or ``mlp`` (one hidden layer, Adam).
-Features are standardised with statistics stored in the head.
+A value ``V_g(x, y^{<=t})`` estimates the final reward of objective ``g`` when the policy continues the
+prefix; what the heads regress and how they are fitted is in :mod:`moalign.training.values`.
 
 Training (sampling, fitting, the held-out report, ``moalign train values``) lives in
 :mod:`moalign.training.values`; this module holds what decoding needs: the heads, their features, the on-disk
