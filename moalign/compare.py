@@ -67,7 +67,9 @@ def compare(cfg: CompareConfig, progress: bool = True) -> EvaluationResult:
         from moalign.evaluation.evaluate import parse_judges
 
         parse_judges(cfg.judges)  # an unknown judge fails here, before any decoding
-    policy = load_policy(cfg.policy, device=cfg.device or default_device(), dtype=cfg.dtype)
+    policy = None  # with --backend server each run connects to the server instead
+    if getattr(cfg, "backend", "local") != "server":
+        policy = load_policy(cfg.policy, device=cfg.device or default_device(), dtype=cfg.dtype)
     base = {k: v for k, v in asdict(cfg).items() if k in GenerateConfig.__dataclass_fields__}
     paths = []
     for label, method, overrides in specs:

@@ -60,6 +60,37 @@ class _GenerateSettings:
         "float16 | float32",
         choices=("auto", "bfloat16", "float16", "float32"),
     )
+    objective_device: str | None = _f(
+        None,
+        "device of the neural objectives and value heads: 'policy' (the policy's device) or a torch device "
+        "(cpu, cuda:1, ...); default: objectives on $MOALIGN_OBJECTIVE_DEVICE or cpu, value heads on the "
+        "policy's device",
+    )
+    backend: str = _f(
+        "local",
+        "where the policy runs: local (in-process transformers engine) or server (an OpenAI-compatible "
+        "completions endpoint, --base-url)",
+        choices=("local", "server"),
+    )
+    base_url: str = _f("", "server: the completions endpoint's base URL, e.g. http://127.0.0.1:8000/v1")
+    model: str | None = _f(None, "server: the served model's name (default: the server's first model)")
+    api_key_env: str | None = _f(
+        None, "server: environment variable holding the API key (sent as a bearer token; default: none)"
+    )
+    tokenizer: str | None = _f(
+        None,
+        "server: the policy's tokenizer, loaded locally for the chat template, end-of-turn ids and token-id "
+        "continuation: bundled name, local path or hub id (default: --policy)",
+    )
+    server_capabilities: str = _f(
+        "auto",
+        "server: auto (probe the server) | none (text prompts, one choice per request) | a comma list of "
+        "token_ids (token-id prompts in, generated ids out: vLLM), n (several choices per request)",
+    )
+    max_concurrency: int = _f(8, "server: requests in flight at once")
+    request_timeout: float = _f(120.0, "server: seconds before a request is given up (then retried)")
+    retries: int = _f(3, "server: retries of a failed request (connection error, timeout, HTTP 429/5xx), "
+                         "with exponential backoff")  # fmt: skip
 
     def validate(self) -> None:
         get_method(self.method)  # names the known methods when it is not one
@@ -69,6 +100,18 @@ class _GenerateSettings:
                 raise MoalignError(f"--{flag} must be >= 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise MoalignError(f"--limit must be >= 1, got {self.limit}")
+        if self.max_concurrency < 1:
+            raise MoalignError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
+        if not self.request_timeout > 0:
+            raise MoalignError(f"--request-timeout must be > 0, got {self.request_timeout}")
+        if self.retries < 0:
+            raise MoalignError(f"--retries must be >= 0, got {self.retries}")
+        if self.backend not in ("local", "server"):
+            raise MoalignError(f"--backend must be local or server, got {self.backend!r}")
+        if self.backend == "server":
+            from moalign.decoding.server import Capabilities
+
+            Capabilities.parse(self.server_capabilities)  # an unknown capability fails before connecting
         self.method_args()
 
     def method_args(self):

@@ -19,7 +19,7 @@ from moalign.decoding.engine import BlockwiseEngine, SamplingConfig
 from moalign.decoding.registry import MethodContext, get_method
 from moalign.decoding.values import ObjectiveScorer
 from moalign.errors import MoalignError
-from moalign.objectives.base import Objective, resolve_objectives
+from moalign.objectives.base import Objective, move_objectives, resolve_objectives
 from moalign.objectives.normalize import (
     NormStats,
     covers,
@@ -91,9 +91,16 @@ def generate(
         prompts = prompts[: cfg.limit]
     objectives = objectives if objectives is not None else resolve_objectives(cfg.objectives)
     names = [o.name for o in objectives]
-    policy = policy or load_policy(cfg.policy, device=cfg.device or default_device(), dtype=cfg.dtype)
     sampling = SamplingConfig(cfg.temperature, cfg.top_p, cfg.top_k)
-    engine = BlockwiseEngine(policy, sampling, system_prompt=cfg.system_prompt)
+    if cfg.backend == "server":  # the policy is an OpenAI-compatible server (a passed local policy is unused)
+        from moalign.decoding.server import connect
+
+        policy, engine = connect(cfg, sampling)
+    else:
+        policy = policy or load_policy(cfg.policy, device=cfg.device or default_device(), dtype=cfg.dtype)
+        engine = BlockwiseEngine(policy, sampling, system_prompt=cfg.system_prompt)
+    if cfg.objective_device:
+        move_objectives(objectives, cfg.objective_device, policy.device)
     raw_scorer = ObjectiveScorer(objectives)
     norm = resolve_norm(cfg, names, engine, prompts, raw_scorer)
     scorer = ObjectiveScorer(objectives, norm)
@@ -156,6 +163,8 @@ def generate(
         bar.close()
         if writer is not None:
             writer.close()
+        if cfg.backend == "server":
+            engine.client.close()
     return records
 
 

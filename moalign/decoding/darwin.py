@@ -235,13 +235,14 @@ class DarwinDecoder:
         self.template = args.template()
         self.mutator: BlockwiseEngine | None = None
         if mutate:
-            policy = ctx.policy
+            sampling = SamplingConfig(temperature=args.mutation_temperature, top_k=args.mutation_top_k)
             if args.mutator:
                 from moalign.policies import load_policy
 
                 policy = load_policy(args.mutator, device=str(ctx.policy.device))
-            sampling = SamplingConfig(temperature=args.mutation_temperature, top_k=args.mutation_top_k)
-            self.mutator = BlockwiseEngine(policy, sampling, system_prompt=None)
+                self.mutator = BlockwiseEngine(policy, sampling, system_prompt=None)
+            else:  # the policy itself, on the run's backend (in-process or server)
+                self.mutator = ctx.engine_with(sampling)
 
     # -------------------------------------------------------------------------------------------- parts
     def _mutate(self, parents: list[Prompt], seed: int) -> tuple[list[list[str]], list[dict]]:

@@ -64,13 +64,31 @@ class MethodContext:
             if self.cfg.values == "reward":
                 self._value_fn = RewardOnPrefix(self.scorer)
             else:
+                no_hidden = getattr(self.engine, "no_hidden_states", None)
+                if no_hidden:  # e.g. a completions server: say so rather than fall back
+                    raise MoalignError(no_hidden)
                 from moalign.decoding.value_heads import load_value_function
 
                 self._value_fn = load_value_function(
                     self.cfg.values, self.policy, self.scorer, system_prompt=self.cfg.system_prompt
                 )
+                device = getattr(self.cfg, "objective_device", None)
+                if device:  # --objective-device: the heads on their own device (default: the policy's)
+                    from moalign.objectives.base import objective_device
+
+                    self._value_fn.heads.to(objective_device(device, self.policy.device))
                 self.engine.need_hidden = True
         return self._value_fn
+
+    def engine_with(self, sampling, system_prompt: str | None = None):
+        """Another engine on the run's policy and backend (in-process or server) with its own sampling,
+        e.g. Darwin's mutator."""
+        derive = getattr(self.engine, "with_sampling", None)
+        if derive is not None:
+            return derive(sampling, system_prompt)
+        from moalign.decoding.engine import BlockwiseEngine
+
+        return BlockwiseEngine(self.policy, sampling, system_prompt=system_prompt)
 
     def reward_fn(self):
         """The objectives on the text (normalised), whatever ``--values`` says: for complete responses."""

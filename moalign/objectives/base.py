@@ -146,6 +146,30 @@ def resolve_objectives(specs: str | Sequence[str | Objective | ScoreFn]) -> list
     return objs
 
 
+def objective_device(spec: str, policy_device=None) -> torch.device:
+    """``--objective-device``: ``"policy"`` (the policy's device, ``policy_device``) or a torch device."""
+    dev = policy_device if spec == "policy" else spec
+    try:
+        return torch.device(dev if dev is not None else "cpu")
+    except (RuntimeError, TypeError):
+        raise MoalignError(
+            f"--objective-device: unknown device {spec!r} (use policy, cpu, cuda, cuda:1, ...)"
+        ) from None
+
+
+def move_objectives(objectives: Sequence[Objective], spec: str, policy_device=None) -> list[str]:
+    """Put every objective that has a device (a ``.to`` method: the neural ones) on ``--objective-device``
+    ``spec``; returns the names of those moved (the others run where they are, e.g. on CPU)."""
+    dev = objective_device(spec, policy_device)
+    moved = []
+    for o in objectives:
+        to = getattr(o, "to", None)
+        if callable(to):
+            to(str(dev))
+            moved.append(o.name)
+    return moved
+
+
 def check_finite(values: torch.Tensor, what: str) -> None:
     if not torch.isfinite(values).all():
         raise MoalignError(f"{what} contains NaN or inf")

