@@ -140,6 +140,25 @@ def first_candidate(step: BlockStep) -> Selection:
     return Selection(torch.zeros(P, dtype=torch.long), parents=torch.arange(K).expand(P, K))
 
 
+
+def check_decode_args(prompts, k, block_size, max_new_tokens, recache, row_prompts, prompt_indices):
+    """What every engine's ``decode`` checks first: ``(prompts as a list, prompt indices)`` or a one-line
+    :class:`MoalignError` naming the bad argument."""
+    if k < 1:
+        raise MoalignError(f"K (candidates per block) must be >= 1, got {k}")
+    if block_size < 1:
+        raise MoalignError(f"block size must be >= 1, got {block_size}")
+    if max_new_tokens < 1:
+        raise MoalignError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if recache not in RECACHE:
+        raise MoalignError(f"recache must be one of {RECACHE}, got {recache!r}")
+    prompts = list(prompts)
+    P = len(prompts)
+    if row_prompts is not None and (len(row_prompts) != P or any(len(r) != k for r in row_prompts)):
+        raise MoalignError(f"row_prompts must be {P} groups of K={k} prompts")
+    indices = list(prompt_indices) if prompt_indices is not None else list(range(P))
+    return prompts, indices
+
 class BlockwiseEngine:
     """Blockwise K-row decoding on one policy; see the module docstring."""
 
@@ -254,21 +273,11 @@ class BlockwiseEngine:
     ) -> list[DecodeResult]:
         """Decode one batch of P groups of K rows. ``row_prompts[p][k]`` (default: ``prompts[p]``) is the
         prompt row k of group p decodes from. ``on_block(n_new_tokens)`` is called after every block."""
-        if k < 1:
-            raise MoalignError(f"K (candidates per block) must be >= 1, got {k}")
-        if block_size < 1:
-            raise MoalignError(f"block size must be >= 1, got {block_size}")
-        if max_new_tokens < 1:
-            raise MoalignError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if recache not in RECACHE:
-            raise MoalignError(f"recache must be one of {RECACHE}, got {recache!r}")
-        prompts = list(prompts)
+        prompts, indices = check_decode_args(prompts, k, block_size, max_new_tokens, recache, row_prompts,
+                                             prompt_indices)  # fmt: skip
         if not prompts:
             return []
         P = len(prompts)
-        if row_prompts is not None and (len(row_prompts) != P or any(len(r) != k for r in row_prompts)):
-            raise MoalignError(f"row_prompts must be {P} groups of K={k} prompts")
-        indices = list(prompt_indices) if prompt_indices is not None else list(range(P))
         device = self.policy.device
         gen = torch.Generator(device=device).manual_seed(int(seed))
         rng = torch.Generator().manual_seed(int(seed) ^ 0x5EED5)

@@ -48,13 +48,13 @@ import torch
 
 from moalign.data.prompts import Prompt
 from moalign.decoding.engine import (
-    RECACHE,
     BlockStep,
     DecodeResult,
     SamplingConfig,
     Selection,
     Selector,
     _strip,
+    check_decode_args,
     first_candidate,
 )
 from moalign.errors import MoalignError
@@ -615,21 +615,11 @@ class ServerEngine:
         recache: str = "reprefill",
     ) -> list[DecodeResult]:
         """As :meth:`BlockwiseEngine.decode <moalign.decoding.engine.BlockwiseEngine.decode>`."""
-        if k < 1:
-            raise MoalignError(f"K (candidates per block) must be >= 1, got {k}")
-        if block_size < 1:
-            raise MoalignError(f"block size must be >= 1, got {block_size}")
-        if max_new_tokens < 1:
-            raise MoalignError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if recache not in RECACHE:
-            raise MoalignError(f"recache must be one of {RECACHE}, got {recache!r}")
-        prompts = list(prompts)
+        prompts, indices = check_decode_args(prompts, k, block_size, max_new_tokens, recache, row_prompts,
+                                             prompt_indices)  # fmt: skip
         if not prompts:
             return []
         P = len(prompts)
-        if row_prompts is not None and (len(row_prompts) != P or any(len(r) != k for r in row_prompts)):
-            raise MoalignError(f"row_prompts must be {P} groups of K={k} prompts")
-        indices = list(prompt_indices) if prompt_indices is not None else list(range(P))
         rng = torch.Generator().manual_seed(int(seed) ^ 0x5EED5)
         ids_mode = self.caps.token_ids
 
