@@ -21,3 +21,32 @@ def test_api_tour_runs(tmp_path, shared_data, monkeypatch, one_thread, capsys):
     out = capsys.readouterr().out
     assert out.strip()  # the tour prints its results
     assert (tmp_path / "runs" / "rmod.jsonl").exists() and (tmp_path / "runs" / "darwin.jsonl").exists()
+
+
+def _readme_command(prefix: str) -> list[str]:
+    """The README's first shell command starting with ``prefix`` (continuation lines joined, comment cut)."""
+    import shlex
+
+    lines = README.read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith(prefix))
+    cmd = ""
+    while True:
+        line = lines[i].split("  #")[0].rstrip()
+        cmd += " " + line.rstrip("\\")
+        if not line.endswith("\\"):
+            break
+        i += 1
+    return shlex.split(cmd)[1:]  # without "moalign"
+
+
+@pytest.mark.real
+def test_readme_train_grpo_command_runs(tmp_path, shared_data, monkeypatch, one_thread, run_cli):
+    import json
+
+    argv = [a.replace("../shared/data", str(shared_data)) for a in _readme_command("moalign train grpo --criterion")]
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(*argv)
+    assert code == 0, err
+    rec = json.loads((tmp_path / "runs" / "iama" / "iama_run.json").read_text())
+    assert rec["result"]["steps"] == 2 and rec["result"]["kind"] == "lora"
+    assert (tmp_path / "runs" / "iama" / "adapter_config.json").exists()

@@ -241,6 +241,24 @@ def reward_functions(
     return fns, stats
 
 
+_HOOK_PARAMS = ["self", "inputs", "prompts", "completions", "completion_ids_list"]
+
+
+def _check_trl_hook() -> None:
+    """The transform relies on TRL's ``_calculate_rewards`` (checked on TRL 1.16): refuse another shape."""
+    import inspect
+
+    import trl
+
+    hook = getattr(GRPOTrainer, "_calculate_rewards", None)
+    params = list(inspect.signature(hook).parameters) if hook is not None else None
+    if params != _HOOK_PARAMS:
+        raise MoalignError(
+            f"IAMATrainer needs TRL's GRPOTrainer._calculate_rewards{tuple(_HOOK_PARAMS[1:])} (TRL 1.16); "
+            f"TRL {trl.__version__} has {params}: pip install 'trl>=1.16,<1.17'"
+        )
+
+
 class EpochSeededRepeatSampler(RepeatSampler):
     """TRL's ``RepeatSampler`` whose shuffle is a function of ``(seed, epoch)``.
 
@@ -267,6 +285,7 @@ class IAMATrainer(GRPOTrainer):
     """
 
     def __init__(self, *args, **kwargs):
+        _check_trl_hook()
         super().__init__(*args, **kwargs)
         cfg: IAMAConfig = self.args
         self.criteria = cfg.criteria()
