@@ -54,13 +54,17 @@ def short_prompts(src: Path, dst: Path, max_chars: int = 200) -> Path:
     return dst
 
 
-def lengths_of(run: Path) -> list[int]:
+def lengths_of(run: Path) -> list[list[int]]:
+    """Generated lengths (tokens) per prompt, in file order."""
     from moalign.records import read_records
 
-    return [int(r["n_tokens"]) for r in read_records(str(run))]
+    groups: dict[str, list[int]] = {}
+    for r in read_records(str(run)):
+        groups.setdefault(r["prompt_id"], []).append(int(r["n_tokens"]))
+    return list(groups.values())
 
 
-def sample_lengths(policy: str, prompts: Path, out: Path, n: int, limit: int, targets, seed: int) -> list[int]:
+def sample_lengths(policy: str, prompts: Path, out: Path, n: int, limit: int, targets, seed: int) -> list[list[int]]:
     from moalign.config import GenerateConfig
     from moalign.generate import generate
 
@@ -73,14 +77,29 @@ def sample_lengths(policy: str, prompts: Path, out: Path, n: int, limit: int, ta
     return lengths_of(out)
 
 
-def summarise(lens: list[int], targets, tol: int) -> dict:
-    t = torch.tensor(lens, dtype=torch.float64)
-    near = {f"within_{tol}_of_{L}": float(((t - L).abs() <= tol).double().mean()) for L in targets}
-    # best-of-4 on each criterion from groups of 4 consecutive samples of one prompt
-    g = t[: len(t) // 4 * 4].view(-1, 4)
-    bon = {f"bon4_len{L}": float((-(((g - L).abs() / L_MAX) ** 2)).max(dim=1).values.mean()) for L in targets}
-    return {"n": len(lens), "mean": float(t.mean()), "std": float(t.std()), **near, **bon,
-            "hist": torch.histc(t, bins=16, min=0, max=L_MAX).int().tolist()}  # fmt: skip
+def summarise(groups: list[list[int]], targets, tol: int, seed: int = 0) -> dict:
+    """Per-prompt statistics of the samples, with 95% bootstrap intervals over prompts: the share within
+    ``tol`` tokens of each target, best-of-n (the prompt's n samples) on each criterion, their mean (IAMA's
+    objective with the sum), and the spread (std) of lengths."""
+    L = torch.tensor(groups, dtype=torch.float64)  # [prompts, n]
+
+    def stats(x: torch.Tensor) -> dict:
+        out = {f"within_{tol}_of_{t}": float(((x - t).abs() <= tol).double().mean()) for t in targets}
+        bon = [(-(((x - t).abs() / L_MAX) ** 2)).max(dim=1).values.mean() for t in targets]
+        out.update({f"bon_len{t}": float(b) for t, b in zip(targets, bon)})
+        out["bon_mean"] = float(sum(bon) / len(bon))
+        out["std"] = float(x.std())
+        return out
+
+    est = stats(L)
+    g = torch.Generator().manual_seed(seed)
+    boots = [stats(L[torch.randint(0, len(L), (len(L),), generator=g)]) for _ in range(2000)]
+    res = {k: [v, *torch.tensor([b[k] for b in boots]).quantile(torch.tensor([0.025, 0.975])).tolist()]
+           for k, v in est.items()}  # fmt: skip
+    flat = L.flatten()
+    res.update({"prompts": len(L), "samples": int(flat.numel()), "mean": float(flat.mean()),
+                "hist": torch.histc(flat, bins=16, min=0, max=L_MAX).int().tolist()})  # fmt: skip
+    return res
 
 
 def main() -> None:
@@ -141,8 +160,8 @@ def main() -> None:
     for name, pol in runs.items():
         lens = sample_lengths(pol, eval_prompts, out / f"eval-{name}.jsonl", args.eval_samples,
                               args.eval_prompts, targets, args.seed)  # fmt: skip
-        results[name] = summarise(lens, targets, tol=8)
-        results[name]["lengths"] = lens
+        results[name] = summarise(lens, targets, tol=8, seed=args.seed)
+        results[name]["lengths"] = [x for g in lens for x in g]
 
     import matplotlib
 
@@ -165,12 +184,17 @@ def main() -> None:
     fig.savefig(png, dpi=120)
 
     def frac(name, L):
-        return results[name][f"within_8_of_{L}"]
+        return results[name][f"within_8_of_{L}"][0]
+
+    def bon(name):
+        return results[name]["bon_mean"][0]
 
     summary = (
         f"iama_length: within 8 tokens of {targets[0]}/{targets[1]}: base {frac('base', targets[0]):.2f}/"
         f"{frac('base', targets[1]):.2f}, GRPO {frac('grpo', targets[0]):.2f}/{frac('grpo', targets[1]):.2f}, "
-        f"IAMA {frac('iama', targets[0]):.2f}/{frac('iama', targets[1]):.2f} ({args.steps} steps; plot {png.name})"
+        f"IAMA {frac('iama', targets[0]):.2f}/{frac('iama', targets[1]):.2f}; best-of-{args.eval_samples} mean "
+        f"reward base {bon('base'):.3f}, GRPO {bon('grpo'):.3f}, IAMA {bon('iama'):.3f} ({args.steps} steps; "
+        f"plot {png.name})"
     )
     write_result("iama_length", {"args": vars(args), "train": train_info, "eval": results}, summary)
 
