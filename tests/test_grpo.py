@@ -209,3 +209,16 @@ def test_cli_train_grpo_and_config_file_reproduce_the_run(tiny_policy_dir, tmp_p
     code, out, err = run_cli("train", "grpo", "--policy", tiny_policy_dir, "--prompts", prompts_file,
                              "--output-dir", tmp_path / "c", "--nonlinear", "off", "--aggregate", "min")  # fmt: skip
     assert code == 2 and "--nonlinear on" in err and not (tmp_path / "c" / "iama_run.json").exists()
+
+
+def test_advantages_keep_the_transform_s_relative_sizes_across_groups(tiny_policy_dir, tmp_path, prompts_file):
+    """TRL centres per group and (scale_rewards="batch") divides by ONE batch-wide std: a group whose
+    transformed rewards are small keeps small advantages (per-group scaling would blow them up)."""
+    tr = _trainer(tiny_policy_dir, tmp_path, prompts_file, max_completion_length=8)
+    tr.model.train()
+    rows = [{"prompt": [{"role": "user", "content": p}]} for p in ("Say hi", "Name a color")]
+    out = tr._generate_and_score_completions([r for r in rows for _ in range(4)])
+    r = tr.last_nonlinear.rewards.double()  # [2 groups, 4]
+    centred = r - r.mean(1, keepdim=True)
+    expect = centred / (r.flatten().std() + 1e-4)
+    torch.testing.assert_close(out["advantages"].double().view(2, 4), expect, atol=1e-5, rtol=1e-4)
