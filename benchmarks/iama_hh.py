@@ -65,8 +65,10 @@ def main() -> None:
     ap.add_argument("--eval-prompts", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out-dir", default=str(RESULTS / "iama_hh"))
+    ap.add_argument("--out-dir", default=str(RESULTS / "iama_hh"),
+                    help="runs folder; its name also names the results files (default iama_hh)")
     args = ap.parse_args()
+    tag = Path(args.out_dir).name
     torch.set_num_threads(args.threads)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +155,7 @@ def main() -> None:
             cells = [f"{v[label[n]][0]:+.2f} [{v[label[n]][1]:+.2f}, {v[label[n]][2]:+.2f}]" for n in names]
             lines.append(f"| {name} | {k} | " + " | ".join(cells) + f" | {v['words']:.0f} |")
     md = "\n".join(lines)
-    (RESULTS / "iama_hh.md").write_text(md + "\n")
+    (RESULTS / f"{tag}.md").write_text(md + "\n")
     print(md)
 
     import matplotlib
@@ -177,7 +179,7 @@ def main() -> None:
         ax.set_title(f"{kind.upper()}: o = sampling, * = best-of-4 by each criterion")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "iama_hh.png", dpi=120)
+    fig.savefig(RESULTS / f"{tag}.png", dpi=120)
 
     def bon(name, crit, kind="proxy"):
         return table[name][f"bon4-{crit}"][f"{kind} {crit}"][0]
@@ -189,7 +191,7 @@ def main() -> None:
         summary += "; judge " + ", ".join(
             f"{n} {bon(n, 'helpful', 'judge'):+.2f}/{bon(n, 'harmless', 'judge'):+.2f}" for n in table
         )
-    write_result("iama_hh", {"args": vars(args), "train": train_info, "table": table,
+    write_result(tag, {"args": vars(args), "train": train_info, "table": table,
                              "signals": label}, summary + f" ({args.steps} steps, {args.eval_prompts} held-out prompts)")  # fmt: skip
 
 

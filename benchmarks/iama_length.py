@@ -114,8 +114,10 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out-dir", default=str(RESULTS / "iama_length"))
+    ap.add_argument("--out-dir", default=str(RESULTS / "iama_length"),
+                    help="runs folder; its name also names the results files (default iama_length)")
     args = ap.parse_args()
+    tag = Path(args.out_dir).name
     torch.set_num_threads(args.threads)
     global L_MAX
     L_MAX = args.max_tokens
@@ -180,7 +182,7 @@ def main() -> None:
     ax.set_title(f"length targets {targets}, best-of-4 each; {args.steps} GRPO steps")
     ax.legend()
     fig.tight_layout()
-    png = RESULTS / "iama_length.png"
+    png = RESULTS / f"{tag}.png"
     fig.savefig(png, dpi=120)
 
     def frac(name, L):
@@ -196,7 +198,7 @@ def main() -> None:
         f"reward base {bon('base'):.3f}, GRPO {bon('grpo'):.3f}, IAMA {bon('iama'):.3f} ({args.steps} steps; "
         f"plot {png.name})"
     )
-    write_result("iama_length", {"args": vars(args), "train": train_info, "eval": results}, summary)
+    write_result(tag, {"args": vars(args), "train": train_info, "eval": results}, summary)
 
 
 if __name__ == "__main__":
