@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +175,20 @@ def _save_dequantized(model, tok, out: Path) -> None:
         pass  # the cache is an optimisation only
 
 
+@contextmanager
+def quiet_upstream_renames() -> Iterator[None]:
+    """Silence one FutureWarning that is about our dependencies, not about anything moalign or its user set.
+
+    transformers 5.x renamed ``model.is_gradient_checkpointing`` to ``is_activation_checkpointing``; peft
+    0.21 (``get_peft_model``, ``PeftModel.from_pretrained``) and TRL 1.16 (generation) still read the old name, so every LoRA run would warn.
+    Only that message is silenced, only around the calls that trigger it.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+
 def _load_adapter(path: str, dtype):
     import json
 
@@ -183,7 +200,8 @@ def _load_adapter(path: str, dtype):
         raise MoalignError("loading a LoRA adapter needs peft: pip install 'moalign[train]'") from None
     base_name = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
     base = load_policy(base_name, dtype=dtype)
-    model = PeftModel.from_pretrained(base.model, path).merge_and_unload()
+    with quiet_upstream_renames():
+        model = PeftModel.from_pretrained(base.model, path).merge_and_unload()
     tok = (
         AutoTokenizer.from_pretrained(path)
         if (Path(path) / "tokenizer_config.json").exists()

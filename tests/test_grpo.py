@@ -217,7 +217,10 @@ def test_advantages_keep_the_transform_s_relative_sizes_across_groups(tiny_polic
     tr = _trainer(tiny_policy_dir, tmp_path, prompts_file, max_completion_length=8)
     tr.model.train()
     rows = [{"prompt": [{"role": "user", "content": p}]} for p in ("Say hi", "Name a color")]
-    out = tr._generate_and_score_completions([r for r in rows for _ in range(4)])
+    from moalign.policies import quiet_upstream_renames
+
+    with quiet_upstream_renames():  # TRL's generation reads a renamed transformers attribute
+        out = tr._generate_and_score_completions([r for r in rows for _ in range(4)])
     r = tr.last_nonlinear.rewards.double()  # [2 groups, 4]
     centred = r - r.mean(1, keepdim=True)
     expect = centred / (r.flatten().std() + 1e-4)

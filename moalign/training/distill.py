@@ -29,7 +29,7 @@ from trl import SFTConfig
 from moalign.configbase import versions
 from moalign.errors import MoalignError
 from moalign.policies import render_chat
-from moalign.training.lora import LoraArguments, check_lora_args, lora_config
+from moalign.training.lora import LoraArguments, check_lora_args, lora_config, quiet_upstream_renames
 
 META_FILE = "distill_config.json"
 
@@ -250,8 +250,9 @@ def train_distill(cfg: DistillConfig) -> dict:
     side, tok.padding_side = tok.padding_side, "right"  # training pads on the right; restored below
     model = policy.model
     model.train()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
-                         peft_config=peft_config)  # fmt: skip
+    with quiet_upstream_renames():  # TRL wraps the model with peft here
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
+                             peft_config=peft_config)  # fmt: skip
     try:
         result = trainer.train()
     finally:

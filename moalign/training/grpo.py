@@ -25,7 +25,6 @@ import dataclasses
 import json
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from moalign.objectives.base import Objective, get_objective
 from moalign.objectives.normalize import NormStats, load_norm_stats, shipped_norm_stats
 from moalign.policies import DEFAULT_POLICY
 from moalign.training.dpo import accelerator_available
-from moalign.training.lora import LoraArguments, check_lora_args, lora_config
+from moalign.training.lora import LoraArguments, check_lora_args, lora_config, quiet_upstream_renames
 from moalign.training.nonlinear import (
     AGGREGATORS,
     AggregatorSpec,
@@ -374,14 +373,15 @@ def build_iama_trainer(
     funcs, stats = reward_functions(cfg, objectives)
     model = policy.model
     model.train()
-    trainer = IAMATrainer(
-        model=model,
-        reward_funcs=funcs,
-        args=cfg,
-        train_dataset=train_dataset,
-        processing_class=policy.tokenizer,
-        peft_config=lora_config(cfg),
-    )
+    with quiet_upstream_renames():  # TRL wraps the model with peft here
+        trainer = IAMATrainer(
+            model=model,
+            reward_funcs=funcs,
+            args=cfg,
+            train_dataset=train_dataset,
+            processing_class=policy.tokenizer,
+            peft_config=lora_config(cfg),
+        )
     trainer.norm_stats = stats
     return trainer
 
@@ -413,10 +413,7 @@ def train_grpo(cfg: IAMAConfig, objectives: Sequence[Objective] | None = None) -
         resume = get_last_checkpoint(str(out))
         if resume is None:
             raise MoalignError(f"--resume-from-checkpoint last: no checkpoint in {out}")
-    with warnings.catch_warnings():
-        # TRL 1.16 itself still reads `model.is_gradient_checkpointing`, renamed in transformers 5.x; the
-        # warning is about TRL's code, not about anything a user of moalign set
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with quiet_upstream_renames():
         trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out))
     ac = out / "adapter_config.json"

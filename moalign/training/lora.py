@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moalign.errors import MoalignError
+from moalign.policies import quiet_upstream_renames
 
 LORA_FIELDS = ("use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
@@ -92,4 +93,5 @@ def apply_lora(model, args, **overrides: Any):
         return model
     from peft import get_peft_model
 
-    return get_peft_model(model, cfg)
+    with quiet_upstream_renames():
+        return get_peft_model(model, cfg)
