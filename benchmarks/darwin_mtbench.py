@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,19 +44,10 @@ def load_prompt_set(per_source: int):
 
 
 def ensure_judges() -> dict[str, str]:
-    """Train the two judges once (CC-BY-NC PKU data: trained here, never shipped)."""
-    specs = {
-        "judge_helpful": SHARED_DATA / "ultrafeedback-binarized-1000.jsonl.gz",
-        "judge_harmless": SHARED_DATA / "pku-saferlhf-safer-5k.json.gz",
-    }
-    paths = {}
-    for name, data in specs.items():
-        d = JUDGES / name
-        if not (d / "reward_config.json").exists():
-            subprocess.run([sys.executable, "-m", "moalign.cli", "train", "reward", "--data", str(data),
-                            "--objective", name, "--output-dir", str(d)], check=True)  # fmt: skip
-        paths[name] = str(d)
-    return paths
+    """The two judges, trained on first use by the shared helper (CC-BY-NC PKU data: never shipped)."""
+    from moalign.evaluation.judges import ensure_judges as _ensure
+
+    return {name: str(path) for name, path in _ensure(JUDGES, SHARED_DATA).items()}
 
 
 def run_generation(args) -> None:

@@ -16,6 +16,7 @@ Writes JSON to ``benchmarks/results/reward_models.json`` and prints a one-line s
     python benchmarks/reward_models.py                   # ~10 min on 2 CPU cores (all held-out pairs)
     python benchmarks/reward_models.py --limit 200       # a quick check on 200 held-out pairs per set
     python benchmarks/reward_models.py --compare-backbones --subset 250
+    python benchmarks/reward_models.py --try-proxies      # better proxies: CV on train, then held-out vs shipped
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -200,6 +202,95 @@ def retrain(out_root: Path = ROOT / "moalign" / "resources" / "reward_models") -
     return {"metrics": metrics, "accuracy": acc}
 
 
+# --------------------------------------------------------------------------------- better proxies, measured
+FEATURE_MAPS = {
+    "pq": "[p, q, p*q] (shipped)",
+    "pq+diff": "[p, q, p*q, |p-q|]",
+    "q+pq": "[q, p*q] (no prompt-only block)",
+}
+PROXY_HEADS = {
+    "mlp64 wd30 (shipped)": {"hidden": 64, "epochs": 30, "lr": 1e-3, "weight_decay": 30.0, "seed": 0},
+    "linear wd100": {"hidden": 0, "epochs": 30, "lr": 1e-3, "weight_decay": 100.0, "seed": 0},
+    "mlp64 wd100": {"hidden": 64, "epochs": 30, "lr": 1e-3, "weight_decay": 100.0, "seed": 0},
+}
+
+
+def _feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
+    d = x.shape[1] // 3  # x = [p, q, p*q] (MiniLM, unit embeddings)
+    p, q, pq = x[:, :d], x[:, d : 2 * d], x[:, 2 * d :]
+    if name == "pq":
+        return x
+    if name == "pq+diff":
+        return torch.cat([p, q, pq, (p - q).abs()], 1)
+    if name == "q+pq":
+        return torch.cat([q, pq], 1)
+    raise ValueError(name)
+
+
+def _cached_features(tag: str, pairs, cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    # the held-out HH features of benchmarks/judges.py are the same pairs (same split, same backbone)
+    shared = ROOT / "benchmarks" / "results" / "judges" / "heldout_features" / f"features-HH_{tag[8:]}.pt"
+    for f in (cache / f"{tag}.pt", shared):
+        if f.exists() and (d := torch.load(f))["n"] == len(pairs):
+            return d["xc"], d["xr"]
+    f = cache / f"{tag}.pt"
+    xc, xr = pair_features(make_backbone("minilm"), pairs)
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save({"n": len(pairs), "xc": xc, "xr": xr}, f)
+    return xc, xr
+
+
+def try_proxies(folds: int = 5) -> dict:
+    """Candidate proxies on the shipped models' own training pairs: feature maps x heads, chosen by 5-fold
+    grouped CV on the training prompts only (never the held-out pairs, never the judges); the CV-best is then
+    trained on all training pairs and compared with the shipped model on the held-out pairs (paired bootstrap
+    over prompts). MiniLM features are cached in ``benchmarks/results/reward_models/``."""
+    from moalign.evaluation.metrics import bootstrap_ci
+    from moalign.objectives.bradley_terry import BradleyTerryObjective, fit_head
+
+    cache = ROOT / "benchmarks" / "results" / "reward_models"
+    out: dict = {"folds": folds, "feature_maps": FEATURE_MAPS, "heads": PROXY_HEADS, "objectives": {}}
+    for obj in SETS:
+        train, held = split_pairs(load_set(obj), 0.2, 0)
+        t = time.time()
+        xc, xr = _cached_features(f"train-{obj}", train, cache)
+        hc, hr = _cached_features(f"heldout-{obj}", held, cache)
+        print(f"{obj}: features {len(train)} + {len(held)} pairs in {time.time() - t:.0f} s", flush=True)
+        prompts = [p.prompt.text for p in train]
+        cv = {}
+        for fm in FEATURE_MAPS:
+            for hn, kw in PROXY_HEADS.items():
+                cv[f"{fm} | {hn}"] = round(_cv_accuracy(_feature_map(xc, fm), _feature_map(xr, fm), prompts, folds,
+                                                        **kw), 4)  # fmt: skip
+                print(obj, fm, hn, cv[f"{fm} | {hn}"], flush=True)
+        best = max(cv, key=cv.get)
+        fm, hn = best.split(" | ")
+        head = fit_head(_feature_map(xc, fm), _feature_map(xr, fm), **PROXY_HEADS[hn])
+        shipped_head = BradleyTerryObjective.load(ROOT / "moalign" / "resources" / "reward_models" / obj).head
+        with torch.no_grad():
+            d_new = (head(_feature_map(hc, fm)) - head(_feature_map(hr, fm))).numpy()
+            d_old = (shipped_head(hc) - shipped_head(hr)).numpy()
+        c_new, c_old = (d_new > 0) + 0.5 * (d_new == 0), (d_old > 0) + 0.5 * (d_old == 0)
+        keys = {k: i for i, k in enumerate(dict.fromkeys(p.prompt.text for p in held))}
+        g = np.array([keys[p.prompt.text] for p in held])
+        sn, so = np.bincount(g, c_new, len(keys)), np.bincount(g, c_old, len(keys))
+        cnt = np.bincount(g, minlength=len(keys)).astype(float)
+        ci = lambda *a: [round(float(v), 4) for v in bootstrap_ci(*a, n_boot=2000, seed=0)]  # noqa: E731
+        out["objectives"][obj] = {
+            "n_train": len(train), "n_heldout": len(held), "cv_accuracy": cv, "cv_best": best,
+            "cv_shipped": cv["pq | mlp64 wd30 (shipped)"],
+            "heldout_shipped": ci(lambda s, c: float(s.sum() / c.sum()), so, cnt),
+            "heldout_cv_best": ci(lambda s, c: float(s.sum() / c.sum()), sn, cnt),
+            "heldout_best_minus_shipped": ci(lambda a, b, c: float((a.sum() - b.sum()) / c.sum()), sn, so, cnt),
+        }  # fmt: skip
+        print(
+            obj,
+            json.dumps({k: v for k, v in out["objectives"][obj].items() if k != "cv_accuracy"}),
+            flush=True,
+        )
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=None, help="held-out pairs per set (default: all)")
@@ -208,10 +299,20 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--retrain", action="store_true", help="retrain the shipped models first (~1 h on 2 cores)"
     )
+    ap.add_argument("--try-proxies", action="store_true", help="only the better-proxy search (CV on train)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reward_models.json"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.time()
+    if args.try_proxies:
+        res = try_proxies()
+        res["seconds"] = round(time.time() - t0, 1)
+        path = ROOT / "benchmarks" / "results" / "better_proxies.json"
+        path.write_text(json.dumps(res, indent=2) + "\n")
+        for o, r in res["objectives"].items():
+            print(f"better_proxies {o}: shipped held-out {r['heldout_shipped']}, CV-best ({r['cv_best']}) "
+                  f"{r['heldout_cv_best']}, diff {r['heldout_best_minus_shipped']}")  # fmt: skip
+        return 0
     if args.retrain:
         print(json.dumps(retrain(), indent=2), flush=True)
     result = {

@@ -329,3 +329,61 @@ def test_unknown_judge_is_a_one_line_error(tmp_path, prompts_file, capsys, comma
 def test_config_fields():
     assert EvaluateConfig().judges is None and CompareConfig().judges is None
     assert CompareConfig(judges="rm:/x,positive").judges == "rm:/x,positive"
+
+
+# ------------------------------------------------------------------ moalign.evaluation.judges (trained judges)
+def test_ensure_judges_trains_once_then_reuses(tmp_path):
+    from moalign.evaluation import judges as J
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for s in J.JUDGE_SOURCES.values():
+        (data / s["file"]).write_text("")
+    calls = []
+
+    def fake_train(cfg):  # saves as train_reward does, with a tiny head and no backbone to run
+        from moalign.objectives.bradley_terry import Backbone, RewardHead, save_reward_model
+
+        calls.append((cfg.objective, cfg.data))
+        bb = Backbone()
+        bb.dim = 4
+        save_reward_model(RewardHead(4), bb, cfg, {"heldout_accuracy": 0.6}, cfg.output_dir)
+
+    paths = J.ensure_judges(tmp_path / "judges", data, trainer=fake_train)
+    assert sorted(calls) == sorted((n, str(data / s["file"])) for n, s in J.JUDGE_SOURCES.items())
+    conf = json.loads((paths["judge_harmless"] / "reward_config.json").read_text())
+    assert "CC-BY-NC" in conf["licence"]  # the licence goes with the trained judge
+    assert J.heldout_accuracy(paths["judge_helpful"]) == 0.6
+    again = J.ensure_judges(tmp_path / "judges", data, trainer=fake_train)
+    assert again == paths and len(calls) == 2  # trained on first use only
+    assert J.judge_specs(paths) == [f"rm:{paths['judge_helpful']}", f"rm:{paths['judge_harmless']}"]
+
+
+def test_ensure_judges_errors_are_one_line(tmp_path):
+    from moalign.evaluation import judges as J
+
+    with pytest.raises(MoalignError, match="not trained"):
+        J.ensure_judges(tmp_path / "j", tmp_path, train=False)
+    with pytest.raises(MoalignError, match="needs"):
+        J.ensure_judges(tmp_path / "j", tmp_path / "nowhere")
+    with pytest.raises(MoalignError, match="unknown judge"):
+        J.ensure_judges(tmp_path / "j", tmp_path, names=["judge_honest"])
+
+
+def test_rank_agreement_matches_scipy_and_groups():
+    from scipy import stats
+
+    from moalign.evaluation.judges import rank_agreement
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=40)
+    y = x + rng.normal(size=40)
+    g = np.repeat(np.arange(8), 5)
+    r = rank_agreement(x, y, groups=g)
+    assert r["spearman"] == pytest.approx(stats.spearmanr(x, y).statistic)
+    assert r["kendall"] == pytest.approx(stats.kendalltau(x, y).statistic)
+    within = np.mean([stats.spearmanr(x[g == k], y[g == k]).statistic for k in range(8)])
+    assert r["within_group_spearman_mean"] == pytest.approx(within) and r["n_groups"] == 8
+    assert rank_agreement(x, -x)["spearman"] == pytest.approx(-1.0)
+    with pytest.raises(MoalignError):
+        rank_agreement(x, y[:-1])
