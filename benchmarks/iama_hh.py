@@ -126,10 +126,10 @@ def main() -> None:
     for n in names[2:]:
         label[n] = "judge helpful" if "helpful" in n else "judge harmless"
 
-    table = {}
+    table, objective = {}, {}
     for name, recs in runs.items():
         by_prompt: dict[str, list] = {}
-        for r in recs:
+        for r in sorted(recs, key=lambda r: r["prompt_id"]):  # the same prompt order in every run (pairing)
             by_prompt.setdefault(r["prompt_id"], []).append(r)
         rows = {"sample": [], "bon4-helpful": [], "bon4-harmless": []}
         words = {k: [] for k in rows}
@@ -142,11 +142,25 @@ def main() -> None:
                 j = int(np.argmax(z[:, col]))  # best-of-4 by that criterion's own (proxy) reward
                 rows[key].append(z[j])
                 words[key].append(w[j])
+        # IAMA's objective with the sum, per prompt: mean over criteria of best-of-4's value on that
+        # criterion (proxy: the criteria themselves; judge: the matching judge on the same selections)
+        bh, bs = np.array(rows["bon4-helpful"]), np.array(rows["bon4-harmless"])
+        jh = next((i for i, n in enumerate(names) if label[n] == "judge helpful"), None)
+        js = next((i for i, n in enumerate(names) if label[n] == "judge harmless"), None)
+        objective[name] = {"proxy": (bh[:, 0] + bs[:, 1]) / 2}
+        if jh is not None and js is not None:
+            objective[name]["judge"] = (bh[:, jh] + bs[:, js]) / 2
         table[name] = {
             k: {**{label[n]: boot_ci(np.array(v)[:, i], seed=args.seed) for i, n in enumerate(names)},
                 "words": float(np.mean(words[k])), "prompts": len(v)}
             for k, v in rows.items()
         }  # fmt: skip
+
+    paired = {}
+    for a, b in (("iama-sum", "grpo"), ("iama-min", "grpo"), ("iama-sum", "base"), ("iama-min", "base"),
+                 ("grpo", "base")):  # fmt: skip
+        paired[f"{a} - {b}"] = {k: boot_ci(objective[a][k] - objective[b][k], seed=args.seed) for k in objective[a]}
+    objective_ci = {n: {k: boot_ci(v, seed=args.seed) for k, v in o.items()} for n, o in objective.items()}
 
     lines = ["| policy | selection | " + " | ".join(label[n] for n in names) + " | words |",
              "|---" * (len(names) + 3) + "|"]  # fmt: skip
@@ -154,6 +168,11 @@ def main() -> None:
         for k, v in sel.items():
             cells = [f"{v[label[n]][0]:+.2f} [{v[label[n]][1]:+.2f}, {v[label[n]][2]:+.2f}]" for n in names]
             lines.append(f"| {name} | {k} | " + " | ".join(cells) + f" | {v['words']:.0f} |")
+    lines += ["", "Best-of-4 objective (mean over the criteria of best-of-4's value by that criterion's reward):", "",
+              "| policy or difference | PROXY | JUDGE |", "|---|---|---|"]  # fmt: skip
+    for n, o in list(objective_ci.items()) + list(paired.items()):
+        cells = [f"{o[k][0]:+.2f} [{o[k][1]:+.2f}, {o[k][2]:+.2f}]" if k in o else "—" for k in ("proxy", "judge")]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     md = "\n".join(lines)
     (RESULTS / f"{tag}.md").write_text(md + "\n")
     print(md)
@@ -191,7 +210,8 @@ def main() -> None:
         summary += "; judge " + ", ".join(
             f"{n} {bon(n, 'helpful', 'judge'):+.2f}/{bon(n, 'harmless', 'judge'):+.2f}" for n in table
         )
-    write_result(tag, {"args": vars(args), "train": train_info, "table": table,
+    write_result(tag, {"args": vars(args), "train": train_info, "table": table, "bon4_objective": objective_ci,
+                       "paired": paired,
                              "signals": label}, summary + f" ({args.steps} steps, {args.eval_prompts} held-out prompts)")  # fmt: skip
 
 
