@@ -410,30 +410,23 @@ class ServerClient:
         two choices and their token ids), then, if that fails, a text prompt with n=2."""
         plain = SamplingConfig(temperature=1.0)
         caps = Capabilities(probed=True)
-        try:
-            self.complete(prompt_ids, max_tokens=2, sampling=plain, seed=0, n=2, probe=True)
+
+        def accepts(prompt, n: int) -> bool:
+            try:
+                self.complete(prompt, max_tokens=2, sampling=plain, seed=0, n=n, probe=True)
+                return True
+            except ServerUnreachable:
+                raise
+            except ServerError:
+                return False
+
+        if accepts(prompt_ids, 2):
             caps.token_ids, caps.n = True, True
             return caps
-        except ServerUnreachable:
-            raise
-        except ServerError:
-            pass
-        try:
-            self.complete(prompt_ids, max_tokens=2, sampling=plain, seed=0, n=1, probe=True)
-            caps.token_ids = True
-        except ServerUnreachable:
-            raise
-        except ServerError:
-            pass
-        try:
-            self.complete(prompt_text, max_tokens=2, sampling=plain, seed=0, n=2, probe=True)
-            caps.n = True
-        except ServerUnreachable:
-            raise
-        except ServerError:
-            self.complete(
-                prompt_text, max_tokens=1, sampling=plain, seed=0, n=1, probe=True
-            )  # text must work
+        caps.token_ids = accepts(prompt_ids, 1)
+        caps.n = accepts(prompt_text, 2)
+        if not caps.n:  # text prompts must work: a failure here is the server's error, raised
+            self.complete(prompt_text, max_tokens=1, sampling=plain, seed=0, n=1, probe=True)
         return caps
 
     def server_tokenize(self, text: str) -> list[int] | None:
