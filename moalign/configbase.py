@@ -28,3 +28,13 @@ def versions() -> dict:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def json_default(o):
+    """``json.dumps(default=...)`` for what configs and logs hold: tensors as lists, enums as their value,
+    anything else as its string."""
+    if hasattr(o, "tolist"):  # torch tensors, numpy arrays and scalars
+        return o.tolist()
+    if hasattr(o, "value"):  # enums (e.g. transformers' IntervalStrategy)
+        return o.value
+    return str(o)

@@ -47,6 +47,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import SaveStrategy, get_last_checkpoint
 
+from moalign.configbase import json_default
 from moalign.errors import MoalignError
 from moalign.training.combiners import apply_weights, gram_matrix
 from moalign.training.lora import LoraArguments, apply_lora, check_lora_args
@@ -756,7 +757,7 @@ class MultiObjectiveDPOTrainer(Trainer):
         if self.combiner_log is not None and self.is_world_process_zero():
             row = {"step": self.state.global_step + 1, "objectives": self.objective_names, **stats}
             with open(self.combiner_log, "a") as f:
-                f.write(json.dumps(row, default=_json_default) + "\n")
+                f.write(json.dumps(row, default=json_default) + "\n")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the mean of the per-step combiner statistics since the last log to training logs."""
@@ -788,12 +789,6 @@ class MultiObjectiveDPOTrainer(Trainer):
                 keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
                 self.combiner_log.write_text("".join(r + "\n" for r in keep))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
-
-def _json_default(o):
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    return str(o)
 
 
 # --------------------------------------------------------------------------------------- entry point

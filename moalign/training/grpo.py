@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -34,9 +33,9 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import RepeatSampler
 
 from moalign.configbase import config_field as _f
-from moalign.configbase import versions
+from moalign.configbase import json_default, versions
 from moalign.errors import MoalignError
-from moalign.objectives.base import Objective, get_objective
+from moalign.objectives.base import Objective, get_objective, move_objectives
 from moalign.objectives.normalize import NormStats, load_norm_stats, shipped_norm_stats
 from moalign.policies import DEFAULT_POLICY
 from moalign.training.dpo import accelerator_available
@@ -91,7 +90,9 @@ class IAMAConfig(GRPOConfig, LoraArguments):
         "z-score each criterion's reward before the transform: auto (statistics shipped for the policy when "
         "they cover the criteria, else none), none, or a stats JSON / run .meta.json",
     )
-    objective_device: str | None = _f(None, "device for the objectives (default: theirs)")
+    objective_device: str | None = _f(
+        None, "device of the neural objectives: policy (the policy's) or a torch device (default: their own)"
+    )
     gradient_checkpointing: bool | None = _f(
         None, "deprecated alias of --activation-checkpointing (TRL's GRPOConfig turns it on; off here)"
     )
@@ -124,7 +125,7 @@ class IAMAConfig(GRPOConfig, LoraArguments):
     # the parts of the config this module reads, checked once
     def given_dict(self) -> dict:
         """The config as constructed (JSON-able), before derived fields were filled in."""
-        return json.loads(json.dumps(self._given, default=_json_default))
+        return json.loads(json.dumps(self._given, default=json_default))
 
     def criteria(self) -> list[CriterionSpec]:
         return parse_criteria(self.criterion)
@@ -213,7 +214,7 @@ def _norm_stats(cfg: IAMAConfig, names: list[str]) -> NormStats | None:
 
 
 def reward_functions(
-    cfg: IAMAConfig, objectives: Sequence[Objective] | None = None
+    cfg: IAMAConfig, objectives: Sequence[Objective] | None = None, policy_device=None
 ) -> tuple[list[ObjectiveReward], NormStats | None]:
     """One TRL reward function per criterion (in ``--criterion`` order), z-scored when statistics exist."""
     specs = cfg.criteria()
@@ -226,9 +227,7 @@ def reward_functions(
             raise MoalignError(f"no objective given for criteria {missing}")
         objs = [by_name[s.name] for s in specs]
     if cfg.objective_device:
-        for o in objs:
-            if hasattr(o, "to"):
-                o.to(cfg.objective_device)
+        move_objectives(objs, cfg.objective_device, policy_device)
     stats = _norm_stats(cfg, [s.name for s in specs])
     fns = []
     for s, o in zip(specs, objs):
@@ -370,7 +369,7 @@ def build_iama_trainer(
     if policy is None:
         device = "cpu" if cfg.use_cpu else default_device()
         policy = load_policy(cfg.policy, device=device)
-    funcs, stats = reward_functions(cfg, objectives)
+    funcs, stats = reward_functions(cfg, objectives, policy_device=policy.device)
     model = policy.model
     model.train()
     with quiet_upstream_renames():  # TRL wraps the model with peft here
@@ -384,14 +383,6 @@ def build_iama_trainer(
         )
     trainer.norm_stats = stats
     return trainer
-
-
-def _json_default(o):
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if hasattr(o, "value"):  # enums
-        return o.value
-    return str(o)
 
 
 def train_grpo(cfg: IAMAConfig, objectives: Sequence[Objective] | None = None) -> dict:
@@ -443,5 +434,5 @@ def train_grpo(cfg: IAMAConfig, objectives: Sequence[Objective] | None = None) -
         "versions": versions(),
         "log_history": history,
     }
-    (out / "iama_run.json").write_text(json.dumps(record, indent=2, default=_json_default))
+    (out / "iama_run.json").write_text(json.dumps(record, indent=2, default=json_default))
     return result
