@@ -50,9 +50,10 @@ def split_prompts(out: Path, n_train: int, n_eval: int) -> tuple[Path, Path]:
 
 
 def boot_ci(x: np.ndarray, seed: int = 0, n: int = 2000) -> list[float]:
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(n, len(x)))].mean(1)
-    return [float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    """``[mean, low, high]``: the project's percentile bootstrap over prompts (95%)."""
+    from moalign.evaluation.metrics import bootstrap_ci
+
+    return [float(v) for v in bootstrap_ci(np.mean, x, n_boot=n, seed=seed)]
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -91,11 +92,12 @@ def summarise(groups: list[list[int]], targets, tol: int, seed: int = 0) -> dict
         out["std"] = float(x.std())
         return out
 
-    est = stats(L)
-    g = torch.Generator().manual_seed(seed)
-    boots = [stats(L[torch.randint(0, len(L), (len(L),), generator=g)]) for _ in range(2000)]
-    res = {k: [v, *torch.tensor([b[k] for b in boots]).quantile(torch.tensor([0.025, 0.975])).tolist()]
-           for k, v in est.items()}  # fmt: skip
+    from moalign.evaluation.metrics import bootstrap_ci
+
+    keys = list(stats(L))
+    est, low, high = bootstrap_ci(lambda x: np.array([stats(torch.from_numpy(x))[k] for k in keys]), L.numpy(),
+                                  n_boot=2000, seed=seed)  # fmt: skip
+    res = {k: [float(est[i]), float(low[i]), float(high[i])] for i, k in enumerate(keys)}
     flat = L.flatten()
     res.update({"prompts": len(L), "samples": int(flat.numel()), "mean": float(flat.mean()),
                 "hist": torch.histc(flat, bins=16, min=0, max=L_MAX).int().tolist()})  # fmt: skip
