@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
+sys.path.insert(0, str(ROOT / "scripts"))  # development tools (the local llama.cpp server launcher)
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 

@@ -22,7 +22,8 @@ import torch
 from _common import SHARED_DATA, write_result
 
 from moalign.data.prompts import load_prompts
-from moalign.decoding.engine import BlockStep, BlockwiseEngine, SamplingConfig, Selection
+from moalign.decoding.backend import BlockStep, SamplingConfig, Selection
+from moalign.decoding.in_process import TransformersBackend
 from moalign.policies import load_policy
 
 
@@ -40,7 +41,7 @@ def main() -> None:
     src = SHARED_DATA / "hh-helpful-base-test.jsonl.gz"
     prompts = load_prompts(str(src), limit=args.prompts)
     policy = load_policy()
-    eng = BlockwiseEngine(policy, SamplingConfig(temperature=1.0))
+    eng = TransformersBackend(policy, SamplingConfig(temperature=1.0))
     eng.eos_ids = torch.tensor([-1])  # never stop early: equal token counts in every variant
     tok, model = policy.tokenizer, policy.model
     K, B, T = args.k, args.block_size, args.max_new_tokens

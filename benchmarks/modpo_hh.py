@@ -63,10 +63,11 @@ def _worst(*arrays):
 
 
 def generate(model, tok, prompts, max_new_tokens, seed, batch=8):
-    from moalign.decoding.engine import BlockwiseEngine, SamplingConfig
+    from moalign.decoding.backend import SamplingConfig
+    from moalign.decoding.in_process import TransformersBackend
     from moalign.policies import Policy
 
-    eng = BlockwiseEngine(Policy(model, tok, "trained", "memory"), SamplingConfig(temperature=0.7, top_p=0.9))
+    eng = TransformersBackend(Policy(model, tok, "trained", "memory"), SamplingConfig(temperature=0.7, top_p=0.9))
     out = []
     was = model.training
     model.eval()

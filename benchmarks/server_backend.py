@@ -26,11 +26,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from _common import write_result  # noqa: E402
+from llama_server import LlamaServer  # noqa: E402  (scripts/, on the path through _common)
 
 from moalign.config import GenerateConfig  # noqa: E402
 from moalign.data.prompts import demo_prompts_path, load_prompts  # noqa: E402
-from moalign.decoding.engine import BlockwiseEngine, SamplingConfig, _strip, first_candidate  # noqa: E402
-from moalign.decoding.llama_server import LlamaServer  # noqa: E402
+from moalign.decoding.backend import SamplingConfig, first_candidate, strip_eos  # noqa: E402
+from moalign.decoding.in_process import TransformersBackend  # noqa: E402
 from moalign.decoding.registry import MethodContext, get_method  # noqa: E402
 from moalign.decoding.values import ObjectiveScorer  # noqa: E402
 from moalign.objectives.base import resolve_objectives  # noqa: E402
@@ -56,7 +57,7 @@ class CountingEngine:
         def counting(step):
             nonlocal base
             P, K = step.done.shape
-            lengths = [len(_strip(step.token_ids[p, j].tolist(), eos)) + int(bool(step.done[p, j]))
+            lengths = [len(strip_eos(step.token_ids[p, j].tolist(), eos)) + int(bool(step.done[p, j]))
                        for p in range(P) for j in range(K)]  # fmt: skip
             start = base or [0] * len(lengths)
             self.sampled += sum(max(0, a - b) for a, b in zip(lengths, start))
@@ -115,13 +116,13 @@ def main() -> None:
     t0 = time.perf_counter()
     policy = load_policy(DEFAULT_POLICY)
     local_load = time.perf_counter() - t0
-    local = BlockwiseEngine(policy, SamplingConfig())
+    local = TransformersBackend(policy, SamplingConfig())
     results: dict = {"local": {}, "server": {}}
     for name, cfg in methods.items():
         results["local"][name] = run(local, policy, cfg, scorer, prompts)
         print("local", name, results["local"][name], flush=True)
 
-    from moalign.decoding.server import connect
+    from moalign.decoding.completions import connect
 
     t0 = time.perf_counter()
     with LlamaServer(n_threads=1, n_ctx=4096) as srv:

@@ -32,23 +32,24 @@ def main() -> None:
     print(format_report(res["heldout"]))
 
     # decode-time cost of the heads. "hook": the engine returns the last hidden state of every candidate with its
-    # block (need_hidden=True, what `moalign generate --values PATH` does), the heads are a matmul on it;
+    # block (hidden=True, what `moalign generate --values PATH` does), the heads are a matmul on it;
     # "forward": no hook, one extra forward pass over prompt + candidates per block. Both against decoding with
     # no value call at all; interleaved repeats, same seeds (same tokens: the selector always keeps candidate 0).
     from moalign.data.prompts import to_prompt
-    from moalign.decoding.engine import BlockwiseEngine, Selection
+    from moalign.decoding.backend import Selection
+    from moalign.decoding.in_process import TransformersBackend
     from moalign.policies import load_policy
 
     policy = load_policy(cfg.policy)
     vf = load_value_function(cfg.out, policy)
     prompts = [to_prompt(q) for q in ("How do I bake bread?", "Tell me a joke.", "Why is the sky blue?", "Hi!")]
-    engines = {"none": BlockwiseEngine(policy), "hook": BlockwiseEngine(policy, need_hidden=True),
-               "forward": BlockwiseEngine(policy)}  # fmt: skip
+    eng = TransformersBackend(policy)
+    engines = {"none": False, "hook": True, "forward": False}  # mode -> the decode returns hidden states
     walls: dict[str, list[float]] = {m: [] for m in engines}
     calls: dict[str, list[float]] = {m: [] for m in engines}
 
     for rep in range(4):
-        for mode, eng in engines.items():
+        for mode, hidden in engines.items():
 
             def selector(step, mode=mode):
                 if mode != "none":
@@ -58,7 +59,7 @@ def main() -> None:
                 return Selection(torch.zeros(len(step.prompts), dtype=torch.long))
 
             t0 = time.perf_counter()
-            eng.decode(prompts, k=4, block_size=16, max_new_tokens=64, selector=selector, seed=rep)
+            eng.decode(prompts, k=4, block_size=16, max_new_tokens=64, selector=selector, seed=rep, hidden=hidden)
             if rep > 0:  # first round is warm-up
                 walls[mode].append(time.perf_counter() - t0)
     total = {m: sum(v) for m, v in walls.items()}

@@ -109,9 +109,9 @@ class _GenerateSettings:
         if self.backend not in ("local", "server"):
             raise MoalignError(f"--backend must be local or server, got {self.backend!r}")
         if self.backend == "server":
-            from moalign.decoding.server import Capabilities
+            from moalign.decoding.completions import ServerCapabilities
 
-            Capabilities.parse(self.server_capabilities)  # an unknown capability fails before connecting
+            ServerCapabilities.parse(self.server_capabilities)  # an unknown capability fails before connecting
         self.method_args()
 
     def method_args(self):

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from moalign.config import GenerateConfig, versions
 from moalign.data.prompts import Prompt, load_prompts
-from moalign.decoding.engine import BlockwiseEngine, SamplingConfig
+from moalign.decoding.backend import Backend, SamplingConfig
+from moalign.decoding.in_process import TransformersBackend
 from moalign.decoding.registry import MethodContext, get_method
 from moalign.decoding.values import ObjectiveScorer
 from moalign.errors import MoalignError
@@ -36,7 +37,7 @@ def batch_seed(seed: int, first_index: int) -> int:
 
 
 def estimate_norm_stats(
-    engine: BlockwiseEngine,
+    engine: Backend,
     prompts: list[Prompt],
     scorer: ObjectiveScorer,
     *,
@@ -93,12 +94,12 @@ def generate(
     names = [o.name for o in objectives]
     sampling = SamplingConfig(cfg.temperature, cfg.top_p, cfg.top_k)
     if cfg.backend == "server":  # the policy is an OpenAI-compatible server (a passed local policy is unused)
-        from moalign.decoding.server import connect
+        from moalign.decoding.completions import connect
 
         policy, engine = connect(cfg, sampling)
     else:
         policy = policy or load_policy(cfg.policy, device=cfg.device or default_device(), dtype=cfg.dtype)
-        engine = BlockwiseEngine(policy, sampling, system_prompt=cfg.system_prompt)
+        engine = TransformersBackend(policy, sampling, system_prompt=cfg.system_prompt)
     if cfg.objective_device:
         move_objectives(objectives, cfg.objective_device, policy.device)
     raw_scorer = ObjectiveScorer(objectives)
@@ -163,8 +164,7 @@ def generate(
         bar.close()
         if writer is not None:
             writer.close()
-        if cfg.backend == "server":
-            engine.client.close()
+        engine.close()
     return records
 
 

@@ -76,6 +76,14 @@ BUNDLED = {
 }
 
 
+def bundled_gguf(name: str = "smollm2-135m-instruct") -> Path:
+    """The GGUF file of a bundled policy (e.g. to serve it with ``python -m llama_cpp.server --model``)."""
+    if name not in BUNDLED:
+        raise MoalignError(f"unknown bundled policy {name!r}; choose from {', '.join(BUNDLED)}")
+    folder, fname = BUNDLED[name]()
+    return folder / fname
+
+
 def resolve_policy_source(name_or_path: str) -> tuple[str, dict]:
     """Map a bundled name, local folder/GGUF file or hub id to (path_or_id, from_pretrained kwargs)."""
     if name_or_path in BUNDLED:

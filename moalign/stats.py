@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moalign.data.prompts import load_prompts
-from moalign.decoding.engine import BlockwiseEngine, SamplingConfig
+from moalign.decoding.backend import SamplingConfig
+from moalign.decoding.in_process import TransformersBackend
 from moalign.decoding.values import ObjectiveScorer
 from moalign.generate import estimate_norm_stats
 from moalign.objectives.base import resolve_objectives
@@ -32,7 +33,7 @@ def compute_stats(cfg: StatsConfig) -> NormStats:
 
     prompts = load_prompts(cfg.prompts or demo_prompts_path(), column=cfg.prompt_column, limit=cfg.n_prompts)
     policy = load_policy(cfg.policy, device=cfg.device or default_device())
-    engine = BlockwiseEngine(policy, SamplingConfig())
+    engine = TransformersBackend(policy, SamplingConfig())
     scorer = ObjectiveScorer(resolve_objectives(cfg.objectives))
     stats = None
     batches = []

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from moalign.data.prompts import to_prompt
-from moalign.decoding.engine import BlockStep, BlockwiseEngine, SamplingConfig, Selection
+from moalign.decoding.backend import BlockStep, SamplingConfig, Selection
+from moalign.decoding.in_process import TransformersBackend
 from moalign.errors import MoalignError
 
 PROMPTS = ["What is the capital of France?", "Write two sentences about the sea, please.", "Hi"]
@@ -68,7 +69,7 @@ def _ended_rows(step: BlockStep, eos: set[int]):
 
 def test_ended_rows_pad_in_every_block(tiny_policy):
     """Fails if rows that ended keep generating: after a row's end-of-turn every position is padding."""
-    eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=1.0))
+    eng = TransformersBackend(tiny_policy, SamplingConfig(temperature=1.0))
     eos = set(eng.eos_ids.tolist())
     ended = []
 
@@ -93,7 +94,7 @@ def test_ended_rows_pad_in_every_block(tiny_policy):
 
 
 def _mean_logprob(policy, **sampling) -> float:
-    eng = BlockwiseEngine(policy, SamplingConfig(**sampling))
+    eng = TransformersBackend(policy, SamplingConfig(**sampling))
     res = eng.decode(
         [to_prompt(p) for p in PROMPTS], k=16, block_size=12, max_new_tokens=12, seed=0, keep_all=True
     )
@@ -106,17 +107,17 @@ def test_temperature_top_k_top_p_change_what_is_sampled(tiny_policy, one_thread)
     likely (higher untempered log-prob) than high temperature; top-k=1 and a tiny top-p sample greedily."""
     cold, hot = _mean_logprob(tiny_policy, temperature=0.5), _mean_logprob(tiny_policy, temperature=2.0)
     assert cold > hot + 0.5, (cold, hot)
-    eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=0))
+    eng = TransformersBackend(tiny_policy, SamplingConfig(temperature=0))
     greedy = [
         r.token_ids for r in eng.decode([to_prompt(p) for p in PROMPTS], k=1, block_size=8, max_new_tokens=8)
     ]
     for kw in (dict(top_k=1), dict(top_p=1e-6)):
-        e = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=1.5, **kw))
+        e = TransformersBackend(tiny_policy, SamplingConfig(temperature=1.5, **kw))
         res = e.decode(
             [to_prompt(p) for p in PROMPTS], k=3, block_size=8, max_new_tokens=8, seed=4, keep_all=True
         )
         assert all(row.token_ids == g for r, g in zip(res, greedy) for row in r.rows), kw
-    free = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=1.5))
+    free = TransformersBackend(tiny_policy, SamplingConfig(temperature=1.5))
     res = free.decode(
         [to_prompt(p) for p in PROMPTS], k=3, block_size=8, max_new_tokens=8, seed=4, keep_all=True
     )
@@ -126,7 +127,7 @@ def test_temperature_top_k_top_p_change_what_is_sampled(tiny_policy, one_thread)
 def test_hidden_state_of_an_ended_row_stays_at_its_end_of_turn(tiny_policy):
     """Fails if an ended row's hidden state keeps moving: value heads must read the state at the row's
     end-of-turn token (checked against a fresh forward pass), on rows that ended before the block's end."""
-    eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=1.0), need_hidden=True)
+    eng = TransformersBackend(tiny_policy, SamplingConfig(temperature=1.0))
     eos = set(eng.eos_ids.tolist())
     checked = []
 
@@ -147,7 +148,8 @@ def test_hidden_state_of_an_ended_row_stays_at_its_end_of_turn(tiny_policy):
     handle = _eos_bias(tiny_policy, int(eng.eos_ids[0]), 9.0)
     try:
         eng.decode(
-            [to_prompt(p) for p in PROMPTS], k=3, block_size=6, max_new_tokens=12, selector=selector, seed=1
+            [to_prompt(p) for p in PROMPTS], k=3, block_size=6, max_new_tokens=12, selector=selector, seed=1,
+            hidden=True,
         )
     finally:
         handle.remove()

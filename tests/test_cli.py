@@ -74,7 +74,7 @@ def test_a_registered_method_is_one_module_and_one_line(tmp_path, tiny_policy_di
 
     import moalign.config as config
     from moalign.configbase import config_field
-    from moalign.decoding.engine import first_candidate
+    from moalign.decoding.backend import first_candidate
     from moalign.decoding.registry import _REGISTRY, MethodSpec, methods_table, register_method
     from moalign.decoding.selection import EngineDecoder
 

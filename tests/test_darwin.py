@@ -202,9 +202,10 @@ def test_mutation_complete_waits_for_the_whole_last_item():
 
 def test_selector_finish_ends_rows_early(tiny_policy):
     """Selection.finish ends rows like an end-of-turn token: they stop growing and count as finished."""
-    from moalign.decoding.engine import BlockStep, BlockwiseEngine, SamplingConfig, Selection
+    from moalign.decoding.backend import BlockStep, SamplingConfig, Selection
+    from moalign.decoding.in_process import TransformersBackend
 
-    eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=1.0))
+    eng = TransformersBackend(tiny_policy, SamplingConfig(temperature=1.0))
 
     def stop_row0(step: BlockStep) -> Selection:
         P, K = step.done.shape
@@ -223,8 +224,8 @@ def test_selector_finish_ends_rows_early(tiny_policy):
 
 
 def test_replacement_selector_scores_partial_beams_with_values_and_final_beams_with_the_reward():
+    from moalign.decoding.backend import BlockStep
     from moalign.decoding.darwin import _ReplacementSelector
-    from moalign.decoding.engine import BlockStep
     from moalign.decoding.scalarize import Scalarization
 
     values = lambda step: torch.tensor([[[0.0], [0.0], [1.0], [0.5]]])  # noqa: E731  (value estimates)

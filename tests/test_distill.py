@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from moalign.decoding.engine import BlockwiseEngine, SamplingConfig
+from moalign.decoding.backend import SamplingConfig
+from moalign.decoding.in_process import TransformersBackend
 from moalign.errors import MoalignError
 from moalign.policies import load_policy, render_chat
 from moalign.training.distill import (
@@ -59,7 +60,7 @@ def test_distill_lowers_loss_and_loads(tiny_policy_dir, tmp_path, lora):
     assert meta["seed"] == 0 and "torch" in meta["versions"] and meta["data"]["methods"] == {"rmod": 6}
     assert not (out / "trainer").exists()
 
-    eng = BlockwiseEngine(tuned, SamplingConfig(temperature=0))
+    eng = TransformersBackend(tuned, SamplingConfig(temperature=0))
     from moalign.data.prompts import to_prompt
 
     r = eng.decode([to_prompt("Question 1?")], k=1, block_size=4, max_new_tokens=4)[0]
@@ -164,7 +165,7 @@ def test_real_policy_lora_distill(tmp_path):
     assert after < before, (before, after, res["train_loss"])
     from moalign.data.prompts import to_prompt
 
-    r = BlockwiseEngine(tuned, SamplingConfig(temperature=0)).decode(
+    r = TransformersBackend(tuned, SamplingConfig(temperature=0)).decode(
         [to_prompt("Question 7?")], k=1, block_size=8, max_new_tokens=8
     )[0]
     assert r.response.strip()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from moalign.data.prompts import to_prompt
-from moalign.decoding.engine import BlockStep, BlockwiseEngine, SamplingConfig, Selection
+from moalign.decoding.backend import BlockStep, SamplingConfig, Selection
+from moalign.decoding.in_process import TransformersBackend
 from moalign.errors import MoalignError
 
 PROMPTS = [
@@ -16,7 +17,7 @@ PROMPTS = [
 ]
 
 
-def _generate_greedy(engine: BlockwiseEngine, prompts, max_new_tokens: int) -> list[list[int]]:
+def _generate_greedy(engine: TransformersBackend, prompts, max_new_tokens: int) -> list[list[int]]:
     tok = engine.tok
     enc = tok(
         [engine.render(p) for p in prompts], return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
@@ -40,7 +41,7 @@ def _generate_greedy(engine: BlockwiseEngine, prompts, max_new_tokens: int) -> l
 @pytest.mark.parametrize("block_size", [1, 5, 64])
 def test_greedy_k1_matches_generate_tiny(tiny_policy, block_size):
     prompts = [to_prompt(p) for p in PROMPTS]
-    eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=0))
+    eng = TransformersBackend(tiny_policy, SamplingConfig(temperature=0))
     res = eng.decode(prompts, k=1, block_size=block_size, max_new_tokens=23)
     ref = _generate_greedy(eng, prompts, 23)
     assert [r.token_ids for r in res] == ref
@@ -50,7 +51,7 @@ def test_greedy_k1_matches_generate_tiny(tiny_policy, block_size):
 @pytest.mark.real
 def test_greedy_k1_matches_generate_real(real_policy):
     prompts = [to_prompt(p) for p in PROMPTS]
-    eng = BlockwiseEngine(real_policy, SamplingConfig(temperature=0))
+    eng = TransformersBackend(real_policy, SamplingConfig(temperature=0))
     res = eng.decode(prompts, k=1, block_size=7, max_new_tokens=30)
     ref = _generate_greedy(eng, prompts, 30)
     assert [r.token_ids for r in res] == ref
@@ -70,7 +71,7 @@ def _full_logprobs(policy, engine, prompt, ids):
 def test_kv_cache_reuse_matches_full_forward(tiny_policy):
     """After rows are swapped between blocks, each token's log-prob must equal a fresh full forward pass."""
     prompts = [to_prompt(p) for p in PROMPTS[:2]]
-    eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=1.0))
+    eng = TransformersBackend(tiny_policy, SamplingConfig(temperature=1.0))
     picks = []
 
     def selector(step: BlockStep) -> Selection:
@@ -88,7 +89,7 @@ def test_kv_cache_reuse_matches_full_forward(tiny_policy):
 def test_selected_candidate_is_kept(tiny_policy):
     """The final response's tokens of each block are those of the candidate the selector picked."""
     prompts = [to_prompt(PROMPTS[1])]
-    eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=1.0))
+    eng = TransformersBackend(tiny_policy, SamplingConfig(temperature=1.0))
     seen: list[torch.Tensor] = []
 
     def selector(step: BlockStep) -> Selection:
@@ -103,7 +104,7 @@ def test_selected_candidate_is_kept(tiny_policy):
 
 def test_seed_reproducible_and_sensitive(tiny_policy):
     prompts = [to_prompt(p) for p in PROMPTS]
-    eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=1.0, top_k=50, top_p=0.9))
+    eng = TransformersBackend(tiny_policy, SamplingConfig(temperature=1.0, top_k=50, top_p=0.9))
     a = eng.decode(prompts, k=2, block_size=8, max_new_tokens=16, seed=11, keep_all=True)
     b = eng.decode(prompts, k=2, block_size=8, max_new_tokens=16, seed=11, keep_all=True)
     c = eng.decode(prompts, k=2, block_size=8, max_new_tokens=16, seed=12, keep_all=True)
@@ -113,7 +114,7 @@ def test_seed_reproducible_and_sensitive(tiny_policy):
 
 def test_eos_rows_stop_and_pad(tiny_policy):
     """A row that samples an end-of-turn token stops there: nothing after it reaches the response."""
-    eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=1.0))
+    eng = TransformersBackend(tiny_policy, SamplingConfig(temperature=1.0))
     eos = int(eng.eos_ids[0])
 
     # bias the tiny model towards EOS (a logit bump on its output layer) so that rows end at different steps
@@ -136,21 +137,21 @@ def test_eos_rows_stop_and_pad(tiny_policy):
 
 
 def test_bad_arguments(tiny_policy):
-    eng = BlockwiseEngine(tiny_policy)
+    eng = TransformersBackend(tiny_policy)
     p = [to_prompt("hello")]
     with pytest.raises(MoalignError, match="K"):
         eng.decode(p, k=0, block_size=4, max_new_tokens=4)
     with pytest.raises(MoalignError, match="block size"):
         eng.decode(p, k=1, block_size=0, max_new_tokens=4)
     with pytest.raises(MoalignError, match="temperature"):
-        BlockwiseEngine(tiny_policy, SamplingConfig(temperature=-1))
+        TransformersBackend(tiny_policy, SamplingConfig(temperature=-1))
     with pytest.raises(MoalignError, match="selector"):
         eng.decode(p, k=2, block_size=4, max_new_tokens=4, selector=lambda s: Selection(torch.tensor([5])))
 
 
 def test_last_hidden_matches_full_forward(tiny_policy):
-    """need_hidden: each candidate's hidden state equals a fresh forward pass over prompt + its tokens."""
-    eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=1.0), need_hidden=True)
+    """hidden=True: each candidate's hidden state equals a fresh forward pass over prompt + its tokens."""
+    eng = TransformersBackend(tiny_policy, SamplingConfig(temperature=1.0))
     prompts = [to_prompt(p) for p in PROMPTS[:2]]
     eos = set(eng.eos_ids.tolist())
     checked = []
@@ -171,7 +172,7 @@ def test_last_hidden_matches_full_forward(tiny_policy):
                 checked.append(torch.allclose(step.last_hidden[p, j], h, atol=1e-4))
         return Selection(torch.tensor([1, 0]))
 
-    eng.decode(prompts, k=3, block_size=5, max_new_tokens=12, selector=selector, seed=2)
+    eng.decode(prompts, k=3, block_size=5, max_new_tokens=12, selector=selector, seed=2, hidden=True)
     assert len(checked) == 3 * 2 * 3 and all(checked)
 
 
@@ -186,7 +187,7 @@ def test_row_prompts_and_reprefill_match_full_forward(tiny_policy):
     group = [to_prompt(PROMPTS[0]), to_prompt(PROMPTS[1])]
     rows = [[to_prompt(PROMPTS[0]), to_prompt(PROMPTS[2]), to_prompt("Name a colour.")],
             [to_prompt(PROMPTS[1]), to_prompt(PROMPTS[1]), to_prompt("Say something kind.")]]  # fmt: skip
-    eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=1.0))
+    eng = TransformersBackend(tiny_policy, SamplingConfig(temperature=1.0))
     seen = []
 
     def selector(step: BlockStep) -> Selection:
@@ -219,7 +220,7 @@ def test_recache_copy_continues_under_parent_prompt(tiny_policy):
     """recache='copy': a moved row takes its parent's cache whole, so it continues under the parent's prompt."""
     group = [to_prompt(PROMPTS[0])]
     rows = [[to_prompt(PROMPTS[0]), to_prompt(PROMPTS[2])]]
-    eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=1.0))
+    eng = TransformersBackend(tiny_policy, SamplingConfig(temperature=1.0))
 
     def selector(step: BlockStep) -> Selection:
         return Selection(torch.tensor([0]), parents=torch.tensor([[0, 0]]))
@@ -234,7 +235,7 @@ def test_recache_copy_continues_under_parent_prompt(tiny_policy):
 
 def test_forward_tokens_count_prefill_and_running_rows(tiny_policy):
     """forward_tokens: each distinct prompt of a group prefilled once, then one token per running row."""
-    eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=0))
+    eng = TransformersBackend(tiny_policy, SamplingConfig(temperature=0))
     p = to_prompt(PROMPTS[1])
     n_prompt = len(eng.tok(eng.render(p), add_special_tokens=False).input_ids)
     res = eng.decode([p], k=3, block_size=5, max_new_tokens=5)
@@ -251,7 +252,7 @@ def test_forward_tokens_count_prefill_and_running_rows(tiny_policy):
 
 
 def test_bad_parents_and_row_prompts(tiny_policy):
-    eng = BlockwiseEngine(tiny_policy)
+    eng = TransformersBackend(tiny_policy)
     p = [to_prompt("hello")]
     with pytest.raises(MoalignError, match="parents"):
         eng.decode(p, k=2, block_size=2, max_new_tokens=4,
@@ -266,7 +267,7 @@ def test_tiny_policy_is_not_degenerate(tiny_policy):
     """The tiny model's greedy outputs differ between prompts, vary within a response, and end with
     end-of-turn on some prompts but not all (so greedy/EOS tests exercise both paths)."""
     prompts = [to_prompt(p) for p in PROMPTS + ["Say hi", "Name a fruit", "Count to three", "Why?"]]
-    eng = BlockwiseEngine(tiny_policy, SamplingConfig(temperature=0))
+    eng = TransformersBackend(tiny_policy, SamplingConfig(temperature=0))
     res = eng.decode(prompts, k=1, block_size=23, max_new_tokens=23)
     assert len({tuple(r.token_ids) for r in res}) == len(res)
     assert all(len(set(r.token_ids)) > 1 for r in res if len(r.token_ids) > 1)

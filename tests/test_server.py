@@ -18,11 +18,17 @@ from dataclasses import replace
 
 import pytest
 import torch
+from llama_server import LlamaServer, free_port, llama_cpp_available  # scripts/ (see conftest)
 
 from moalign.config import GenerateConfig
 from moalign.data.prompts import Prompt
-from moalign.decoding.llama_server import LlamaServer, free_port, llama_cpp_available
-from moalign.decoding.server import Capabilities, ServerClient, ServerUnreachable, normalize_base_url
+from moalign.decoding.backend import Capabilities
+from moalign.decoding.completions import (
+    ServerCapabilities,
+    ServerClient,
+    ServerUnreachable,
+    normalize_base_url,
+)
 from moalign.errors import MoalignError
 from moalign.generate import generate
 from moalign.objectives.base import CallableObjective, move_objectives, resolve_objectives
@@ -88,11 +94,11 @@ def test_base_url_and_capabilities_parse():
     assert normalize_base_url("http://h:1/v1/") == "http://h:1/v1"
     with pytest.raises(MoalignError, match="--base-url"):
         normalize_base_url("127.0.0.1:8000")
-    assert Capabilities.parse("auto") is None
-    assert Capabilities.parse("none") == Capabilities()
-    assert Capabilities.parse("token_ids,n") == Capabilities(token_ids=True, n=True)
+    assert ServerCapabilities.parse("auto") is None
+    assert ServerCapabilities.parse("none") == ServerCapabilities()
+    assert ServerCapabilities.parse("token_ids,n") == ServerCapabilities(token_ids=True, n=True)
     with pytest.raises(MoalignError, match="unknown capability 'logits'"):
-        Capabilities.parse("n,logits")
+        ServerCapabilities.parse("n,logits")
     with pytest.raises(MoalignError, match="--max-concurrency"):
         GenerateConfig(max_concurrency=0).validate()
 
@@ -133,18 +139,20 @@ def test_objective_device_moves_objectives_and_is_recorded(tiny_policy, tmp_path
 # ------------------------------------------------------------------------------------------ real server
 @pytest.mark.real
 def test_capabilities_probed_on_llama_cpp(llama_server):
-    from moalign.decoding.server import connect
+    from moalign.decoding.completions import connect
 
     policy, engine = connect(server_cfg(llama_server), _sampling())
-    caps = engine.caps
+    caps = engine.client.caps
     assert caps.probed and not caps.token_ids and not caps.n  # llama-cpp-python: text prompts, one choice
+    # ... declared to the loop as the backend's capabilities
+    assert engine.capabilities == Capabilities(hidden_states=False, token_ids=False, n_choices=False)
     assert policy.describe()["model"] == "smollm2"
     assert policy.describe()["tokenizer_matches_server"] is True
     engine.client.close()
 
 
 def _sampling():
-    from moalign.decoding.engine import SamplingConfig
+    from moalign.decoding.backend import SamplingConfig
 
     return SamplingConfig()
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moalign.data.prompts import to_prompt
-from moalign.decoding.engine import BlockStep
+from moalign.decoding.backend import BlockStep
 from moalign.decoding.value_heads import (
     HeadValueFunction,
     ValueHeads,
@@ -308,7 +308,7 @@ def test_policy_mismatch_raises(e_policy, tiny_policy, trained):
 @pytest.mark.real
 def test_real_policy_value_heads(real_policy, tmp_path):
     """The bundled policy with two no-training objectives: fit, save, load, value a real engine step."""
-    from moalign.decoding.engine import BlockwiseEngine
+    from moalign.decoding.in_process import TransformersBackend
 
     prompts = [to_prompt(q) for q in ["Name a fruit.", "How do I boil an egg?", "Say something nice.",
                "What is the capital of France?", "Describe rain.", "Give me a tip for sleeping well."]]  # fmt: skip
@@ -321,13 +321,13 @@ def test_real_policy_value_heads(real_policy, tmp_path):
     assert set(res["heldout"]["all"]["mse"]) == {"concise", "positive"}
 
     vf = load_value_function(tmp_path, real_policy, system_prompt=None)
-    eng = BlockwiseEngine(real_policy)
+    eng = TransformersBackend(real_policy)
     seen = {}
 
     def selector(step):
         seen["v"] = vf(step)
         seen["ref"] = vf.from_hidden(_reference_hidden(real_policy, step))
-        from moalign.decoding.engine import Selection
+        from moalign.decoding.backend import Selection
 
         return Selection(torch.zeros(len(step.prompts), dtype=torch.long))
 

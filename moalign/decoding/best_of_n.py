@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moalign.decoding.engine import BlockStep, Selection
+from moalign.decoding.backend import BlockStep, Selection
 from moalign.decoding.registry import MethodContext, MethodSpec, register_method
 from moalign.decoding.scalarize import Scalarization
 from moalign.decoding.selection import EngineDecoder, ValueFn, rounded, values_for_active

@@ -3,7 +3,7 @@ scalarised value (fixed weights: CD-Uniform / single objective; or the worst cas
 
 from __future__ import annotations
 
-from moalign.decoding.engine import BlockStep, Selection
+from moalign.decoding.backend import BlockStep, Selection
 from moalign.decoding.registry import MethodContext, MethodSpec, register_method
 from moalign.decoding.scalarize import Scalarization
 from moalign.decoding.selection import EngineDecoder, ValueFn, rounded, values_for_active
@@ -22,7 +22,7 @@ def cd_selector(value_fn: ValueFn, scalarize: Scalarization):
 def build_cd(ctx: MethodContext, args) -> EngineDecoder:
     c = ctx.cfg
     selector = cd_selector(ctx.value_fn(), ctx.scalarization())
-    return EngineDecoder(ctx.engine, c.k, c.block_size, c.max_new_tokens, selector)
+    return EngineDecoder(ctx.engine, c.k, c.block_size, c.max_new_tokens, selector, hidden=ctx.hidden)
 
 
 register_method(

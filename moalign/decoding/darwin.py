@@ -30,14 +30,7 @@ import torch
 
 from moalign.configbase import config_field as _f
 from moalign.data.prompts import Prompt
-from moalign.decoding.engine import (
-    RECACHE,
-    BlockStep,
-    BlockwiseEngine,
-    DecodeResult,
-    SamplingConfig,
-    Selection,
-)
+from moalign.decoding.backend import RECACHE, Backend, BlockStep, DecodeResult, SamplingConfig, Selection
 from moalign.decoding.registry import MethodContext, MethodSpec, register_method
 from moalign.decoding.scalarize import Scalarization
 from moalign.decoding.selection import ValueFn, rounded, values_for_active
@@ -227,20 +220,21 @@ class DarwinDecoder:
 
     def __init__(self, ctx: MethodContext, args: DarwinArgs, *, mutate: bool, replace: bool):
         self.ctx, self.args, self.mutate, self.replace = ctx, args, mutate, replace
-        self.engine: BlockwiseEngine = ctx.engine
+        self.engine: Backend = ctx.engine
         self.value_fn = ctx.value_fn()
         self.reward = ctx.reward_fn()
         self.scal = ctx.scalarization()
         self.max_new_tokens = ctx.cfg.max_new_tokens
         self.template = args.template()
-        self.mutator: BlockwiseEngine | None = None
+        self.mutator: Backend | None = None
         if mutate:
             sampling = SamplingConfig(temperature=args.mutation_temperature, top_k=args.mutation_top_k)
             if args.mutator:
+                from moalign.decoding.in_process import TransformersBackend
                 from moalign.policies import load_policy
 
                 policy = load_policy(args.mutator, device=str(ctx.policy.device))
-                self.mutator = BlockwiseEngine(policy, sampling, system_prompt=None)
+                self.mutator = TransformersBackend(policy, sampling, system_prompt=None)
             else:  # the policy itself, on the run's backend (in-process or server)
                 self.mutator = ctx.engine_with(sampling)
 
@@ -308,6 +302,7 @@ class DarwinDecoder:
             res = self.engine.decode(
                 prompts, k=n + seed_row, block_size=block, max_new_tokens=T, selector=sel, seed=sub("cycle", c),
                 keep_all=True, prompt_indices=prompt_indices, row_prompts=row_prompts, recache=a.recache,
+                hidden=self.ctx.hidden,
             )  # fmt: skip
             scores = sel.final_scores
             for i, r in enumerate(res):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from moalign.errors import MoalignError
 
 if TYPE_CHECKING:
-    from moalign.decoding.engine import BlockwiseEngine, DecodeResult
+    from moalign.decoding.backend import Backend, DecodeResult
     from moalign.decoding.values import ObjectiveScorer
     from moalign.policies import Policy
 
@@ -47,26 +47,29 @@ class Decoder(Protocol):
 
 @dataclass
 class MethodContext:
-    """What a method is built from: the run's config, the policy and its engine, the (normalised) scorer."""
+    """What a method is built from: the run's config, the policy and its backend (``engine``), the
+    (normalised) scorer."""
 
     cfg: Any  # GenerateConfig
     policy: Policy
-    engine: BlockwiseEngine
+    engine: Backend
     scorer: ObjectiveScorer
     _value_fn: Any = None
 
     def value_fn(self):
         """The run's value function (``--values``): the objectives on the partial text, or value heads on
-        the policy's hidden states (which turns on the engine's hidden-state output)."""
+        the policy's hidden states (:attr:`hidden` then says the decode must return them)."""
         if self._value_fn is None:
             from moalign.decoding.values import RewardOnPrefix
 
             if self.cfg.values == "reward":
                 self._value_fn = RewardOnPrefix(self.scorer)
             else:
-                no_hidden = getattr(self.engine, "no_hidden_states", None)
-                if no_hidden:  # e.g. a completions server: say so rather than fall back
-                    raise MoalignError(no_hidden)
+                if not self.engine.capabilities.hidden_states:  # e.g. a completions server: say so
+                    raise MoalignError(
+                        "value heads (--values PATH) need the policy's hidden states, which this backend "
+                        f"({type(self.engine).__name__}) does not return: use --values reward, or --backend local"
+                    )
                 from moalign.decoding.value_heads import load_value_function
 
                 self._value_fn = load_value_function(
@@ -77,18 +80,17 @@ class MethodContext:
                     from moalign.objectives.base import objective_device
 
                     self._value_fn.heads.to(objective_device(device, self.policy.device))
-                self.engine.need_hidden = True
         return self._value_fn
 
-    def engine_with(self, sampling, system_prompt: str | None = None):
-        """Another engine on the run's policy and backend (in-process or server) with its own sampling,
-        e.g. Darwin's mutator."""
-        derive = getattr(self.engine, "with_sampling", None)
-        if derive is not None:
-            return derive(sampling, system_prompt)
-        from moalign.decoding.engine import BlockwiseEngine
+    @property
+    def hidden(self) -> bool:
+        """Whether the run's value function reads the policy's hidden states (the decode must return them)."""
+        return bool(getattr(self._value_fn, "needs_hidden_states", False))
 
-        return BlockwiseEngine(self.policy, sampling, system_prompt=system_prompt)
+    def engine_with(self, sampling, system_prompt: str | None = None):
+        """Another backend on the run's policy (in process or on the server) with its own sampling, e.g.
+        Darwin's mutator."""
+        return self.engine.with_sampling(sampling, system_prompt)
 
     def reward_fn(self):
         """The objectives on the text (normalised), whatever ``--values`` says: for complete responses."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from moalign.configbase import config_field as _f
-from moalign.decoding.engine import BlockStep, Selection
+from moalign.decoding.backend import BlockStep, Selection
 from moalign.decoding.registry import MethodContext, MethodSpec, register_method
 from moalign.decoding.selection import EngineDecoder, ValueFn, rounded, values_for_active
 from moalign.decoding.weights import select_candidates, solve_worst_case_weights
@@ -65,7 +65,7 @@ def rmod_selector(value_fn: ValueFn, lam: float, rule: str = "argmax", solver: s
 def build_rmod(ctx: MethodContext, args: RMODArgs) -> EngineDecoder:
     c = ctx.cfg
     selector = rmod_selector(ctx.value_fn(), args.lam, args.rmod_select, args.solver)
-    return EngineDecoder(ctx.engine, c.k, c.block_size, c.max_new_tokens, selector)
+    return EngineDecoder(ctx.engine, c.k, c.block_size, c.max_new_tokens, selector, hidden=ctx.hidden)
 
 
 register_method(

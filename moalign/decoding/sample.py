@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moalign.decoding.engine import first_candidate
+from moalign.decoding.backend import first_candidate
 from moalign.decoding.registry import MethodContext, MethodSpec, register_method
 from moalign.decoding.selection import EngineDecoder
 

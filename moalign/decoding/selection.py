@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moalign.decoding.engine import BlockStep, BlockwiseEngine, DecodeResult, Selector
+from moalign.decoding.backend import Backend, BlockStep, DecodeResult, Selector
 
 ValueFn = Callable[[BlockStep], torch.Tensor]  # -> [P, K, G]
 
@@ -17,14 +17,16 @@ class EngineDecoder:
     """A method that is one engine pass: ``k`` rows per prompt, blocks of ``block_size`` tokens, a selector.
 
     ``keep_all``: every row is an output (plain sampling); otherwise the selector's final choice is.
+    ``hidden``: the selector's value function reads the rows' hidden states.
     """
 
-    engine: BlockwiseEngine
+    engine: Backend
     k: int
     block_size: int
     max_new_tokens: int
     selector: Selector
     keep_all: bool = False
+    hidden: bool = False
 
     @property
     def n_outputs(self) -> int:
@@ -36,6 +38,7 @@ class EngineDecoder:
         res = self.engine.decode(
             prompts, k=self.k, block_size=self.block_size, max_new_tokens=self.max_new_tokens,
             selector=self.selector, seed=seed, keep_all=self.keep_all, prompt_indices=prompt_indices,
+            hidden=self.hidden,
         )  # fmt: skip
         if not self.keep_all:
             return [[r] for r in res]

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from moalign.data.prompts import Prompt
-from moalign.decoding.engine import BlockStep
+from moalign.decoding.backend import BlockStep
 from moalign.errors import MoalignError
 from moalign.objectives.normalize import NormStats
 from moalign.policies import Policy, eos_token_ids, render_chat
@@ -239,6 +239,8 @@ class HeadValueFunction:
     """
 
     name = "heads"
+    #: decodes pass the rows' last hidden states (``BlockStep.last_hidden``) when the backend has them
+    needs_hidden_states = True
 
     def __init__(self, heads: ValueHeads, meta: dict, policy: Policy, scorer=None, batch_rows: int = 32):
         self.heads, self.meta, self.policy = heads.to(policy.device), meta, policy

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from moalign.decoding.engine import BlockStep
+from moalign.decoding.backend import BlockStep
 from moalign.objectives.base import Objective
 from moalign.objectives.normalize import NormStats
 

@@ -33,7 +33,8 @@ import torch
 from moalign.configbase import config_field as _f
 from moalign.configbase import versions
 from moalign.data.prompts import Prompt
-from moalign.decoding.engine import BlockStep, BlockwiseEngine, SamplingConfig, Selection
+from moalign.decoding.backend import BlockStep, SamplingConfig, Selection
+from moalign.decoding.in_process import TransformersBackend
 from moalign.decoding.value_heads import (
     FORMAT,
     HEAD_KINDS,
@@ -129,7 +130,7 @@ class Samples:
 
 
 def sample_responses(
-    engine: BlockwiseEngine,
+    engine: TransformersBackend,
     prompts: Sequence[Prompt],
     *,
     n_samples: int,
@@ -374,7 +375,7 @@ def train_values(
     objectives = objectives if objectives is not None else resolve_objectives(cfg.objectives)
     names = [o.name for o in objectives]
     policy = policy or load_policy(cfg.policy, device=cfg.device or default_device())
-    engine = BlockwiseEngine(policy, SamplingConfig(cfg.temperature, cfg.top_p, cfg.top_k), cfg.system_prompt)
+    engine = TransformersBackend(policy, SamplingConfig(cfg.temperature, cfg.top_p, cfg.top_k), cfg.system_prompt)
 
     # split by prompt
     order = rng.permutation(len(prompts))

