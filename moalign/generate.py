@@ -148,7 +148,12 @@ def generate(
                     "scores": {n: float(v) for n, v in zip(names, s)},
                     "n_tokens": len(r.token_ids),
                     "finished": r.finished,
-                    "forward_tokens": r.forward_tokens,
+                    # compute spent on this response: the policy's tokens and the scorers' (objectives and
+                    # value functions on whole or partial responses, as the method scored them)
+                    "policy_tokens": r.forward_tokens,
+                    "scorer_tokens": r.scorer_tokens,
+                    "scored_pairs": r.scored_pairs,
+                    "forward_tokens": r.forward_tokens,  # the older name of policy_tokens
                     "seconds": round(seconds / n_per, 3),
                     "trace": r.trace,
                     "seed": cfg.seed,

@@ -461,3 +461,26 @@ def test_evaluate_methods_duplicate_sample_is_an_error():
         {"two": [{**rec, "sample_index": 0}, {**rec, "sample_index": 1, "prompt_id": 3}]}, names
     )
     assert ok.methods["two"].n == 1 and ok.methods["two"].n_responses == 2
+
+
+def test_compute_per_response_is_shown_beside_the_scores():
+    """Each method's mean policy and scorer tokens per response (older records: forward_tokens), in the
+    summary, its JSON and the table; runs without the counts show none."""
+    a = [{"prompt_id": str(i), "response": "x", "scores": {"g": float(i)}, "forward_tokens": 10 + i,
+          "scorer_tokens": 2 * i} for i in range(4)]  # fmt: skip
+    b = [{"prompt_id": str(i), "response": "y", "scores": {"g": 1.0}, "policy_tokens": 7, "scorer_tokens": 30}
+         for i in range(4)]  # fmt: skip
+    c = [{"prompt_id": str(i), "response": "z", "scores": {"g": 0.0}} for i in range(4)]
+    res = evaluate_methods({"a": a, "b": b, "c": c}, ["g"], reference="a", n_boot=50)
+    assert res.methods["a"].compute == {"policy_tokens": 11.5, "scorer_tokens": 3.0, "total_tokens": 14.5}
+    assert res.methods["b"].compute == {"policy_tokens": 7.0, "scorer_tokens": 30.0, "total_tokens": 37.0}
+    assert res.methods["c"].compute is None
+    again = EvaluationResult.from_dict(json.loads(json.dumps(res.to_dict())))
+    assert again.methods["b"].compute == res.methods["b"].compute
+    lines = res.table().splitlines()
+    assert "policy tok" in lines[0] and "scorer tok" in lines[0]
+    row_b = next(line for line in lines if line.startswith("b "))
+    assert row_b.split()[-2:] == ["7", "30"]
+    assert "matched compute" in res.table()
+    plain = evaluate_methods({"c": c}, ["g"], n_boot=50)
+    assert "policy tok" not in plain.table()

@@ -248,9 +248,22 @@ def test_value_fn_matches_direct_head_evaluation(e_policy, trained):
     v3 = load_value_function(out, e_policy, ObjectiveScorer(e_objectives()))(step)
     torch.testing.assert_close(v3, raw.float(), atol=1e-4, rtol=1e-4)
 
-    # the engine-hook path: hidden states supplied on the step are used as they are (no forward pass)
+    # what the heads cost: their own forward pass reads each prompt + candidate (through its end-of-turn
+    # token: 2 tokens for candidate (0, 1), all 6 for the others), counted as scorer tokens, K pairs a prompt
+    from moalign.decoding.backend import ScoringCost
+
+    step.cost = ScoringCost()
+    vf(step)
+    n_prompt = [len(prompt_token_ids(e_policy.tokenizer, p, None)) for p in prompts]
+    assert step.cost.pairs == {0: 3, 1: 3}
+    assert step.cost.tokens == {0: 3 * n_prompt[0] + 6 + 2 + 6, 1: 3 * n_prompt[1] + 18}
+
+    # the engine-hook path: hidden states supplied on the step are used as they are (no forward pass, no
+    # tokens read by the scorer)
     step.last_hidden = ref_h
+    step.cost = ScoringCost()
     torch.testing.assert_close(vf(step), z, atol=1e-6, rtol=1e-6)
+    assert step.cost.pairs == {0: 3, 1: 3} and step.cost.tokens == {0: 0, 1: 0}
 
 
 def test_value_heads_drive_rmod_generation(e_policy, trained):

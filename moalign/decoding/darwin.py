@@ -282,6 +282,8 @@ class DarwinDecoder:
         best_r = [float("-inf")] * P
         best_cycle = [0] * P
         forward = [0] * P
+        scorer = [0] * P  # scorer tokens (every replacement's and every cycle's final scoring)
+        pairs = [0] * P
         traces: list[list[dict]] = [[] for _ in range(P)]
 
         for c in range(1, a.cycles + 1):
@@ -334,6 +336,8 @@ class DarwinDecoder:
                     best[i], best_r[i], best_cycle[i] = rows[j], float(s[j]), c
                 spent = r.forward_tokens + (mut_info[i]["forward_tokens"] if mut_info[i] else 0)
                 forward[i] += spent
+                scorer[i] += r.scorer_tokens
+                pairs[i] += r.scored_pairs
                 entry = {
                     "cycle": c,
                     "parent": parent_prompt.messages[-1]["content"],
@@ -351,6 +355,7 @@ class DarwinDecoder:
                     "best_so_far": {"cycle": best_cycle[i], "reward": round(best_r[i], 4),
                                     "response": best[i].response},
                     "forward_tokens": r.forward_tokens,  # this cycle's decoding (the seed row's too in cycle 1)
+                    "scorer_tokens": r.scorer_tokens,  # this cycle's scoring (replacements and the final one)
                 }  # fmt: skip
                 traces[i].append(entry)
         out = []
@@ -361,7 +366,7 @@ class DarwinDecoder:
                     DecodeResult(
                         prompt=prompts[i], response=b.response, token_ids=b.token_ids, finished=b.finished,
                         trace=traces[i], token_logprobs=b.token_logprobs, forward_tokens=forward[i],
-                        row_prompt=b.row_prompt,
+                        row_prompt=b.row_prompt, scorer_tokens=scorer[i], scored_pairs=pairs[i],
                     )
                 ]
             )  # fmt: skip

@@ -44,8 +44,9 @@ class EngineDecoder:
             return [[r] for r in res]
         out = []
         for r in res:
-            for row in r.rows:
-                row.forward_tokens = r.forward_tokens // self.k  # the group's compute, per response
+            for row in r.rows:  # the group's compute, per response
+                row.forward_tokens = r.forward_tokens // self.k
+                row.scorer_tokens, row.scored_pairs = r.scorer_tokens // self.k, r.scored_pairs // self.k
             out.append(r.rows)
         return out
 

@@ -284,8 +284,9 @@ class HeadValueFunction:
             self._prompt_cache[key] = prompt_token_ids(self.policy.tokenizer, prompt, self.system_prompt)
         return self._prompt_cache[key]
 
-    def last_hidden(self, step: BlockStep) -> torch.Tensor:
-        """``[P, K, H]`` hidden states after each candidate's last valid token (one batched forward pass)."""
+    def last_hidden(self, step: BlockStep) -> tuple[torch.Tensor, list[int]]:
+        """``[P, K, H]`` hidden states after each candidate's last valid token (one batched forward pass of
+        the policy) and the tokens that pass read per group."""
         P, K, _ = step.token_ids.shape
         p_ids, r_ids = [], []
         for p in range(P):
@@ -295,12 +296,18 @@ class HeadValueFunction:
                 p_ids.append(pid)
                 r_ids.append(row[: max(1, valid_length(row, self.eos))])
         h = response_hidden_states(self.policy, p_ids, r_ids, last_only=True, batch=self.batch_rows)
-        return torch.stack(h).view(P, K, -1)
+        read = [sum(len(p_ids[i]) + len(r_ids[i]) for i in range(p * K, (p + 1) * K)) for p in range(P)]
+        return torch.stack(h).view(P, K, -1), read
 
     def __call__(self, step: BlockStep) -> torch.Tensor:
+        """Values from the decode's hidden states (the heads read no tokens) or, without them, from one
+        forward pass of the policy over prompt + candidate (counted as scorer tokens in ``step.cost``)."""
+        P, K = step.done.shape
         hidden = getattr(step, "last_hidden", None)
+        read = [0] * P
         if hidden is None:
-            hidden = self.last_hidden(step)
+            hidden, read = self.last_hidden(step)
+        step.add_cost([K] * P, read)
         return self.from_hidden(hidden)
 
 

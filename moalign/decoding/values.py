@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from moalign.decoding.backend import BlockStep
-from moalign.objectives.base import Objective
+from moalign.objectives.base import Objective, shared_outputs
 from moalign.objectives.normalize import NormStats
 
 
@@ -24,8 +24,24 @@ class ObjectiveScorer:
         self.norm = norm.subset(self.names) if norm is not None else None
 
     def raw(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        cols = [o.score(prompts, responses) for o in self.objectives]
+        """``[n, G]`` raw scores; objectives sharing one model run it once per batch."""
+        with shared_outputs():
+            cols = [o.score(prompts, responses) for o in self.objectives]
         return torch.stack(cols, dim=-1) if cols else torch.zeros(len(prompts), 0)
+
+    def input_tokens(self, prompts: Sequence[str], responses: Sequence[str]) -> list[int]:
+        """Tokens the objectives' models read to score each pair: each model once per pair, however many
+        objectives read its outputs (see :meth:`moalign.objectives.base.Objective.reads`); objectives with
+        no model (lexical, arithmetic) read none."""
+        total = [0] * len(prompts)
+        seen: set = set()
+        for o in self.objectives:
+            r = o.reads(prompts, responses)
+            if r is None or r[0] in seen:
+                continue
+            seen.add(r[0])
+            total = [a + int(b) for a, b in zip(total, r[1])]
+        return total
 
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
         if self.norm is None:
@@ -47,9 +63,13 @@ class RewardOnPrefix:
         self.scorer = scorer
 
     def __call__(self, step: BlockStep) -> torch.Tensor:
-        """[P, K, G] normalised values for every candidate of the step."""
+        """[P, K, G] normalised values for every candidate of the step (what the objectives read is added
+        to ``step.cost``)."""
         P, K = len(step.prompts), len(step.texts[0])
         prompts = [p.text for p in step.prompts for _ in range(K)]
         responses = [t for row in step.texts for t in row]
         raw = self.scorer.raw(prompts, responses)
+        if step.cost is not None:
+            tokens = torch.tensor(self.scorer.input_tokens(prompts, responses), dtype=torch.long)
+            step.add_cost([K] * P, tokens.view(P, K).sum(dim=1))
         return self.scorer.normalize(raw).view(P, K, -1)

@@ -25,6 +25,11 @@ their own means, worst case and win rate, the per-method gap ``proxy worst case 
 response length in words. Judges are z-scored with statistics fitted on the reference run's responses (all runs
 pooled without a reference, or when a judge is constant on the reference); the statistics are kept in the
 result. A judge that a run decoded with is listed in that method's ``JudgeSummary.optimised``.
+
+Compute: each method's mean cost per response (:func:`compute_per_response`), from the records' counts of the
+tokens the policy read (``policy_tokens``) and the tokens the scorers read (``scorer_tokens``: objectives and
+value functions, on whole or partial responses, as the method scored them); their sum is the total a
+comparison "at matched compute" holds equal.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ __all__ = [
     "MethodSummary",
     "NormStats",
     "bootstrap_ci",
+    "compute_per_response",
     "evaluate_methods",
     "fit_judge_norm",
     "fit_norm_stats",
@@ -222,6 +228,8 @@ class MethodSummary:
     n_paired: int | None = None
     n_responses: int | None = None  # records (responses); ``n`` counts prompts. None: one per prompt
     judge: JudgeSummary | None = None  # the judges' view of this method (only when judges were given)
+    #: mean tokens per response read by the policy / the scorers / both (None: records without the counts)
+    compute: dict[str, float] | None = None
 
     @property
     def samples_per_prompt(self) -> float:
@@ -236,6 +244,7 @@ class MethodSummary:
             "worst_case": self.worst_case.to_dict(),
             "win_rate": None if self.win_rate is None else self.win_rate.to_dict(),
             "n_paired": self.n_paired,
+            "compute": self.compute,
         }
         if self.judge is not None:
             d["judge"] = self.judge.to_dict()
@@ -252,6 +261,7 @@ class MethodSummary:
             n_paired=None if d.get("n_paired") is None else int(d["n_paired"]),
             n_responses=None if d.get("n_responses") is None else int(d["n_responses"]),
             judge=None if d.get("judge") is None else JudgeSummary.from_dict(d["judge"]),
+            compute=None if d.get("compute") is None else {k: float(v) for k, v in d["compute"].items()},
         )
 
 
@@ -332,6 +342,9 @@ class EvaluationResult:
         if self.reference is not None:
             head.append(f"win vs {self.reference} (%)")
         proxy_cols = (proxy_cols[0], len(head))
+        costed = any(m.compute is not None for m in self.methods.values())
+        if costed:
+            head += ["policy tok", "scorer tok"]
         any_mark = judged and any(m.judge is not None and m.judge.optimised for m in self.methods.values())
         if judged:
             judge_cols = (len(head), None)
@@ -348,6 +361,9 @@ class EvaluationResult:
             row.append(_pm(m.worst_case))
             if self.reference is not None:
                 row.append(self._win_cell(name, m.win_rate))
+            if costed:
+                c = m.compute
+                row += [f"{c['policy_tokens']:.0f}", f"{c['scorer_tokens']:.0f}"] if c else ["-", "-"]
             if judged:
                 js = m.judge
                 if js is None:
@@ -395,6 +411,12 @@ class EvaluationResult:
         if self.reference is not None:
             notes.append(
                 f"win rate = P[worst case > {self.reference}'s] + 0.5 P[tie], same score space, paired by prompt_id"
+            )
+        if costed:
+            notes.append(
+                "policy tok / scorer tok = mean tokens per response read by the policy (prompts, generated and "
+                "re-read tokens) and by the scorers (objectives and value functions, each model once per scored "
+                "pair); matched compute = equal policy + scorer tokens"
             )
         if judged:
             notes += [
@@ -499,6 +521,24 @@ def _mean_by_prompt(prompt_ids: Sequence[str], values: np.ndarray) -> tuple[list
     np.add.at(sums, group, values)
     counts = np.bincount(group, minlength=len(pos)).astype(np.float64)
     return list(pos), sums / counts.reshape(-1, *([1] * (values.ndim - 1)))
+
+
+def compute_per_response(records: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
+    """Mean tokens per response read by the policy (``policy_tokens``, or the older ``forward_tokens``), by
+    the scorers (``scorer_tokens``) and both (``total_tokens``); None when a record lacks the counts (runs
+    written before they were recorded)."""
+    pol, sc = [], []
+    for rec in records:
+        p = rec.get("policy_tokens", rec.get("forward_tokens"))
+        s = rec.get("scorer_tokens")
+        if p is None or s is None:
+            return None
+        pol.append(float(p))
+        sc.append(float(s))
+    if not pol:
+        return None
+    p, s = float(np.mean(pol)), float(np.mean(sc))
+    return {"policy_tokens": p, "scorer_tokens": s, "total_tokens": p + s}
 
 
 def response_words(text: Any) -> int:
@@ -685,6 +725,7 @@ def evaluate_methods(
                 optimised=[j for j in judges if j in decoded],
             )
         summaries[method] = MethodSummary(
+            compute=compute_per_response(runs[method]),
             method=method,
             n=raw.shape[0],
             objective_means=means,

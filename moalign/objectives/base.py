@@ -8,8 +8,10 @@ An objective scores a batch of (prompt, response) pairs and returns a float32 te
 from __future__ import annotations
 
 import math
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -53,6 +55,15 @@ class Objective(ABC):
     def _score(self, prompts: list[str], responses: list[str]) -> torch.Tensor | Sequence[float]:
         """Score one batch (already validated)."""
 
+    def reads(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[Hashable, list[int]] | None:
+        """What scoring these pairs makes a model read: ``(the model's identity, tokens per pair)``, or None
+        when no model is involved (a lexical or arithmetic score). Objectives that run one model on the same
+        input (two outputs of one reward model; ``helpful``, ``harmless`` and ``relevant`` on MiniLM
+        embeddings) give the same identity and are counted once per pair (see
+        :meth:`moalign.decoding.values.ObjectiveScorer.input_tokens`). Caches a scorer keeps are not
+        credited: this is what a scorer without them reads."""
+        return None
+
     def describe(self) -> dict:
         """A JSON-able description recorded with every run."""
         return {"name": self.name, "type": type(self).__name__}
@@ -74,6 +85,30 @@ class CallableObjective(Objective):
 
     def describe(self) -> dict:
         return {"name": self.name, "type": "callable", "fn": getattr(self.fn, "__qualname__", repr(self.fn))}
+
+
+_MEMO = threading.local()
+
+
+@contextmanager
+def shared_outputs():
+    """While active, objectives that share one model (e.g. two outputs of one reward model) run it once per
+    batch of pairs: the first computes the model's outputs, the others read them (see
+    :func:`shared_output_memo`). :class:`~moalign.decoding.values.ObjectiveScorer` scores inside it."""
+    outer = getattr(_MEMO, "memo", None)
+    if outer is None:
+        _MEMO.memo = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _MEMO.memo = None
+
+
+def shared_output_memo() -> dict | None:
+    """The active memo of :func:`shared_outputs` (None outside it): objectives key it by their model and
+    the batch's input."""
+    return getattr(_MEMO, "memo", None)
 
 
 _REGISTRY: dict[str, Callable[..., Objective]] = {}

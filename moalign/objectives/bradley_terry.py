@@ -60,6 +60,10 @@ class Backbone:
     def features(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
 
+    def reads(self, prompts: Sequence[str], responses: Sequence[str]):
+        """``(model identity, tokens per pair)`` that :meth:`features` makes the backbone read."""
+        raise NotImplementedError
+
     def describe(self) -> dict:
         return {"name": self.name, "recipe": self.recipe, "dim": self.dim}
 
@@ -83,6 +87,11 @@ class MiniLMBackbone(Backbone):
         p = encode(list(prompts), side="left", device=self.device, batch_size=self.batch_size)
         q = encode(list(responses), side="right", device=self.device, batch_size=self.batch_size)
         return torch.cat([p, q, p * q], dim=1)
+
+    def reads(self, prompts, responses):
+        from moalign.objectives.embeddings import reads
+
+        return reads(prompts, responses, self.device)
 
 
 def _prompt_messages(prompt: str) -> list[dict]:
@@ -174,6 +183,9 @@ class PolicyBackbone(Backbone):
             mean_resp = (h * rm).sum(1) / rm.sum(1)
             out[idx] = torch.cat([mean_all, mean_resp], dim=1)
         return out
+
+    def reads(self, prompts, responses):
+        return (self.name, self.device), [len(self._ids(p, r)[0]) for p, r in zip(prompts, responses)]
 
     def describe(self) -> dict:
         return {**super().describe(), "policy": self.policy_name}
@@ -576,6 +588,9 @@ class BradleyTerryObjective(Objective):
     @torch.no_grad()
     def _score(self, prompts, responses):
         return self.head(self.backbone.features(prompts, responses))
+
+    def reads(self, prompts, responses):
+        return self.backbone.reads(prompts, responses)
 
     def describe(self) -> dict:
         m = self.config.get("metrics", {})

@@ -108,6 +108,19 @@ def _encode_raw(model, texts: list[str], side: str, batch_size: int) -> torch.Te
     return emb.detach().float().cpu()
 
 
+def token_counts(texts: Sequence[str], device: str | torch.device = "cpu") -> list[int]:
+    """Word pieces the encoder reads for each text (special tokens included, at most 256)."""
+    model = load_minilm(device)
+    enc = model.tokenizer([str(t) for t in texts], truncation=True, max_length=model.max_seq_length)
+    return [len(ids) for ids in enc["input_ids"]]
+
+
+def reads(prompts: Sequence[str], responses: Sequence[str], device: str | torch.device = "cpu"):
+    """``Objective.reads`` of every objective built on the MiniLM embeddings of prompt and response."""
+    p, q = token_counts(prompts, device), token_counts(responses, device)
+    return ("all-MiniLM-L6-v2", str(torch.device(device))), [a + b for a, b in zip(p, q)]
+
+
 def encode(
     texts: Sequence[str],
     *,

@@ -10,6 +10,10 @@ applied to ``[user: prompt, assistant: response]`` (an HH-style multi-turn promp
 otherwise the text is ``prompt + "\\n\\n" + response`` with the tokenizer's special tokens. Sequences are
 truncated on the right to the model's maximum length (``max_length`` or the tokenizer's / config's limit,
 capped at 4096).
+
+One model, several objectives. A multi-output model named twice (``rm:PATH@0,rm:PATH@3``) is loaded once, and
+the objectives built on it run it once per batch of pairs: the second objective scoring the same pairs reads
+the outputs the first one computed.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from pathlib import Path
 import torch
 
 from moalign.errors import MoalignError
-from moalign.objectives.base import Objective
+from moalign.objectives.base import Objective, shared_output_memo
 
 _SPEC = re.compile(r"^(?P<src>.+?)(?:@(?P<idx>-?\d+))?$")
+#: (source, its files' modification time, dtype, trust_remote_code) -> (model, tokenizer): loaded once
+_LOADED: dict[tuple, tuple] = {}
 
 
 def parse_spec(spec: str) -> tuple[str, int | None]:
@@ -118,11 +124,16 @@ class RewardModelObjective(Objective):
             raise MoalignError(f"reward model path not found: {src}")
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        stamp = max((f.stat().st_mtime_ns for f in p.iterdir()), default=0) if p.is_dir() else 0
+        key = (str(p.resolve()) if p.exists() else src, stamp, str(dtype), bool(trust_remote_code))
         try:
-            tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                src, dtype=dtype, trust_remote_code=trust_remote_code
-            )
+            if key not in _LOADED:
+                tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    src, dtype=dtype, trust_remote_code=trust_remote_code
+                )
+                _LOADED[key] = (model, tok)
+            model, tok = _LOADED[key]
         except (OSError, ValueError, ImportError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise MoalignError(
@@ -156,10 +167,26 @@ class RewardModelObjective(Objective):
             add_special_tokens=not templated,  # a chat template writes its own BOS
         )
 
+    def reads(self, prompts, responses):
+        mask = self._encode(list(prompts), list(responses))["attention_mask"]
+        return ("reward model", id(self.model)), mask.sum(dim=1).tolist()
+
     @torch.inference_mode()
-    def _score(self, prompts, responses):
+    def _outputs(self, prompts, responses):
+        """The model's outputs on these pairs; within :func:`~moalign.objectives.base.shared_outputs`,
+        computed once for every objective that reads this model."""
+        memo = shared_output_memo()
+        key = (id(self.model), tuple(prompts), tuple(responses), self.max_length, str(self.device))
+        if memo is not None and key in memo:
+            return memo[key]
         enc = {k: v.to(self.device) for k, v in self._encode(prompts, responses).items()}
         out = self.model(**enc)
+        if memo is not None:
+            memo[key] = out
+        return out
+
+    def _score(self, prompts, responses):
+        out = self._outputs(prompts, responses)
         rewards = getattr(out, "rewards", None)  # ArmoRM-style multi-objective heads
         logits = getattr(out, "logits", None)
         if rewards is not None and self.index is not None:
