@@ -112,3 +112,20 @@ def real_policy():
     from moalign.policies import load_policy
 
     return load_policy("smollm2-135m-instruct")
+
+
+def make_tiny_reward_model(folder: Path, num_labels: int):
+    """A 2-layer BERT sequence classifier (``num_labels`` outputs, random weights, seed 0) with the MiniLM
+    tokenizer, saved to ``folder``; returns ``(model, tokenizer)``."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from moalign.objectives.embeddings import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=num_labels)  # fmt: skip
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(cfg).eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, tok

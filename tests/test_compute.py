@@ -132,17 +132,10 @@ def test_records_carry_policy_and_scorer_tokens(tiny_policy, tmp_path):
 @pytest.fixture(scope="module")
 def two_output_rm(tmp_path_factory):
     """A 2-layer BERT sequence classifier with two outputs (random weights) and the MiniLM tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from moalign.objectives.embeddings import minilm_path
+    from conftest import make_tiny_reward_model
 
     d = tmp_path_factory.mktemp("two_output_rm")
-    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=2)  # fmt: skip
-    torch.manual_seed(0)
-    BertForSequenceClassification(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
+    make_tiny_reward_model(d, 2)
     return d
 
 

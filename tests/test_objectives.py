@@ -180,18 +180,10 @@ def test_shipped_reward_models_score_deterministically_and_empty():
 @pytest.fixture(scope="module")
 def tiny_rm(tmp_path_factory):
     """A 2-layer BERT sequence classifier (3 outputs, random weights) with the MiniLM tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from moalign.objectives.embeddings import minilm_path
+    from conftest import make_tiny_reward_model
 
     d = tmp_path_factory.mktemp("tiny_rm")
-    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=3)  # fmt: skip
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(cfg).eval()
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
+    model, tok = make_tiny_reward_model(d, 3)
     return d, model, tok
 
 
