@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, LogitsProcessorList
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -27,6 +28,43 @@ from moalign.policies import Policy, eos_token_ids, render_chat
 
 # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` is deprecated there)
 _CACHE_KW = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class _GrowingLayer(DynamicLayer):
+    """transformers' ``DynamicLayer`` whose keys and values are views of buffers with room to grow: a new token
+    is written in place instead of concatenating the whole cache every step (which copies it). The views are
+    what attention reads, so the values are the same as the plain layer's; anything that replaces them (a
+    reorder, a splice) just makes the next update copy them into a new buffer."""
+
+    def _make_room(self, n_new: int) -> None:
+        k, kb = self.keys, getattr(self, "_kbuf", None)
+        cur = k.shape[-2]
+        ours = kb is not None and k.data_ptr() == kb.data_ptr() and k.stride() == kb.stride()
+        if ours and cur + n_new <= kb.shape[-2]:
+            return
+        cap = max(64, 2 * (cur + n_new))
+        self._kbuf = k.new_empty((*k.shape[:-2], cap, k.shape[-1]))
+        self._vbuf = self.values.new_empty((*self.values.shape[:-2], cap, self.values.shape[-1]))
+        self._kbuf[..., :cur, :] = k
+        self._vbuf[..., :cur, :] = self.values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
+        cur, n = self.keys.shape[-2], key_states.shape[-2]
+        self._make_room(n)
+        self._kbuf[..., cur : cur + n, :] = key_states
+        self._vbuf[..., cur : cur + n, :] = value_states
+        self.keys, self.values = self._kbuf[..., : cur + n, :], self._vbuf[..., : cur + n, :]
+        return self.keys, self.values
+
+
+def _new_cache(config) -> DynamicCache:
+    """A ``DynamicCache`` for ``config`` whose full-attention layers grow in place (:class:`_GrowingLayer`)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [_GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 @dataclass
@@ -128,7 +166,7 @@ class TransformersBackend(BlockwiseDecoding):
         lengths = attn.sum(dim=1).tolist()
         for (_, _), u in first.items():
             read[inv.index(u)] = int(lengths[u])
-        cache = DynamicCache(config=self.model.config)
+        cache = _new_cache(self.model.config)
         logits, hid = self._forward(enc.input_ids.to(device), attn, cache, hidden)
         expand = torch.tensor(inv, device=device)
         cache.reorder_cache(expand)
@@ -203,7 +241,7 @@ class TransformersBackend(BlockwiseDecoding):
         enc = self.encode([rows.rendered[r] for r in which.tolist()])
         ids = torch.cat([enc.input_ids.to(device), rows.resp[which]], dim=1)
         a_new = torch.cat([enc.attention_mask.to(device), torch.ones_like(rows.resp[which])], dim=1)
-        new_cache = DynamicCache(config=self.model.config)
+        new_cache = _new_cache(self.model.config)
         lg, hid = self._forward(ids, a_new, new_cache, rows.want_hidden)
         L = max(rows.attn.shape[1], a_new.shape[1])
         attn = _left_pad(rows.attn, L, 0)
