@@ -6,6 +6,12 @@ prompt. Also the re-encoding scheme of the RMOD reference code (``generate`` cal
 prefix). End-of-turn tokens do not stop rows here, so every variant samples exactly the same token count.
 Optionally the peak memory (max RSS) of ``moalign demo`` in a subprocess.
 
+Where the time went (profiled on 4 HH prompts, before the two changes that brought the ratio from 0.709 to
+0.60): the policy's forward passes ~85% of a blockwise decode, of which transformers' DynamicLayer.update
+(``torch.cat`` of the whole cache on every token) ~16% of the decode; sampling with ``torch.multinomial``
+~14% (V exponentials per row). The engine now grows its cache in place and samples by inverting the CDF;
+``generate`` keeps both costs, hence a ratio below the compute-bound ~0.52 estimate's premise.
+
     python benchmarks/decode_throughput.py [--prompts 4] [--repeats 3] [--demo-memory]
 """
 
@@ -90,12 +96,12 @@ def main() -> None:
         "seconds": times,
         "median_seconds": med,
         "ratio_blockwise_over_generate": ratio,
-        "target_ratio": 1.15,
+        "target_ratio": 0.65,
         "peak_rss_mib_this_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if "reencode" in med:
         payload["ratio_reencode_over_generate"] = med["reencode"] / med["generate"]
-    summary = f"decode_throughput: blockwise/generate = {ratio:.3f} (target <= 1.15)"
+    summary = f"decode_throughput: blockwise/generate = {ratio:.3f} (target <= 0.65)"
     if "reencode" in med:
         summary += f", re-encoding/generate = {payload['ratio_reencode_over_generate']:.3f}"
     if args.demo_memory:
