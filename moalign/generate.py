@@ -167,7 +167,10 @@ def generate(
             bar.update(len(batch))
     finally:
         bar.close()
+        report = getattr(decoder, "report", None)  # what a method counted over the run (Darwin's mutations)
         if writer is not None:
+            if report:
+                writer.update_meta({"method_report": report})
             writer.close()
         engine.close()
     return records

@@ -68,6 +68,12 @@ class RecordWriter:
             with self.path.open("r+b") as f:
                 f.truncate(cut)
 
+    def update_meta(self, extra: dict) -> None:
+        """Add ``extra`` to the run's ``.meta.json`` (e.g. what a method reports at the end of a run)."""
+        mp = meta_path(self.path)
+        meta = json.loads(mp.read_text()) if mp.exists() else {}
+        mp.write_text(json.dumps({**meta, **extra}, indent=2, default=str))
+
     def write(self, record: dict) -> None:
         if record["record_id"] in self.done:
             return

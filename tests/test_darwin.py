@@ -190,6 +190,70 @@ def test_darwin_real_policy(tmp_path, real_policy, shared_data):
         assert rec["forward_tokens"] > 0
 
 
+@pytest.mark.parametrize(
+    "reply, finished, verdict",
+    [
+        ("What is the main difference between Python and JavaScript?", True, "ok"),
+        ("Explain how Python and JavaScript differ as programming languages.", True, "ok"),
+        ("Compare Python and JavaScript for me.\nThat is my rewrite.", True, "ok"),  # first line only
+        ("What is the main difference between Python and", False, "truncated"),  # cut by the budget
+        ("1. Preheat the oven", True, "list"),  # a numbered answer
+        ("Here is a rewritten version:", True, "preamble"),
+        ("Sure! Python is interpreted.", True, "answer"),
+        ("Python and JavaScript are both popular languages with different uses.", True, "answer"),  # a statement
+        ("What is the reason that cats purr?", True, "off-topic"),  # the worked example, not this instruction
+        ("Compare Python and JavaScript in a four-line poem.", True, "example leak"),
+        ("What are the main differences between Python and JavaScript programming languages?", True, "copy"),
+        ("How do " + "Python and JavaScript differ " * 12 + "?", True, "too long"),
+        ("", True, "empty"),
+    ],
+)
+def test_parse_rewrite_tells_rewrites_from_answers(reply, finished, verdict):
+    from moalign.decoding.darwin import parse_rewrite
+
+    instruction = "What are the main differences between Python and JavaScript programming languages?"
+    text, why = parse_rewrite(reply, instruction, finished=finished)
+    assert why == verdict
+    assert (text is not None) == (verdict == "ok")
+    if verdict == "ok":
+        assert "\n" not in text
+
+
+def test_rewrite_request_is_few_shot_or_the_users_template(tmp_path):
+    from moalign.decoding.darwin import REWRITE_EXAMPLES, rewrite_request
+
+    p = rewrite_request("Explain tides.")
+    roles = [m["role"] for m in p.messages]
+    assert roles == ["user", "assistant"] * len(REWRITE_EXAMPLES) + ["user"]
+    assert p.messages[-1]["content"].endswith("Explain tides.")
+    own = rewrite_request("Explain tides.", "Say it again: {instruction}")
+    assert [m["content"] for m in own.messages] == ["Say it again: Explain tides."]
+
+
+def test_mutation_mode_one_keeps_usable_rewrites_and_counts_the_rest(tiny_policy, one_thread):
+    """The operator keeps at most n distinct usable replies, fills the rest with the parent instruction, and
+    says so in its trace, its report and a warning (the tiny random policy writes no usable rewrite)."""
+    from moalign.decoding.darwin import DarwinDecoder
+    from moalign.decoding.in_process import TransformersBackend
+    from moalign.decoding.registry import MethodContext
+    from moalign.decoding.values import ObjectiveScorer
+
+    cfg = GenerateConfig(method="darwin", mutations=3, mutation_oversample=2, mutation_max_new_tokens=12,
+                         normalize="none")  # fmt: skip
+    dec = DarwinDecoder(MethodContext(cfg, tiny_policy, TransformersBackend(tiny_policy),
+                                      ObjectiveScorer(_objs())), cfg.method_args(), mutate=True, replace=True)  # fmt: skip
+    instr, info = dec._mutate(PROMPTS[:2], seed=0)
+    for p, got, i in zip(PROMPTS[:2], instr, info):
+        assert len(got) == 3 and i["mode"] == "one"
+        assert len(i["replies"]) == len(i["verdicts"]) == 6  # oversampled 2x
+        assert i["parsed"] == sum(t != p.messages[-1]["content"] for t in got)
+        assert i["forward_tokens"] > 0
+    with pytest.warns(UserWarning, match="gave fewer than 3 usable rewrites"):
+        dec._warn_failed(info)
+    assert dec.report["mutations"] == 2 and dec.report["rewrites_wanted"] == 6
+    assert dec.report["failed"] == sum(i["parsed"] < 3 for i in info)
+
+
 def test_mutation_complete_waits_for_the_whole_last_item():
     from moalign.decoding.darwin import mutation_complete
 

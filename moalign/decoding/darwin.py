@@ -2,8 +2,11 @@
 
 Exploration and exploitation are separate operators on the shared engine:
 
-- **mutation** (exploration): the policy (or ``--mutator``) rewrites the instruction into ``n`` variants
-  through a documented, overridable template; row j of the group decodes from variant j;
+- **mutation** (exploration): the policy (or ``--mutator``) rewrites the instruction into ``n`` variants;
+  row j of the group decodes from variant j. Two modes (``--mutation-mode``): ``one`` (default) samples
+  ``--mutation-oversample`` x n replies to a few-shot request for *one* rewrite each and keeps the first n
+  usable ones (:func:`parse_rewrite` says which are); ``list`` asks once for a numbered list of n rewrites
+  (the spec's operator). Slots left without a usable rewrite decode the parent instruction, and the run warns;
 - **replacement** (exploitation): every ``m`` tokens all rows are scored against the ORIGINAL instruction;
   the top-k keep their state and every unfinished row outside them continues from a random top-k row's
   response, keeping its own instruction (the engine re-prefills it as its own prompt + the copied tokens).
@@ -21,6 +24,7 @@ replacement) and ``mutate-bon`` (mutation, no replacement: best-of-n over the mu
 from __future__ import annotations
 
 import re
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +51,32 @@ Instruction: {instruction}"""
 
 _NUMBERED = re.compile(r"^\s*(?:\*\*)?\(?(\d{1,2})[.):]\)?(?:\*\*)?\s+(.*\S)\s*$")
 
+#: ``--mutation-mode one``: the request for one rewrite, and worked examples given as earlier turns of the
+#: conversation. Zero-shot, the bundled 135M policy answered the instruction in most replies; one example in
+#: the same turn (the spec's prompt) made it copy the example. Separate turns on unrelated topics work.
+REWRITE_ASK = "Rewrite this instruction in other words, without answering it: {instruction}"
+REWRITE_EXAMPLES = (
+    ("Give me a recipe for banana bread.", "Share a recipe I can follow to bake banana bread at home."),
+    ("Why do cats purr?", "What is the reason that cats purr?"),
+    ("Write a short poem about the sea, in four lines.", "Compose a four-line poem about the ocean."),
+)
+#: words of the worked examples; a rewrite that has one the instruction lacks copied an example
+_EXAMPLE_WORDS = {"banana", "bread", "recipe", "cats", "purr", "poem", "ocean", "four-line", "four", "lines", "sea"}
+#: how a request starts when it is not a question: verbs and request phrases (lower case, first word)
+_REQUEST_OPENERS = {
+    "write", "create", "compose", "draft", "describe", "explain", "give", "list", "tell", "share", "provide",
+    "suggest", "develop", "craft", "design", "imagine", "summarize", "summarise", "outline", "compare", "discuss",
+    "generate", "make", "plan", "help", "show", "name", "identify", "analyze", "analyse", "evaluate", "rewrite",
+    "translate", "prepare", "produce", "please", "can", "could", "would", "will", "how", "what", "why", "when",
+    "where", "which", "who", "is", "are", "do", "does", "should", "pretend", "act", "assume", "consider", "find",
+    "calculate", "solve", "implement", "construct", "propose", "recommend", "offer", "detail", "elaborate",
+    "brainstorm", "study", "review", "illustrate", "present", "put", "let's", "let", "try", "use", "build",
+}  # fmt: skip
+_ANSWER_OPENERS = ("sure", "certainly", "of course", "here is", "here's", "here are", "i ", "i'm", "i'd", "as an",
+                   "yes", "no,", "the answer", "in this", "this instruction", "the instruction", "rewritten")  # fmt: skip
+_STOPWORDS = {"the", "and", "for", "with", "that", "this", "your", "you", "what", "how", "are", "can", "about",
+              "from", "into", "some", "there", "their", "have", "will", "would", "could", "should", "please"}  # fmt: skip
+
 
 @dataclass
 class DarwinArgs:
@@ -54,9 +84,19 @@ class DarwinArgs:
     replace_every: int = _f(40, "darwin: score the beams and replace the weak ones every m tokens")
     replace_top_k: int = _f(3, "darwin: beams kept at each replacement (top-k); the others copy one of them")
     cycles: int = _f(3, "darwin: mutation cycles (the best-so-far after each one is kept: MC = 1..N)")
+    mutation_mode: str = _f(
+        "one",
+        "darwin: one (sample one rewrite per request, keep the usable ones) or list (one request for a "
+        "numbered list of n rewrites)",
+        choices=("one", "list"),
+    )
+    mutation_oversample: int = _f(
+        2, "darwin, --mutation-mode one: requests per wanted rewrite (the first n usable replies are kept)"
+    )
     mutation_template: str | None = _f(
         None,
-        "darwin: file with the mutation prompt ({instruction} and optional {n} slots); default: built in",
+        "darwin: file with the mutation prompt ({instruction} and, in list mode, {n} slots); default: built "
+        "in (a few-shot request for one rewrite, or the numbered-list request)",
     )
     mutator: str | None = _f(None, "darwin: model that mutates instructions (default: the policy)")
     mutation_temperature: float = _f(0.7, "darwin: sampling temperature of the mutator")
@@ -70,7 +110,7 @@ class DarwinArgs:
     )
 
     def validate(self) -> None:
-        for name in ("mutations", "replace_every", "cycles", "mutation_max_new_tokens"):
+        for name in ("mutations", "replace_every", "cycles", "mutation_max_new_tokens", "mutation_oversample"):
             if getattr(self, name) < 1:
                 raise MoalignError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.replace_top_k <= self.mutations:
@@ -79,11 +119,14 @@ class DarwinArgs:
             )
         if self.recache not in RECACHE:
             raise MoalignError(f"--recache must be one of {', '.join(RECACHE)}, got {self.recache!r}")
+        if self.mutation_mode not in ("one", "list"):
+            raise MoalignError(f"--mutation-mode must be one or list, got {self.mutation_mode!r}")
         self.template()  # a bad template fails here, before any decoding
 
-    def template(self) -> str:
+    def template(self) -> str | None:
+        """The user's mutation prompt, the built-in list prompt, or None (the built-in few-shot request)."""
         if self.mutation_template is None:
-            return DEFAULT_MUTATION_TEMPLATE
+            return DEFAULT_MUTATION_TEMPLATE if self.mutation_mode == "list" else None
         p = Path(self.mutation_template)
         if not p.is_file():
             raise MoalignError(f"mutation template not found: {self.mutation_template}")
@@ -109,6 +152,96 @@ def parse_mutations(reply: str, n: int) -> list[str]:
         if len(out) == n:
             break
     return out
+
+
+def _content_words(text: str) -> set[str]:
+    """Lower-case words of 4+ letters outside a few stop words, cut to 5 letters (a crude stem)."""
+    words = re.findall(r"[a-z][a-z'-]{3,}", text.lower())
+    return {w[:5] for w in words if w not in _STOPWORDS}
+
+
+def parse_rewrite(reply: str, instruction: str, finished: bool = True) -> tuple[str | None, str]:
+    """``(rewrite, "ok")`` when a reply to the one-rewrite request is a usable rewrite of ``instruction``,
+    else ``(None, why)``. A reply is usable when it is
+
+    - whole: the row ended (end-of-turn, or a newline after its first line; ``finished``), else "truncated";
+    - one instruction: its first line, not a list item ("list"), not a preamble ending in ":" ("preamble"),
+      not an opener of an answer such as "Sure", "Here is", "I ..." ("answer");
+    - a request by its form: a question (it has "?") or a first word that opens requests (an imperative verb
+      such as "Write", "Explain", or a request word such as "How", "Can", "Please"), else "answer" — an
+      answer states things ("The basics of quantum computing are ...");
+    - on the instruction's topic: it shares a content word with it ("off-topic"), and has none of the worked
+      examples' words that the instruction lacks ("example leak");
+    - not much longer than the instruction (3x its words + 10: "too long"), and not the instruction itself
+      ("copy").
+    """
+    if not finished:
+        return None, "truncated"
+    lines = [ln.strip() for ln in reply.strip().splitlines() if ln.strip()]
+    if not lines:
+        return None, "empty"
+    text = lines[0].strip().strip('"').strip("*").strip()
+    low = text.lower()
+    if _NUMBERED.match(text) or low.startswith(("- ", "* ", "• ")):
+        return None, "list"
+    if text.endswith(":"):
+        return None, "preamble"
+    if low.startswith(_ANSWER_OPENERS):
+        return None, "answer"
+    first = re.sub(r"[^a-z']", "", low.split()[0]) if low.split() else ""
+    if "?" not in text and first not in _REQUEST_OPENERS:
+        instr_first = re.sub(r"[^a-z']", "", instruction.lower().split()[0]) if instruction.split() else ""
+        if first != instr_first:
+            return None, "answer"
+    words, instr = _content_words(text), _content_words(instruction)
+    if not words & instr:
+        return None, "off-topic"
+    leak = {w[:5] for w in _EXAMPLE_WORDS} & words - instr
+    if leak:
+        return None, "example leak"
+    if len(text.split()) > 3 * len(instruction.split()) + 10:
+        return None, "too long"
+    if re.sub(r"\W", "", low) == re.sub(r"\W", "", instruction.lower()):
+        return None, "copy"
+    return text, "ok"
+
+
+def rewrite_request(instruction: str, template: str | None = None) -> Prompt:
+    """The one-rewrite request: ``template`` (a user file) as one user turn, or the built-in few-shot turns."""
+    if template is not None:
+        return Prompt(({"role": "user", "content": mutation_prompt(template, instruction, 1)},))
+    msgs: list[dict] = []
+    for a, b in REWRITE_EXAMPLES:
+        msgs += [{"role": "user", "content": REWRITE_ASK.replace("{instruction}", a)},
+                 {"role": "assistant", "content": b}]  # fmt: skip
+    msgs.append({"role": "user", "content": REWRITE_ASK.replace("{instruction}", instruction)})
+    return Prompt(tuple(msgs))
+
+
+def rewrite_decided(reply: str, instruction: str) -> bool:
+    """Whether more tokens cannot change what :func:`parse_rewrite` makes of a reply: its first line is whole
+    (a newline follows it), or it is already a list item, an answer's opener or too long."""
+    if "\n" in reply.strip():
+        return True
+    text = reply.strip().strip('"').strip("*").strip()
+    if len(text.split()) > 3 * len(instruction.split()) + 10:
+        return True
+    low = text.lower()
+    return len(text) > 3 and (bool(_NUMBERED.match(text + " x")) or low.startswith(_ANSWER_OPENERS))
+
+
+def _stop_when_decided(instructions: list[str]):
+    """A selector for one-rewrite replies to ``instructions`` (one group each): a row stops once
+    :func:`rewrite_decided` (mostly: once its first line is whole)."""
+
+    def select(step: BlockStep) -> Selection:
+        P, K = step.done.shape
+        finish = torch.tensor(
+            [[rewrite_decided(t, instructions[i]) for t in row] for i, row in zip(step.prompt_indices, step.texts)]
+        )
+        return Selection(torch.zeros(P, dtype=torch.long), parents=torch.arange(K).expand(P, K), finish=finish)
+
+    return select
 
 
 def mutation_complete(reply: str, n: int) -> bool:
@@ -226,6 +359,8 @@ class DarwinDecoder:
         self.scal = ctx.scalarization()
         self.max_new_tokens = ctx.cfg.max_new_tokens
         self.template = args.template()
+        #: mutation outcomes of the run so far (generate writes them to the run's meta)
+        self.report = {"mutations": 0, "rewrites_wanted": 0, "rewrites_usable": 0, "failed": 0}
         self.mutator: Backend | None = None
         if mutate:
             sampling = SamplingConfig(temperature=args.mutation_temperature, top_k=args.mutation_top_k)
@@ -240,8 +375,33 @@ class DarwinDecoder:
 
     # -------------------------------------------------------------------------------------------- parts
     def _mutate(self, parents: list[Prompt], seed: int) -> tuple[list[list[str]], list[dict]]:
-        """n instructions per parent (missing ones are copies of the parent) and a trace entry per parent
-        (the reply, how many items parsed, the tokens the mutator processed)."""
+        """n instructions per parent (slots without a usable rewrite decode the parent) and a trace entry per
+        parent (the replies, what was made of them, how many rewrites were usable, the mutator's tokens)."""
+        if self.args.mutation_mode == "list":
+            return self._mutate_list(parents, seed)
+        n, m = self.args.mutations, self.args.mutations * self.args.mutation_oversample
+        bases = [p.messages[-1]["content"] for p in parents]
+        # a rewrite is about as long as its instruction: a budget of 16 tokens + ~3 per word of the longest
+        budget = min(self.args.mutation_max_new_tokens, 16 + 3 * max(len(b.split()) for b in bases))
+        res = self.mutator.decode(
+            [rewrite_request(b, self.template) for b in bases], k=m, block_size=8, max_new_tokens=budget,
+            seed=seed, selector=_stop_when_decided(bases), keep_all=True,
+        )  # fmt: skip
+        out, info = [], []
+        for base, r in zip(bases, res):
+            verdicts = [parse_rewrite(row.response, base, finished=row.finished) for row in r.rows]
+            kept: list[str] = []
+            for text, why in verdicts:
+                if why == "ok" and text not in kept and len(kept) < n:
+                    kept.append(text)
+            out.append(kept + [base] * (n - len(kept)))
+            info.append({"mode": "one", "replies": [row.response for row in r.rows],
+                         "verdicts": [why for _, why in verdicts], "parsed": len(kept),
+                         "complete": len(kept) == n, "forward_tokens": r.forward_tokens})  # fmt: skip
+        return out, info
+
+    def _mutate_list(self, parents: list[Prompt], seed: int) -> tuple[list[list[str]], list[dict]]:
+        """``--mutation-mode list``: one reply per parent, a numbered list of n rewrites."""
         n = self.args.mutations
         asks = [
             Prompt(
@@ -258,9 +418,26 @@ class DarwinDecoder:
             items = parse_mutations(r.response, n)
             base = parent.messages[-1]["content"]
             out.append(items + [base] * (n - len(items)))
-            info.append({"reply": r.response, "parsed": len(items), "complete": len(items) == n,
+            info.append({"mode": "list", "reply": r.response, "parsed": len(items), "complete": len(items) == n,
                          "forward_tokens": r.forward_tokens})  # fmt: skip
         return out, info
+
+    def _warn_failed(self, info: list[dict | None]) -> None:
+        """Count the mutation slots left to the parent instruction; warn when a prompt's mutation failed."""
+        n = self.args.mutations
+        done = [i for i in info if i is not None]
+        failed = [i for i in done if i["parsed"] < n]
+        self.report["mutations"] += len(done)
+        self.report["rewrites_wanted"] += n * len(done)
+        self.report["rewrites_usable"] += sum(i["parsed"] for i in done)
+        self.report["failed"] += len(failed)
+        if failed:
+            missing = sum(n - i["parsed"] for i in failed)
+            warnings.warn(
+                f"darwin: the mutation of {len(failed)} of {len(done)} instruction(s) gave fewer than {n} usable "
+                f"rewrites ({missing} beam(s) decode the parent instruction instead; see the records' trace)",
+                stacklevel=2,
+            )
 
     # --------------------------------------------------------------------------------------------- main
     def __call__(
@@ -293,6 +470,7 @@ class DarwinDecoder:
             mut_info: list[dict | None] = [None] * P
             if self.mutate:
                 instr, mut_info = self._mutate([pp for pp, _ in parents], seed=sub("mutate", c))
+                self._warn_failed(mut_info)
                 beam_prompts = [[with_instruction(parents[i][0], t) for t in instr[i]] for i in range(P)]
             else:
                 instr = [[pp.messages[-1]["content"]] * n for pp, _ in parents]

@@ -1,0 +1,104 @@
+"""Darwin's mutation operator on the bundled policy: how many usable rewrites it gives per instruction.
+
+Runs only the mutation step (no beams) on the first turn of every MT-Bench and Vicuna question, in both modes:
+``one`` (the default: few-shot request for one rewrite, ``--mutation-oversample`` x n sampled replies, the
+first n usable kept, :func:`moalign.decoding.darwin.parse_rewrite`) and ``list`` (one numbered-list reply, the
+earlier operator). Reports per mode: usable rewrites per prompt (the share of the n slots filled, mean over
+prompts, 95% bootstrap CI), the share of prompts with all n, the verdicts of the replies, the policy tokens per
+prompt and the seconds. Writes ``benchmarks/results/darwin_mutation.{json,md}`` and, for a hand check of the
+rule, ``darwin_mutation_sample.md``: 50 random replies of ``one`` mode with the rule's verdict.
+
+    python benchmarks/darwin_mutation.py [--per-source 80] [--mutations 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+from _common import RESULTS, SHARED_DATA, write_result
+
+from moalign.config import GenerateConfig
+from moalign.data.prompts import load_prompts
+from moalign.decoding.darwin import DarwinDecoder
+from moalign.decoding.in_process import TransformersBackend
+from moalign.decoding.registry import MethodContext
+from moalign.decoding.values import ObjectiveScorer
+from moalign.evaluation.metrics import bootstrap_ci
+from moalign.objectives.base import CallableObjective
+from moalign.policies import load_policy
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--per-source", type=int, default=80)
+    ap.add_argument("--mutations", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    prompts = load_prompts(str(SHARED_DATA / "mt-bench-questions.jsonl"), limit=args.per_source) + load_prompts(
+        str(SHARED_DATA / "vicuna-bench-questions.jsonl"), limit=args.per_source
+    )
+    policy = load_policy()
+    backend = TransformersBackend(policy)
+    scorer = ObjectiveScorer([CallableObjective("none", lambda p, r: [0.0] * len(p))])
+    out: dict = {}
+    replies_one: list[tuple[str, str, str]] = []
+    for mode in ("one", "list"):
+        cfg = GenerateConfig(method="darwin", mutations=args.mutations, mutation_mode=mode, normalize="none")
+        decoder = DarwinDecoder(MethodContext(cfg, policy, backend, scorer), cfg.method_args(), mutate=True,
+                                replace=True)  # fmt: skip
+        shares, tokens, verdicts = [], [], Counter()
+        t0 = time.perf_counter()
+        for start in range(0, len(prompts), args.batch):
+            batch = prompts[start : start + args.batch]
+            _, info = decoder._mutate(batch, seed=args.seed + start)
+            for p, i in zip(batch, info):
+                shares.append(i["parsed"] / args.mutations)
+                tokens.append(i["forward_tokens"])
+                if mode == "one":
+                    verdicts.update(i["verdicts"])
+                    replies_one += [(p.messages[-1]["content"], r, v) for r, v in zip(i["replies"], i["verdicts"])]
+                else:
+                    verdicts.update([f"{i['parsed']} items"])
+            print(mode, start + len(batch), f"{np.mean(shares):.3f}", flush=True)
+        shares_a = np.asarray(shares)
+        est, lo, hi = bootstrap_ci(np.mean, shares_a, n_boot=2000, seed=0)
+        out[mode] = {
+            "usable_share": [float(est), float(lo), float(hi)],
+            "all_n": float(np.mean(shares_a == 1.0)),
+            "none": float(np.mean(shares_a == 0.0)),
+            "policy_tokens_per_prompt": float(np.mean(tokens)),
+            "seconds_per_prompt": (time.perf_counter() - t0) / len(prompts),
+            "verdicts": dict(verdicts.most_common()),
+        }
+    rng = random.Random(0)
+    sample = rng.sample(replies_one, 50)
+    lines = ["# 50 random replies of `--mutation-mode one` with the rule's verdict", "",
+             "| # | instruction | reply | rule |", "|---|---|---|---|"]  # fmt: skip
+    for j, (ins, rep, v) in enumerate(sample, 1):
+        cell = lambda t: t.replace("|", "\\|").replace("\n", " ⏎ ")[:220]  # noqa: E731
+        lines.append(f"| {j} | {cell(ins)} | {cell(rep)} | {v} |")
+    (RESULTS / "darwin_mutation_sample.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "darwin_mutation_sample.json").write_text(json.dumps(sample, indent=1))
+    md = ["| mode | usable rewrites per prompt (share of n) | prompts with all n | with none | policy tokens / prompt | s / prompt |",
+          "|---|---|---|---|---|---|"]  # fmt: skip
+    for mode, r in out.items():
+        e, lo, hi = r["usable_share"]
+        md.append(f"| {mode} | {e:.3f} [{lo:.3f}, {hi:.3f}] | {r['all_n']:.3f} | {r['none']:.3f} | "
+                  f"{r['policy_tokens_per_prompt']:.0f} | {r['seconds_per_prompt']:.2f} |")  # fmt: skip
+    (RESULTS / "darwin_mutation.md").write_text("\n".join(md) + "\n")
+    summary = (f"darwin_mutation: usable rewrites per prompt, {len(prompts)} MT-Bench+Vicuna prompts, n={args.mutations}: "
+               + ", ".join(f"{m} {r['usable_share'][0]:.3f} [{r['usable_share'][1]:.3f}, {r['usable_share'][2]:.3f}]"
+                           for m, r in out.items()))  # fmt: skip
+    write_result("darwin_mutation", {"config": vars(args), "prompts": len(prompts), "results": out}, summary)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    main()
