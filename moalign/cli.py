@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import sys
+import textwrap
 import types
 import typing
 from collections.abc import Callable
@@ -154,11 +155,19 @@ def cmd_evaluate(args) -> None:
 
 def cmd_compare(args, demo: bool = False) -> None:
     from moalign.compare import compare, demo_config
+    from moalign.evaluation.report import read_out
 
     defaults = dataclasses.asdict(demo_config()) if demo else {}
     cfg = config_from_args(CompareConfig, args, **defaults)
     result = compare(cfg)
+    if demo:
+        from moalign.compare import DEMO_NOTE
+
+        print(DEMO_NOTE + "\n")
     print(result.table())
+    said = read_out(result)
+    if said:
+        print("\n" + textwrap.fill(said, width=110))
     print(f"\nruns, summary.json and comparison.png in {cfg.out_dir}")
 
 

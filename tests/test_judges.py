@@ -106,6 +106,11 @@ def test_judge_columns_match_numpy_by_hand():
     )
     d = wc_p["two"] - wc_p["ref"]
     assert res.methods["two"].judge.win_rate.estimate == pytest.approx(((d > 0) + 0.5 * (d == 0)).mean())
+    # the paired gain over the reference: mean per-prompt difference, its interval the paired bootstrap of it
+    g = res.methods["two"].judge.gain
+    _, lo, hi = bootstrap_ci(np.mean, d, n_boot=200, seed=3)
+    assert (g.estimate, g.low, g.high) == pytest.approx((d.mean(), lo, hi), abs=1e-12)
+    assert res.methods["ref"].judge.gain is None and res.methods["ref"].gain is None
 
     # optimised judges: 'helpful' is a judge and cd's decoding objective; 'two' decoded with none of them
     assert res.methods["cd"].judge.optimised == ["helpful"]
@@ -116,7 +121,7 @@ def test_judge_columns_match_numpy_by_hand():
     assert dd["judges"] == judges and dd["judge_norm"]["mean"] == pytest.approx(mu.tolist())
     jcd = dd["methods"]["cd"]["judge"]
     assert set(jcd) == {"objective_means", "worst_case", "win_rate", "proxy_minus_judge_worst_case",
-                        "length_words", "optimised"}  # fmt: skip
+                        "length_words", "optimised", "gain"}  # fmt: skip
     assert jcd["optimised"] == ["helpful"]
     assert EvaluationResult.from_dict(dd).to_dict() == res.to_dict()
 

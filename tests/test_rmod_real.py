@@ -60,3 +60,12 @@ def test_demo_runs_offline(tmp_path, capsys):
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["objectives"]) == {"helpful", "harmless"}
+    # like for like: every method picks by the worst case, which the table ranks by, and the output says so
+    assert summary["extra"]["config"]["scalarization"] == "worst-case" and "worst case" in text.splitlines()[0]
+    # judge columns beside the proxy ones, compute beside the scores, and the table read out in words
+    assert summary["judges"] == ["relevant", "non_toxic"] and "JUDGES" in text and "scorer tok" in text
+    assert "PROXY (helpful, harmless" in text and "JUDGES (relevant, non_toxic" in text
+    assert all(m["gain"] is not None for name, m in summary["methods"].items() if name != "sample-n1")
+    # what the plot titles name: score spaces in words, no file paths
+    for space in (summary["score_space"], summary["judge_score_space"]):
+        assert "/" not in space and ".jsonl" not in space

@@ -88,7 +88,7 @@ def evaluate_files(cfg: EvaluateConfig) -> EvaluationResult:
         }
     result = evaluate_methods(
         runs, names, reference=reference, norm=norm, n_boot=cfg.n_boot, seed=cfg.seed,
-        judges=judge_names, optimised=optimised,
+        judges=judge_names, optimised=optimised, judge_norm=_shipped_judge_norm(judge_specs, metas),
     )  # fmt: skip
     if judge_specs is not None:
         result.extra = {
@@ -235,6 +235,21 @@ def _rescore(runs: dict[str, list[dict]], names: list[str]) -> None:
             vals = o.score([r["prompt"] for r in recs], [r["response"] for r in recs])
             for r, v in zip(recs, vals):
                 r.setdefault("scores", {})[o.name] = float(v)
+
+
+def _shipped_judge_norm(judge_specs, metas: dict[str, dict]) -> NormStats | None:
+    """The shipped z-score statistics of the runs' policy (policy samples on held-out prompts) when every judge is
+    a built-in objective they cover; else None (the judges are then z-scored on the reference run)."""
+    if not judge_specs:
+        return None
+    policies = {str((m.get("config") or {}).get("policy")) for m in metas.values()}
+    if len(policies) != 1 or any(spec != o.name for spec, o in judge_specs):
+        return None
+    from moalign.objectives.normalize import covers, shipped_norm_stats
+
+    stats = shipped_norm_stats(policies.pop())
+    names = [o.name for _, o in judge_specs]
+    return stats.subset(names) if covers(stats, names) else None
 
 
 def _norm(spec: str, metas: dict[str, dict], names: list[str]) -> NormStats | None:

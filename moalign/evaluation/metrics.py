@@ -192,6 +192,7 @@ class JudgeSummary:
     gap: Interval
     win_rate: Interval | None = None
     optimised: list[str] = field(default_factory=list)
+    gain: Interval | None = None  # mean paired judge worst-case gain over the reference
 
     def to_dict(self) -> dict:
         return {
@@ -201,6 +202,7 @@ class JudgeSummary:
             "proxy_minus_judge_worst_case": self.gap.to_dict(),
             "length_words": self.length_words.to_dict(),
             "optimised": list(self.optimised),
+            "gain": None if self.gain is None else self.gain.to_dict(),
         }
 
     @classmethod
@@ -212,13 +214,15 @@ class JudgeSummary:
             gap=Interval.from_dict(d["proxy_minus_judge_worst_case"]),
             win_rate=None if d.get("win_rate") is None else Interval.from_dict(d["win_rate"]),
             optimised=[str(x) for x in d.get("optimised", [])],
+            gain=None if d.get("gain") is None else Interval.from_dict(d["gain"]),
         )
 
 
 @dataclass
 class MethodSummary:
-    """Metrics of one method. ``objective_means`` are on raw scores; ``worst_case`` and ``win_rate`` on the
-    result's ``score_space``. ``win_rate`` is ``None`` for the reference method or without a reference."""
+    """Metrics of one method. ``objective_means`` are on raw scores; ``worst_case``, ``win_rate`` and ``gain``
+    (the mean paired worst-case gain over the reference) on the result's ``score_space``; ``win_rate`` and
+    ``gain`` are ``None`` for the reference method or without a reference."""
 
     method: str
     n: int
@@ -230,6 +234,7 @@ class MethodSummary:
     judge: JudgeSummary | None = None  # the judges' view of this method (only when judges were given)
     #: mean tokens per response read by the policy / the scorers / both (None: records without the counts)
     compute: dict[str, float] | None = None
+    gain: Interval | None = None
 
     @property
     def samples_per_prompt(self) -> float:
@@ -244,6 +249,7 @@ class MethodSummary:
             "worst_case": self.worst_case.to_dict(),
             "win_rate": None if self.win_rate is None else self.win_rate.to_dict(),
             "n_paired": self.n_paired,
+            "gain": None if self.gain is None else self.gain.to_dict(),
             "compute": self.compute,
         }
         if self.judge is not None:
@@ -262,6 +268,7 @@ class MethodSummary:
             n_responses=None if d.get("n_responses") is None else int(d["n_responses"]),
             judge=None if d.get("judge") is None else JudgeSummary.from_dict(d["judge"]),
             compute=None if d.get("compute") is None else {k: float(v) for k, v in d["compute"].items()},
+            gain=None if d.get("gain") is None else Interval.from_dict(d["gain"]),
         )
 
 
@@ -340,7 +347,7 @@ class EvaluationResult:
         proxy_cols = (len(head) - len(self.objectives), None)
         head.append("worst case")
         if self.reference is not None:
-            head.append(f"win vs {self.reference} (%)")
+            head += [f"gain vs {self.reference}", f"win vs {self.reference} (%)"]
         proxy_cols = (proxy_cols[0], len(head))
         costed = any(m.compute is not None for m in self.methods.values())
         if costed:
@@ -351,7 +358,7 @@ class EvaluationResult:
             head += [f"{j} (raw)" for j in self.judges]
             head += ["length (words)", "worst case"]
             if self.reference is not None:
-                head.append(f"win vs {self.reference} (%)")
+                head += [f"gain vs {self.reference}", f"win vs {self.reference} (%)"]
             judge_cols = (judge_cols[0], len(head))
             head.append("proxy - judge")
         rows = []
@@ -360,7 +367,7 @@ class EvaluationResult:
             row += [_pm(m.objective_means[g]) for g in self.objectives]
             row.append(_pm(m.worst_case))
             if self.reference is not None:
-                row.append(self._win_cell(name, m.win_rate))
+                row += [self._gain_cell(name, m.gain), self._win_cell(name, m.win_rate)]
             if costed:
                 c = m.compute
                 row += [f"{c['policy_tokens']:.0f}", f"{c['scorer_tokens']:.0f}"] if c else ["-", "-"]
@@ -376,6 +383,7 @@ class EvaluationResult:
                 row.append(_pm(js.length_words, 1) + mark(False))
                 row.append(_pm(js.worst_case) + mark(bool(js.optimised)))
                 if self.reference is not None:
+                    row.append(self._gain_cell(name, js.gain) + mark(bool(js.optimised)))
                     row.append(self._win_cell(name, js.win_rate) + mark(bool(js.optimised)))
                 row.append(_pm(js.gap, signed=True) + mark(bool(js.optimised)))
             rows.append(row)
@@ -410,7 +418,8 @@ class EvaluationResult:
         ]
         if self.reference is not None:
             notes.append(
-                f"win rate = P[worst case > {self.reference}'s] + 0.5 P[tie], same score space, paired by prompt_id"
+                f"gain = mean over prompts of (worst case - {self.reference}'s) [{conf}% paired bootstrap CI]; win "
+                f"rate = P[worst case > {self.reference}'s] + 0.5 P[tie]; same score space, paired by prompt_id"
             )
         if costed:
             notes.append(
@@ -432,6 +441,11 @@ class EvaluationResult:
                     "include it)"
                 )
         return "\n".join([*lines, *notes])
+
+    def _gain_cell(self, name: str, gain: Interval | None) -> str:
+        if gain is None:
+            return "(reference)" if name == self.reference else "-"
+        return f"{gain.estimate:+.3f} [{gain.low:+.2f}, {gain.high:+.2f}]"
 
     def _win_cell(self, name: str, wr: Interval | None) -> str:
         if wr is None:
@@ -569,8 +583,9 @@ def _paired_win(
     n_boot: int,
     alpha: float,
     seed: int,
-) -> tuple[Interval, int]:
-    """Worst-case win rate of per-prompt worst cases ``wc`` vs the reference's, paired by prompt_id."""
+) -> tuple[Interval, int, Interval]:
+    """Worst-case win rate of per-prompt worst cases ``wc`` vs the reference's, paired by prompt_id; the
+    number of pairs; and the mean paired gain ``wc - ref_wc`` (both with paired bootstrap CIs)."""
     ref_pos = {pid: j for j, pid in enumerate(ref_ids)}
     pairs = [(i, ref_pos[pid]) for i, pid in enumerate(ids) if pid in ref_pos]
     if not pairs:
@@ -582,7 +597,9 @@ def _paired_win(
     ib = np.array([p[1] for p in pairs])
     # a one-column matrix: min over objectives is the per-prompt worst case itself
     ind = worst_case_win_indicator(wc[ia, None], ref_wc[ib, None], tie_tol)
-    return Interval(*bootstrap_ci(np.mean, ind, n_boot=n_boot, alpha=alpha, seed=seed)), len(pairs)
+    win = Interval(*bootstrap_ci(np.mean, ind, n_boot=n_boot, alpha=alpha, seed=seed))
+    gain = Interval(*bootstrap_ci(np.mean, wc[ia] - ref_wc[ib], n_boot=n_boot, alpha=alpha, seed=seed))
+    return win, len(pairs), gain
 
 
 def fit_judge_norm(
@@ -695,12 +712,12 @@ def evaluate_methods(
         est, lo, hi = bootstrap_ci(per_objective_mean, raw, n_boot=n_boot, alpha=alpha, seed=seed)
         means = {g: Interval(float(est[j]), float(lo[j]), float(hi[j])) for j, g in enumerate(objectives)}
         wc = Interval(*bootstrap_ci(np.mean, wc_p, n_boot=n_boot, alpha=alpha, seed=seed))
-        win = None
+        win = gain = None
         n_paired = None
         is_ref = reference is None or method == str(reference)
         if not is_ref:
             ref_ids, _, ref_wc, _ = data[str(reference)]
-            win, n_paired = _paired_win(
+            win, n_paired, gain = _paired_win(
                 method, str(reference), ids, wc_p, ref_ids, ref_wc, tie_tol, n_boot, alpha, seed
             )
         judge = None
@@ -708,10 +725,10 @@ def evaluate_methods(
             jraw_p, jwc_p, len_p = jdata[method]
             est, lo, hi = bootstrap_ci(per_objective_mean, jraw_p, n_boot=n_boot, alpha=alpha, seed=seed)
             jmeans = {g: Interval(float(est[j]), float(lo[j]), float(hi[j])) for j, g in enumerate(judges)}
-            jwin = None
+            jwin = jgain = None
             if not is_ref:
                 ref_ids = data[str(reference)][0]
-                jwin, _ = _paired_win(
+                jwin, _, jgain = _paired_win(
                     method, str(reference), ids, jwc_p, ref_ids, jdata[str(reference)][1], tie_tol, n_boot,
                     alpha, seed,
                 )  # fmt: skip
@@ -723,6 +740,7 @@ def evaluate_methods(
                 gap=Interval(*bootstrap_ci(np.mean, wc_p - jwc_p, n_boot=n_boot, alpha=alpha, seed=seed)),
                 win_rate=jwin,
                 optimised=[j for j in judges if j in decoded],
+                gain=jgain,
             )
         summaries[method] = MethodSummary(
             compute=compute_per_response(runs[method]),
@@ -731,6 +749,7 @@ def evaluate_methods(
             objective_means=means,
             worst_case=wc,
             win_rate=win,
+            gain=gain,
             n_paired=n_paired,
             n_responses=n_responses,
             judge=judge,

@@ -41,6 +41,61 @@ def _yerr(ivs: Sequence[Interval], scale: float = 1.0) -> np.ndarray:
     return np.array([lo, hi])
 
 
+def read_out(result: EvaluationResult) -> str:
+    """A few sentences that read a comparison out: which method led the PROXY worst case and whether its
+    paired gain over the reference is told apart from zero by its interval, whether the judges (signals the
+    methods did not decode with) agree, and what response lengths and compute came with it."""
+    ref = result.reference
+    others = [m for m in result.methods if m != ref]
+    if ref is None or not others:
+        return ""
+    sm = result.methods
+    conf = round(100 * (1 - result.alpha))
+
+    def verdict(g: Interval) -> str:
+        if g.low > 0:
+            return f"its {conf}% interval is above zero"
+        if g.high < 0:
+            return f"its {conf}% interval is below zero"
+        return f"its {conf}% interval includes zero, so these prompts do not tell it from {ref}"
+
+    lead = max(others, key=lambda m: sm[m].worst_case.estimate)
+    g = sm[lead].gain
+    out = [
+        f"PROXY ({', '.join(result.objectives)}, what the methods decoded with): {lead} had the highest worst case, "
+        f"{g.estimate:+.2f} [{g.low:+.2f}, {g.high:+.2f}] over {ref} on {sm[lead].n_paired} prompts; {verdict(g)}."
+    ]
+    for m in others:
+        if m != lead:
+            gm = sm[m].gain
+            out.append(f"{m}: {gm.estimate:+.2f} [{gm.low:+.2f}, {gm.high:+.2f}].")
+    if result.judges:
+        js = {m: sm[m].judge for m in result.methods}
+        jg = js[lead].gain
+        if jg.low > 0:
+            agree = f"agree: {lead} gains {jg.estimate:+.2f} [{jg.low:+.2f}, {jg.high:+.2f}] on their worst case too"
+        elif jg.high < 0:
+            agree = (f"disagree: by their worst case {lead} is behind {ref}, {jg.estimate:+.2f} "
+                     f"[{jg.low:+.2f}, {jg.high:+.2f}]")  # fmt: skip
+        else:
+            agree = (f"neither confirm nor contradict it: {lead}'s gain by their worst case is {jg.estimate:+.2f} "
+                     f"[{jg.low:+.2f}, {jg.high:+.2f}]")  # fmt: skip
+        marked = sorted({j for m in result.methods for j in js[m].optimised})
+        who = f" ({', '.join(marked)} optimised by some runs)" if marked else ", which no method decoded with"
+        jlead = max(others, key=lambda m: js[m].worst_case.estimate)
+        lead_note = "" if jlead == lead else f" The judges' own leader is {jlead}."
+        out.append(f"JUDGES ({', '.join(result.judges)}{who}) {agree}.{lead_note}")
+        words = [round(js[m].length_words.estimate) for m in result.methods]
+        span = f"{min(words)}" if min(words) == max(words) else f"{min(words)}-{max(words)}"
+        out.append(f"Responses averaged {span} words across methods.")
+    costs = {m: sm[m].compute for m in result.methods if sm[m].compute is not None}
+    if lead in costs and ref in costs:
+        c, r = costs[lead], costs[ref]
+        out.append(f"{lead} read {c['total_tokens']:.0f} tokens per response (policy {c['policy_tokens']:.0f} + "
+                   f"scorers {c['scorer_tokens']:.0f}) against {ref}'s {r['total_tokens']:.0f}.")  # fmt: skip
+    return " ".join(out)
+
+
 def plot_comparison(result: EvaluationResult, path: str | Path) -> Path:
     """Bar charts comparing methods: per-objective means (raw) grouped by method, the mean worst case (in the
     result's score space) and, when a reference was given, the worst-case win rate vs the reference.
