@@ -1,14 +1,18 @@
 # Two commands for a new machine: `make demo` runs the main job, `make test` runs the tests; each installs
-# what is missing first (scripts/setup.sh, skipped in a second when everything is there).
+# what it is missing first (scripts/setup.sh demo|test, skipped in a second when everything is there): the demo
+# only what the main job needs, the tests also the test tools and the local llama.cpp server.
 PYTHON ?= python3
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test lint mutation
+.PHONY: setup setup-demo demo test lint mutation
+
+setup-demo:
+	@$(PYTHON) scripts/check_env.py demo 2>/dev/null || PYTHON=$(PYTHON) bash scripts/setup.sh demo
 
 setup:
-	@$(PYTHON) scripts/check_env.py 2>/dev/null || PYTHON=$(PYTHON) bash scripts/setup.sh
+	@$(PYTHON) scripts/check_env.py test 2>/dev/null || PYTHON=$(PYTHON) bash scripts/setup.sh test
 
-demo: setup
+demo: setup-demo
 	$(PYTHON) -m moalign.cli demo
 
 test: setup

