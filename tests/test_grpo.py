@@ -225,3 +225,23 @@ def test_advantages_keep_the_transform_s_relative_sizes_across_groups(tiny_polic
     centred = r - r.mean(1, keepdim=True)
     expect = centred / (r.flatten().std() + 1e-4)
     torch.testing.assert_close(out["advantages"].double().view(2, 4), expect, atol=1e-5, rtol=1e-4)
+
+
+def test_best_of_n_larger_than_the_group_is_refused(tmp_path, prompts_file):
+    with pytest.raises(MoalignError, match=r"best-of-8 .* --num-generations 4 is smaller than N"):
+        _cfg(tmp_path, prompts_file, criterion=["short:bon:8", "vowels:bon:4"])
+
+
+def test_low_effective_sample_size_of_tilting_is_logged_and_warned_once(tiny_policy_dir, tmp_path, prompts_file):
+    tr = _trainer(tiny_policy_dir, tmp_path, prompts_file, criterion=["short:bon:2", "vowels:tilt:0.01"])
+    inputs, prompts, completions, ids, texts = _batch()
+    with pytest.warns(UserWarning, match=r"vowels:tilt:0.01: a group's tilting weights have an effective sample"):
+        tr._calculate_rewards(inputs, prompts, completions, ids)
+    ess = tr._metrics["train"]["iama/vowels/ess_min"]
+    assert len(ess) == 1 and 1.0 <= ess[0] < 2.0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second low step is logged, not warned again
+        tr._calculate_rewards(inputs, prompts, completions, ids)
+    assert len(tr._metrics["train"]["iama/vowels/ess_min"]) == 2

@@ -28,6 +28,7 @@ from moalign.training.nonlinear import (
     parse_aggregator,
     parse_criteria,
     parse_criterion,
+    tilt_ess,
     tilt_first_variation,
     tilt_value,
 )
@@ -101,13 +102,21 @@ def multinomial_pmf(counts: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 def test_bon_closed_form_by_hand():
     # sorted 1, 2, 2, 3; levels 1/4, 2/4, 3/4; N = 3: r~ = 0, 1*3*(1/4)^2 (both 2s), + 1*3*(3/4)^2 for the 3
     r = torch.tensor([[3.0, 1.0, 2.0, 2.0]], dtype=F64)
-    got = bon_first_variation(r, 3)
+    got = bon_first_variation(r, 3, estimator="plugin")
     want = torch.tensor([[30 / 16, 0.0, 3 / 16, 3 / 16]], dtype=F64)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
     # E max of 3 draws from {1, 2, 2, 3}: 3 * (1 - (3/4)^3) + 2 * ((3/4)^3 - (1/4)^3) + 1 * (1/4)^3
-    torch.testing.assert_close(bon_value(r, 3), torch.tensor([164 / 64], dtype=F64), rtol=0, atol=1e-14)
+    torch.testing.assert_close(bon_value(r, 3, estimator="plugin"), torch.tensor([164 / 64], dtype=F64), rtol=0,
+                               atol=1e-14)  # fmt: skip
     # N = 2 on [0, 1]: levels 1/2 -> r~ = [0, 1 * 2 * 1/2]
-    torch.testing.assert_close(bon_first_variation(torch.tensor([0.0, 1.0]), 2), torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(bon_first_variation(torch.tensor([0.0, 1.0]), 2, estimator="plugin"),
+                               torch.tensor([0.0, 1.0]))  # fmt: skip
+    # unbiased, by hand: y = 3, the 2-subsets of the others {1, 2, 2} all have max <= 3 -> 3 * 3 = 9; y = 1 and
+    # y = 2: the maxima over the others' 2-subsets are 3, 3, 2 -> 3 * 8/3 = 8
+    torch.testing.assert_close(bon_first_variation(r, 3), torch.tensor([[9.0, 8.0, 8.0, 8.0]], dtype=F64),
+                               rtol=0, atol=1e-13)  # fmt: skip
+    # the 3-subsets of {1, 2, 2, 3} have maxima 2, 3, 3, 3 -> 11/4
+    torch.testing.assert_close(bon_value(r, 3), torch.tensor([11 / 4], dtype=F64), rtol=0, atol=1e-14)
 
 
 def test_tilt_closed_form_by_hand():
@@ -133,7 +142,7 @@ def test_values_match_bruteforce_enumeration():
     p = p / p.sum()
     for n in (1, 2, 3, 4):
         want_emp = bon_objective_bruteforce(r.numpy(), np.full(5, 0.2), n)
-        assert bon_value(r, n).item() == pytest.approx(want_emp, abs=1e-13)
+        assert bon_value(r, n, estimator="plugin").item() == pytest.approx(want_emp, abs=1e-13)
         want = bon_objective_bruteforce(r.numpy(), p.numpy(), n)
         assert bon_value(r, n, probs=p).item() == pytest.approx(want, abs=1e-13)
     for tau in (0.1, 1.0, 7.0):
@@ -146,10 +155,14 @@ def test_invariances_and_stability():
     g = torch.Generator().manual_seed(0)
     r = torch.randn(3, 7, generator=g, dtype=F64)
     perm = torch.randperm(7, generator=g)
-    for fn in (lambda x: bon_first_variation(x, 4), lambda x: tilt_first_variation(x, 0.3)):
-        # permutation equivariant, shift invariant
+    def centred(x):
+        return x - x.mean(-1, keepdim=True)
+
+    for fn in (lambda x: bon_first_variation(x, 4), lambda x: bon_first_variation(x, 4, estimator="plugin"),
+               lambda x: tilt_first_variation(x, 0.3)):  # fmt: skip
+        # permutation equivariant, shift invariant once centred (what GRPO uses)
         torch.testing.assert_close(fn(r[:, perm]), fn(r)[:, perm], rtol=0, atol=1e-13)
-        torch.testing.assert_close(fn(r + 123.0), fn(r), rtol=0, atol=1e-10)
+        torch.testing.assert_close(centred(fn(r + 123.0)), centred(fn(r)), rtol=0, atol=1e-10)
     # large r / tau does not overflow
     out = tilt_first_variation(torch.tensor([1000.0, 0.0, 999.0], dtype=F64), 0.01)
     assert torch.isfinite(out).all()
@@ -180,18 +193,22 @@ def test_ties_share_a_level_and_counts_equal_expanded_group():
             CriterionSpec("a", "bon", 1),
             CriterionSpec("a", "tilt", 0.4),
         ):
-            fv = first_variation(group, spec)
-            for k in range(4):  # tied completions get exactly the same value
-                members = fv[idx == k]
-                if len(members):
-                    assert (members == members[0]).all()
+            for est in ("unbiased", "plugin"):
+                if spec.method == "bon" and spec.param > m:
+                    continue
+                fv = first_variation(group, spec, estimator=est)
+                for k in range(4):  # tied completions get exactly the same value
+                    members = fv[idx == k]
+                    if len(members):
+                        assert (members == members[0]).all()
+            fv = first_variation(group, spec, estimator="plugin")
             via_probs = first_variation(support, spec, probs=counts.to(F64) / m)
             present = counts > 0
             got, want = fv[torch.argsort(idx)].unique_consecutive(), via_probs[present]
             if spec.param == 1:  # with probs, bon:1 is r - (smallest listed reward, even with no mass)
                 want = want - want[0]
             torch.testing.assert_close(got, want)
-            assert objective_value(group, spec).item() == pytest.approx(
+            assert objective_value(group, spec, estimator="plugin").item() == pytest.approx(
                 objective_value(support, spec, probs=counts.to(F64)).item(), abs=1e-13
             )
 
@@ -200,8 +217,9 @@ def test_n1_is_plain_grpo():
     g = torch.Generator().manual_seed(2)
     r = torch.randn(4, 8, generator=g, dtype=F64)
     r[0, :3] = r[0, 3]  # ties
-    out = bon_first_variation(r, 1)
+    out = bon_first_variation(r, 1, estimator="plugin")
     torch.testing.assert_close(out, r - r.min(-1, keepdim=True).values, rtol=0, atol=1e-12)
+    torch.testing.assert_close(bon_first_variation(r, 1), r, rtol=0, atol=1e-12)  # unbiased: N E[r(y)] = r(y)
     centred = out - out.mean(-1, keepdim=True)
     torch.testing.assert_close(centred, r - r.mean(-1, keepdim=True), rtol=0, atol=1e-12)
     # combined: two bon:1 criteria with a weighted sum = GRPO on the weighted reward after centring
@@ -394,25 +412,26 @@ def test_combined_reward_min_and_smooth_min():
     va = np.mean([bon_objective_bruteforce(a[i].numpy(), np.full(4, 0.25), 2) for i in range(2)])
     vb = np.mean([tilt_objective(b[i].numpy(), np.full(4, 0.25), 0.5) for i in range(2)])
     assert va < vb
-    res = nonlinear_rewards(rr, crit, "min")
+    res = nonlinear_rewards(rr, crit, "min", estimator="plugin")
     torch.testing.assert_close(res.values, torch.tensor([va, vb], dtype=F64))
     torch.testing.assert_close(res.weights, torch.tensor([1.0, 0.0], dtype=F64))
-    torch.testing.assert_close(res.rewards, bon_first_variation(a, 2))
+    torch.testing.assert_close(res.rewards, bon_first_variation(a, 2, estimator="plugin"))
     assert res.aggregate == pytest.approx(va)
 
     gamma = 3.0
-    res = nonlinear_rewards(rr, crit, f"smooth-min:{gamma}:1,2")
+    res = nonlinear_rewards(rr, crit, f"smooth-min:{gamma}:1,2", estimator="plugin")
     x = torch.tensor([va, vb], dtype=F64, requires_grad=True)
     (grad,) = torch.autograd.grad(smooth_min_reference(x, torch.tensor([1.0, 2.0], dtype=F64), gamma), x)
     torch.testing.assert_close(res.weights, grad)
     torch.testing.assert_close(
-        res.rewards, grad[0] * bon_first_variation(a, 2) + grad[1] * tilt_first_variation(b, 0.5)
+        res.rewards,
+        grad[0] * bon_first_variation(a, 2, estimator="plugin") + grad[1] * tilt_first_variation(b, 0.5),
     )
     # stats a trainer logs
     s = res.stats
     assert s["a/reward_mean"] == pytest.approx(a.mean().item())
     assert s["b/reward_mean"] == pytest.approx(b.mean().item())
-    assert s["a/transformed_mean"] == pytest.approx(bon_first_variation(a, 2).mean().item())
+    assert s["a/transformed_mean"] == pytest.approx(bon_first_variation(a, 2, estimator="plugin").mean().item())
     assert s["b/transformed_mean"] == pytest.approx(0.0, abs=1e-12)  # tilting's estimate is group-centred
     assert s["a/weight"] == pytest.approx(grad[0].item()) and s["b/weight"] == pytest.approx(grad[1].item())
     assert s["a/value"] == pytest.approx(va) and s["aggregate"] == pytest.approx(res.aggregate)
@@ -576,3 +595,94 @@ def test_toy_linear_objective_concentrates_at_half():
     assert int(pi.argmax()) == TOY_K // 2
     assert pi[(TOY_Y - 0.5).abs() <= 0.025].sum() > 0.99
     assert (pi * (TOY_Y - 0.5).abs()).sum() < 0.01
+
+
+# ------------------------------------------------------------------------------------------------------
+# the unbiased best-of-N estimator (the default)
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_unbiased_estimators_equal_the_mean_over_subsets_by_brute_force():
+    """The O(M log M) formulas against the definitions, enumerated: the first variation at y is N times the
+    mean over the (N-1)-subsets of the other M-1 rewards of max(r(y), subset max); the value is the mean over
+    the N-subsets of their max."""
+    from itertools import combinations
+
+    g = torch.Generator().manual_seed(7)
+    for m in (1, 2, 5, 7):
+        r = torch.round(torch.rand(m, generator=g, dtype=F64) * 5) / 5  # ties likely
+        for n in range(1, m + 1):
+            fv = bon_first_variation(r, n)
+            for y in range(m):
+                others = [float(r[j]) for j in range(m) if j != y]
+                subsets = list(combinations(others, n - 1))
+                want = n * np.mean([max([float(r[y]), *s]) for s in subsets])
+                assert float(fv[y]) == pytest.approx(want, abs=1e-12)
+            want_v = np.mean([max(s) for s in combinations(r.tolist(), n)])
+            assert float(bon_value(r, n)) == pytest.approx(want_v, abs=1e-12)
+
+
+def _exact_fv(support, probs, n, ry):
+    """N E[max(ry, max of N-1 draws)] under a finite distribution (the first variation up to -N R)."""
+    cdf = np.cumsum(probs)
+    below = np.array([max(ry, v) for v in support])
+    p_max = np.diff(np.concatenate([[0.0], cdf ** (n - 1)]))  # P(max of N-1 draws = support[j])
+    return n * float((p_max * below).sum()) if n > 1 else n * ry
+
+
+@pytest.mark.parametrize("n, m", [(4, 8), (8, 8), (2, 4)])
+def test_unbiased_first_variation_and_value_by_monte_carlo(n, m):
+    """Groups of M draws from a known distribution: the mean of the unbiased estimates over many groups lies
+    within its 99.9% normal interval of the exact first variation (at a completion whose reward is fixed, the
+    others drawn from the distribution) and of the exact value; the plug-in value's mean does not (the test
+    can tell a biased estimator)."""
+    support = np.array([0.0, 0.2, 0.45, 0.7, 1.0])
+    probs = np.array([0.3, 0.25, 0.2, 0.15, 0.1])
+    G = 20000
+    rng = torch.Generator().manual_seed(11)
+    draws = torch.multinomial(torch.tensor(probs).expand(G, -1), m - 1, replacement=True, generator=rng)
+    others = torch.tensor(support)[draws]  # [G, M-1]
+    z = 3.29  # 99.9%
+    for ry in (0.2, 0.7):
+        group = torch.cat([torch.full((G, 1), ry, dtype=F64), others], dim=1)  # y first, the rest from pi
+        exact = _exact_fv(support, probs, n, ry)
+        est = bon_first_variation(group, n)[:, 0].numpy()
+        mean, se = est.mean(), est.std(ddof=1) / np.sqrt(G)
+        assert abs(mean - exact) < z * se + 1e-12, (ry, mean, exact, se)
+    # the value: mean over groups of the unbiased estimate vs E[max of N draws]
+    groups = torch.tensor(support)[torch.multinomial(torch.tensor(probs).expand(G, -1), m, replacement=True,
+                                                     generator=rng)]  # fmt: skip
+    cdf = np.cumsum(probs)
+    exact_v = float((np.diff(np.concatenate([[0.0], cdf**n])) * support).sum())
+    for est_name, ok in (("unbiased", True), ("plugin", n == 1)):
+        v = bon_value(groups, n, estimator=est_name).numpy()
+        mean, se = v.mean(), v.std(ddof=1) / np.sqrt(G)
+        assert (abs(mean - exact_v) < z * se) == ok, (est_name, mean, exact_v, se)
+
+
+def test_best_of_n_with_more_draws_than_the_group_is_refused():
+    r = torch.randn(2, 4, dtype=F64)
+    with pytest.raises(MoalignError, match="best-of-8 needs at least 8 completions per group"):
+        bon_first_variation(r, 8)
+    with pytest.raises(MoalignError, match="best-of-8 needs at least 8"):
+        nonlinear_rewards(r[..., None], "a:bon:8")
+    with pytest.raises(MoalignError, match="estimator must be one of"):
+        bon_value(r, 2, estimator="exact")
+    assert torch.isfinite(bon_first_variation(r, 8, estimator="plugin")).all()  # the plug-in still runs
+
+
+def test_tilt_effective_sample_size():
+    r = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 10.0]], dtype=F64)
+    ess = tilt_ess(r, 1.0)
+    assert float(ess[0]) == pytest.approx(4.0)  # equal weights: every completion counts
+    assert 1.0 <= float(ess[1]) < 1.001  # one completion carries the weight
+    w = torch.exp(torch.tensor([0.3, -0.2, 0.9], dtype=F64) / 0.5)
+    assert float(tilt_ess(torch.tensor([0.3, -0.2, 0.9], dtype=F64), 0.5)) == pytest.approx(
+        float(w.sum() ** 2 / (w**2).sum())
+    )
+    # uniform rewards, M = 8, tau = 0.1: the estimate rests on about one completion
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(2000, 8, generator=g, dtype=F64)
+    assert float(tilt_ess(u, 0.1).median()) < 2.5
+    stats = nonlinear_rewards(u[:4, :, None], "a:tilt:0.1").stats
+    assert stats["a/ess_min"] <= stats["a/ess_mean"] < 8

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from moalign.training.dpo import accelerator_available
 from moalign.training.lora import LoraArguments, check_lora_args, lora_config, quiet_upstream_renames
 from moalign.training.nonlinear import (
     AGGREGATORS,
+    ESTIMATORS,
     AggregatorSpec,
     CriterionSpec,
     nonlinear_rewards,
@@ -99,6 +101,17 @@ class IAMAConfig(GRPOConfig, LoraArguments):
     scale_rewards: str = _f(
         "batch", "reward scaling after group centring: batch (default here, see IAMAConfig), group or none",
         choices=["batch", "group", "none"],
+    )
+    estimator: str = _f(
+        "unbiased",
+        "best-of-N estimator from each group of --num-generations completions: unbiased (subsets without "
+        "replacement; needs N <= num_generations) or plugin (the group's empirical distribution, biased)",
+        choices=list(ESTIMATORS),
+    )
+    min_ess: float = _f(
+        2.0,
+        "tilted criteria: warn when a group's effective sample size of the tilting weights falls below this "
+        "(below 2 the estimate is the top completion against the rest)",
     )
 
     def __post_init__(self):
@@ -158,6 +171,13 @@ class IAMAConfig(GRPOConfig, LoraArguments):
             )
         if self.limit is not None and self.limit < 1:
             raise MoalignError(f"--limit must be >= 1, got {self.limit}")
+        for c in specs:
+            if c.method == "bon" and c.param > self.num_generations:
+                raise MoalignError(
+                    f"--criterion {c}: best-of-{c.param:g} is estimated from each prompt's group of completions, "
+                    f"and --num-generations {self.num_generations} is smaller than N: raise --num-generations to "
+                    f"at least {c.param:g} or lower N"
+                )
         check_lora_args(self)
 
 
@@ -279,7 +299,9 @@ class IAMATrainer(GRPOTrainer):
     for each criterion, the raw reward's mean (``iama/NAME/reward``), the transformed reward's mean
     (``iama/NAME/transformed``), the estimated value after the operator (``iama/NAME/value``, e.g. the
     best-of-N expectation) and the aggregator's weight (``iama/NAME/weight``), plus ``iama/aggregate``. TRL's
-    own ``rewards/NAME/mean`` then shows the weighted transformed column the trainer returned.
+    own ``rewards/NAME/mean`` then shows the weighted transformed column the trainer returned. Tilted criteria
+    also log the groups' effective sample size (``iama/NAME/ess_mean``, ``iama/NAME/ess_min``); the first
+    step where a group's falls below ``--min-ess`` warns once.
     """
 
     def __init__(self, *args, **kwargs):
@@ -327,8 +349,23 @@ class IAMATrainer(GRPOTrainer):
             metrics[f"iama/{spec.name}/reward"].append(float(raw[:, i].mean()))
         if self.args.nonlinear != "on":
             return raw
-        nl = nonlinear_rewards(raw.view(-1, m, c).double(), self.criteria, self.aggregator_spec)
+        nl = nonlinear_rewards(raw.view(-1, m, c).double(), self.criteria, self.aggregator_spec,
+                               estimator=self.args.estimator)  # fmt: skip
         self.last_nonlinear = nl
+        for spec in self.criteria:
+            if spec.method != "tilt":
+                continue
+            lo = nl.stats[f"{spec.name}/ess_min"]
+            metrics[f"iama/{spec.name}/ess_mean"].append(nl.stats[f"{spec.name}/ess_mean"])
+            metrics[f"iama/{spec.name}/ess_min"].append(lo)
+            if lo < self.args.min_ess and not getattr(self, "_warned_ess", False):
+                self._warned_ess = True
+                warnings.warn(
+                    f"criterion {spec}: a group's tilting weights have an effective sample size of {lo:.2f} "
+                    f"(< --min-ess {self.args.min_ess:g}): at this tau the transformed reward is the top "
+                    "completion against the rest; raise tau or --num-generations (logged as iama/NAME/ess_min)",
+                    stacklevel=2,
+                )
         out = (nl.per_criterion * nl.weights.to(nl.per_criterion)).reshape(-1, c).to(raw.dtype)
         for i, spec in enumerate(self.criteria):
             metrics[f"iama/{spec.name}/transformed"].append(float(nl.per_criterion[..., i].mean()))

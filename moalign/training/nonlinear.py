@@ -25,10 +25,17 @@ Aggregators (``kind`` of an :class:`AggregatorSpec`), applied to the per-criteri
                 ``dg/dR_i = w_i e^{-gamma R_i} / sum_j w_j e^{-gamma R_j}`` (softmin weights, sum to 1).
 
 Conventions: a *group* is the last dimension of a rewards tensor ``[..., M]`` (the ``M`` sampled completions
-of one prompt). Every estimator is the exact formula evaluated on a discrete distribution over the group's
-rewards: by default the group's empirical distribution (mass ``1/M`` each); with ``probs`` the given
-probabilities, which makes the functions exact on a finite response space (used by the tests and by tabular
-toys). Computation is in float64; results come back in the input's floating dtype (float64 for integer
+of one prompt). Estimators (``estimator``):
+
+- ``"unbiased"`` (the default, best-of-N only, ``N <= M``): U-statistics over the group's subsets drawn without
+  replacement, unbiased for the policy's first variation and objective value (:func:`bon_first_variation`,
+  :func:`bon_value`);
+- ``"plugin"``: the exact formula evaluated on the group's empirical distribution (mass ``1/M`` each), i.e.
+  draws with replacement: biased at GRPO's group sizes (best-of-4 from M = 8: 0.78 of the true scale).
+
+With ``probs`` the given probabilities are the distribution and every function is exact on that finite
+response space (used by the tests and by tabular toys). Tilting has no unbiased ratio estimator; its groups'
+effective sample size (:func:`tilt_ess`) says when the estimate rests on one sample. Computation is in float64; results come back in the input's floating dtype (float64 for integer
 input) on the input's device. Bad input raises :class:`moalign.errors.MoalignError` with a one-line message.
 """
 
@@ -53,6 +60,8 @@ __all__ = [
     "aggregator_weights",
     "bon_first_variation",
     "bon_value",
+    "ESTIMATORS",
+    "tilt_ess",
     "first_variation",
     "nonlinear_rewards",
     "objective_value",
@@ -328,8 +337,69 @@ def _sorted_levels(r: torch.Tensor, p: torch.Tensor | None):
     return vals, idx, levels
 
 
-def bon_first_variation(rewards: torch.Tensor, n: int, probs: torch.Tensor | None = None) -> torch.Tensor:
+ESTIMATORS: tuple[str, ...] = ("unbiased", "plugin")
+
+
+def _check_estimator(estimator: str, n: int, m: int, where: str) -> str:
+    if estimator not in ESTIMATORS:
+        raise MoalignError(f"{where}: estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+    if estimator == "unbiased" and n > m:
+        raise MoalignError(
+            f"{where}: best-of-{n} needs at least {n} completions per group to estimate without bias, the group "
+            f"has {m} (raise the group size, lower N, or use the biased plug-in estimator)"
+        )
+    return estimator
+
+
+def _log_comb(a: torch.Tensor, b: float) -> torch.Tensor:
+    """``log C(a, b)`` elementwise for ``a >= b >= 0`` (float64)."""
+    return torch.lgamma(a + 1) - math.lgamma(b + 1) - torch.lgamma(a - b + 1)
+
+
+def _bon_unbiased_first_variation(r: torch.Tensor, n: int) -> torch.Tensor:
+    """``N`` x (mean over the (N-1)-subsets S of the other M-1 rewards of ``max(r_y, max S)``) per sample y,
+    from the sorted group in O(M log M): with ``s_(j)`` the others sorted and ``w_j = C(j-1, N-2) / C(M-1, N-1)``
+    the chance that ``s_(j)`` is a subset's maximum, the mean is ``r_(q) sum_{j<q} w_j + sum_{j>=q} w_j r_(j+1)``
+    for the sample at sorted position q (the others below it are the ``r_(j)``, j < q; above, ``r_(j+1)``)."""
+    m = r.shape[-1]
+    vals, idx = torch.sort(r, dim=-1, stable=True)
+    if n == 1 or m == 1:
+        e_sorted = vals
+    else:
+        j = torch.arange(1, m, dtype=torch.float64, device=r.device)  # positions of the others, 1..M-1
+        ok = j - 1 >= n - 2
+        logw = _log_comb((j - 1).clamp(min=n - 2), n - 2) - float(
+            _log_comb(torch.tensor(m - 1.0, dtype=torch.float64), n - 1)
+        )
+        w = torch.where(ok, torch.exp(logw), torch.zeros_like(j))  # [M-1]
+        below = torch.cat([torch.zeros(1, dtype=torch.float64, device=r.device), torch.cumsum(w, 0)])  # [M]
+        terms = w * vals[..., 1:]  # w_j r_(j+1), j = 1..M-1
+        above = torch.flip(torch.cumsum(torch.flip(terms, [-1]), -1), [-1])  # sum_{j>=q}, q = 1..M-1
+        above = torch.cat([above, torch.zeros_like(vals[..., :1])], dim=-1)  # q = M: nothing above
+        e_sorted = vals * below + above
+        # tied rewards: every member takes the value computed at the last position of its run (equal in exact
+        # arithmetic at every position of the run; this makes them equal in floating point too)
+        pos = torch.arange(m, device=r.device).expand_as(vals)
+        is_end = torch.cat([vals[..., :-1] != vals[..., 1:], torch.ones_like(vals[..., :1], dtype=torch.bool)], -1)
+        ends = torch.where(is_end, pos, torch.full_like(pos, m - 1))
+        run_end = torch.flip(torch.cummin(torch.flip(ends, [-1]), dim=-1).values, [-1])
+        e_sorted = torch.gather(e_sorted, -1, run_end)
+    out = torch.empty_like(e_sorted).scatter_(-1, idx, n * e_sorted)
+    return out
+
+
+def bon_first_variation(
+    rewards: torch.Tensor, n: int, probs: torch.Tensor | None = None, estimator: str = "unbiased"
+) -> torch.Tensor:
     """First variation of the best-of-``n`` objective, estimated from each group; same shape as ``rewards``.
+
+    ``estimator="unbiased"`` (default; needs ``n <= M``): for each completion y, ``N`` times the mean over the
+    ``(N-1)``-subsets of the group's other ``M-1`` completions of ``max(r(y), the subset's max)``: an unbiased
+    estimate of ``N E[max(r(y), max of N-1 draws from pi)]``, which is the first variation ``dR/dpi(y)`` up to
+    the constant ``-N R`` (GRPO's group centring removes constants). Non-decreasing in the own reward; tied
+    rewards get identical values. Computed from the sorted group in ``O(M log M)``.
+
+    ``estimator="plugin"`` (or any ``probs``), the exact formula on the group's empirical distribution:
 
     With the group sorted ``r_(1) <= ... <= r_(M)`` returns (spec, "Estimate from one GRPO group")
     ``r~_(k) = sum_{j<k} (r_(j+1) - r_(j)) * n * P_j^(n-1)``, ``P_j = j/M`` (``probs``: the cumulative
@@ -352,6 +422,8 @@ def bon_first_variation(rewards: torch.Tensor, n: int, probs: torch.Tensor | Non
     """
     n = _check_bon_n(n, "bon_first_variation")
     r, p = _check_group(rewards, probs)
+    if p is None and _check_estimator(estimator, n, r.shape[-1], "bon_first_variation") == "unbiased":
+        return _bon_unbiased_first_variation(r, n).to(_out_dtype(rewards))
     vals, idx, levels = _sorted_levels(r, p)
     gaps = vals[..., 1:] - vals[..., :-1]
     terms = gaps * n * levels[..., :-1] ** (n - 1)
@@ -360,15 +432,26 @@ def bon_first_variation(rewards: torch.Tensor, n: int, probs: torch.Tensor | Non
     return out.to(_out_dtype(rewards))
 
 
-def bon_value(rewards: torch.Tensor, n: int, probs: torch.Tensor | None = None) -> torch.Tensor:
-    """Best-of-``n`` objective ``E[max of n draws]`` of each group's distribution; shape ``rewards.shape[:-1]``.
+def bon_value(
+    rewards: torch.Tensor, n: int, probs: torch.Tensor | None = None, estimator: str = "unbiased"
+) -> torch.Tensor:
+    """Best-of-``n`` objective ``E[max of n draws]`` per group; shape ``rewards.shape[:-1]``.
 
-    ``r_(M) - sum_{j<M} (r_(j+1) - r_(j)) P_j^n`` (= ``r_max - int C^n``), the plug-in estimate with draws
-    with replacement from the group (or from ``probs``). Bias ``O(1/M)`` as an estimate of the policy's value
-    (it is the value whose gradient :func:`bon_first_variation` returns).
+    ``estimator="unbiased"`` (default; ``n <= M``): ``sum_{k>=n} r_(k) C(k-1, n-1) / C(M, n)``, the mean over the
+    group's n-subsets of their maximum (unbiased for the policy's value). ``"plugin"`` (or any ``probs``):
+    ``r_(M) - sum_{j<M} (r_(j+1) - r_(j)) P_j^n`` (= ``r_max - int C^n``), draws with replacement from the group
+    (or from ``probs``), bias ``O(1/M)`` (e.g. best-of-8 from M = 8 uniform rewards: 0.836 against 0.889).
     """
     n = _check_bon_n(n, "bon_value")
     r, p = _check_group(rewards, probs)
+    if p is None and _check_estimator(estimator, n, r.shape[-1], "bon_value") == "unbiased":
+        m = r.shape[-1]
+        vals = torch.sort(r, dim=-1).values
+        k = torch.arange(1, m + 1, dtype=torch.float64, device=r.device)
+        ok = k >= n
+        logc = _log_comb(k.clamp(min=n) - 1, n - 1) - float(_log_comb(torch.tensor(float(m), dtype=torch.float64), n))
+        coef = torch.where(ok, torch.exp(logc), torch.zeros_like(k))
+        return (vals * coef).sum(-1).to(_out_dtype(rewards))
     vals, _, levels = _sorted_levels(r, p)
     gaps = vals[..., 1:] - vals[..., :-1]
     out = vals[..., -1] - (gaps * levels[..., :-1] ** n).sum(-1)
@@ -405,6 +488,19 @@ def tilt_first_variation(
     return out.to(_out_dtype(rewards))
 
 
+def tilt_ess(rewards: torch.Tensor, tau: float) -> torch.Tensor:
+    """Effective sample size of each group's tilting weights ``w_j = e^{r_j / tau}``: ``(sum w)^2 / sum w^2``,
+    between 1 (one completion carries all the weight) and M (equal weights); shape ``rewards.shape[:-1]``.
+
+    Below 2 the tilted estimate is "the top completion against the rest": ``A^/Z^`` is about the top reward,
+    so every other completion's transformed reward is negative whatever its own reward (M = 8, tau = 0.1 on
+    uniform rewards: half of the transform's mass on one completion)."""
+    tau = _check_tau(tau, "tilt_ess")
+    r, _ = _check_group(rewards, None)
+    s = r / tau
+    return torch.exp(2 * torch.logsumexp(s, -1) - torch.logsumexp(2 * s, -1))
+
+
 def tilt_value(rewards: torch.Tensor, tau: float, probs: torch.Tensor | None = None) -> torch.Tensor:
     """Tilted objective ``A / Z`` (mean reward under ``pi e^{r/tau}``) per group; shape ``rewards.shape[:-1]``.
 
@@ -417,20 +513,20 @@ def tilt_value(rewards: torch.Tensor, tau: float, probs: torch.Tensor | None = N
 
 
 def first_variation(
-    rewards: torch.Tensor, spec: CriterionSpec, probs: torch.Tensor | None = None
+    rewards: torch.Tensor, spec: CriterionSpec, probs: torch.Tensor | None = None, estimator: str = "unbiased"
 ) -> torch.Tensor:
     """:func:`bon_first_variation` or :func:`tilt_first_variation` as ``spec`` says (group = last dim)."""
     if spec.method == "bon":
-        return bon_first_variation(rewards, int(spec.param), probs)
+        return bon_first_variation(rewards, int(spec.param), probs, estimator)
     return tilt_first_variation(rewards, spec.param, probs)
 
 
 def objective_value(
-    rewards: torch.Tensor, spec: CriterionSpec, probs: torch.Tensor | None = None
+    rewards: torch.Tensor, spec: CriterionSpec, probs: torch.Tensor | None = None, estimator: str = "unbiased"
 ) -> torch.Tensor:
     """:func:`bon_value` or :func:`tilt_value` as ``spec`` says (group = last dim)."""
     if spec.method == "bon":
-        return bon_value(rewards, int(spec.param), probs)
+        return bon_value(rewards, int(spec.param), probs, estimator)
     return tilt_value(rewards, spec.param, probs)
 
 
@@ -515,6 +611,7 @@ def nonlinear_rewards(
     criteria: Sequence[CriterionSpec | str] | str,
     aggregator: AggregatorSpec | str | None = None,
     probs: torch.Tensor | None = None,
+    estimator: str = "unbiased",
 ) -> NonlinearRewards:
     """IAMA's transformed reward for every completion: ``r~ = sum_i (dg/dR_i) r~_i``.
 
@@ -523,7 +620,9 @@ def nonlinear_rewards(
     :func:`parse_criteria`. ``aggregator``: an :class:`AggregatorSpec` or a string for
     :func:`parse_aggregator` (default ``sum`` with weights ``1/C``). ``probs [B, M]`` (optional): the
     completions' probabilities within each group, for exact computations on a finite response space; the
-    default is the group's empirical distribution.
+    default is the group's rewards as samples, with ``estimator`` (``unbiased``: best-of-N needs ``N <= M``;
+    ``plugin``: the empirical distribution). For tilted criteria the stats carry the groups' effective sample
+    size (``{name}/ess_mean``, ``{name}/ess_min``, :func:`tilt_ess`).
 
     ``R_i`` is averaged over the batch's prompts before the aggregator (the spec's ``R_i = E_x E_y``), so the
     weights ``dg/dR_i`` are one vector per batch. The whole group of every prompt must be present: apply this
@@ -559,8 +658,8 @@ def nonlinear_rewards(
     for i, spec in enumerate(specs):
         col = rewards[..., i]
         try:
-            cols.append(first_variation(col, spec, probs).to(torch.float64))
-            vals.append(objective_value(col, spec, probs).to(torch.float64).mean())
+            cols.append(first_variation(col, spec, probs, estimator).to(torch.float64))
+            vals.append(objective_value(col, spec, probs, estimator).to(torch.float64).mean())
         except MoalignError as e:
             raise MoalignError(f"criterion {spec.name!r}: {e}") from None
     per = torch.stack(cols, dim=-1)  # [B, M, C]
@@ -576,6 +675,10 @@ def nonlinear_rewards(
         stats[f"{spec.name}/transformed_mean"] = float(per[..., i].mean())
         stats[f"{spec.name}/value"] = float(values[i])
         stats[f"{spec.name}/weight"] = float(weights[i])
+        if spec.method == "tilt" and probs is None:
+            ess = tilt_ess(rewards[..., i], spec.param)
+            stats[f"{spec.name}/ess_mean"] = float(ess.mean())
+            stats[f"{spec.name}/ess_min"] = float(ess.min())
     stats["transformed_mean"] = float(combined.mean())
     stats["aggregate"] = g
     return NonlinearRewards(
