@@ -36,7 +36,7 @@ def main() -> None:
 
     IAMATrainer._calculate_rewards = spy
     cfg = IAMAConfig(
-        output_dir=out, policy=policy, prompts=prompts, criterion=["short:bon:4", "vowels:bon:2"], aggregate="min",
+        output_dir=out, policy=policy, prompts=prompts, criterion=["short:bon:3", "vowels:bon:2"], aggregate="min",
         num_generations=4, per_device_train_batch_size=6, max_completion_length=6, max_steps=1, logging_steps=1,
         report_to="none", save_strategy="no", seed=0, disable_tqdm=True,
     )  # fmt: skip

@@ -32,7 +32,7 @@ def _cfg(tmp_path, prompts_file, **kw):
     from moalign.training.grpo import IAMAConfig
 
     base = dict(
-        output_dir=str(tmp_path / "out"), prompts=str(prompts_file), criterion=["short:bon:4", "vowels:bon:4"],
+        output_dir=str(tmp_path / "out"), prompts=str(prompts_file), criterion=["short:bon:2", "vowels:bon:2"],
         num_generations=4, per_device_train_batch_size=8, max_completion_length=6, max_steps=1,
         logging_steps=1, report_to="none", save_strategy="no", learning_rate=1e-3, seed=0, disable_tqdm=True,
     )  # fmt: skip
@@ -62,12 +62,12 @@ def test_rewards_handed_to_trl_are_the_transform_of_the_whole_groups(tiny_policy
     inputs, prompts, completions, ids, texts = _batch()
     out = tr._calculate_rewards(inputs, prompts, completions, ids)
     raw = torch.tensor([_short(None, texts), _vowels(None, texts)], dtype=torch.float64).T  # [B*M, C]
-    ref = nonlinear_rewards(raw.view(2, 4, 2), ["short:bon:4", "vowels:bon:4"], "min")
+    ref = nonlinear_rewards(raw.view(2, 4, 2), ["short:bon:2", "vowels:bon:2"], "min")
     assert out.shape == (8, 2)
     # TRL sums the columns with reward_weights (ones): the sum is IAMA's reward per completion
     assert torch.equal(tr.reward_weights.cpu(), torch.ones(2))
     torch.testing.assert_close(out.sum(1).double(), ref.rewards.reshape(-1), atol=1e-6, rtol=0)
-    # min puts all weight on the criterion with the lower best-of-4 value, and only there
+    # min puts all weight on the criterion with the lower best-of-2 value, and only there
     low = int(torch.argmin(ref.values))
     assert float(out[:, 1 - low].abs().max()) == 0.0 and float(out[:, low].abs().max()) > 0
     # permuting completions inside a group permutes their rewards (groups are contiguous, of size M)
@@ -88,7 +88,7 @@ def test_bon1_sum_equals_plain_grpo_after_group_centring(tiny_policy_dir, tmp_pa
     r_off = (off._calculate_rewards(*batch) * off.reward_weights).sum(1)  # what TRL does with them
     centred = [r.view(2, 4) - r.view(2, 4).mean(1, keepdim=True) for r in (r_on, r_off)]
     torch.testing.assert_close(centred[0], centred[1], atol=1e-6, rtol=0)
-    assert not torch.allclose(r_on, r_off)  # on is r - r_min, off is r: only centring makes them equal
+    torch.testing.assert_close(r_on, r_off)  # the unbiased best-of-1 estimate is the reward itself
 
 
 def test_config_refuses_what_would_break_the_transform(tmp_path, prompts_file):
@@ -107,8 +107,8 @@ def test_config_refuses_what_would_break_the_transform(tmp_path, prompts_file):
     with pytest.raises(MoalignError, match="lora-r"):
         _cfg(tmp_path, prompts_file, use_lora=True, lora_r=0)
     # repeated flags and one flag with several values give the same criteria
-    a = _cfg(tmp_path, prompts_file, criterion=[["short:bon:4"], ["vowels:tilt:0.5"]])
-    assert a.criterion == ["short:bon:4", "vowels:tilt:0.5"]
+    a = _cfg(tmp_path, prompts_file, criterion=[["short:bon:2"], ["vowels:tilt:0.5"]])
+    assert a.criterion == ["short:bon:2", "vowels:tilt:0.5"]
     # what CPU needs is set without the user asking; the scaling is the documented choice
     if not torch.cuda.is_available():
         assert a.bf16 is False and a.dataloader_pin_memory is False
@@ -175,7 +175,7 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(tiny_policy_dir, tmp_
 def test_real_policy_and_shipped_reward_models_one_lora_step(shared_data, tmp_path):
     from moalign.training.grpo import train_grpo
 
-    cfg = _cfg(tmp_path, shared_data / "hh-helpful-base-test.jsonl.gz", criterion=["helpful:bon:4", "harmless:bon:4"],
+    cfg = _cfg(tmp_path, shared_data / "hh-helpful-base-test.jsonl.gz", criterion=["helpful:bon:2", "harmless:bon:2"],
                limit=2, skip_invalid=True, use_lora=True, lora_r=4, max_completion_length=8)  # fmt: skip
     res = train_grpo(cfg)
     assert res["steps"] == 1 and res["kind"] == "lora"
@@ -190,14 +190,14 @@ def test_cli_train_grpo_and_config_file_reproduce_the_run(tiny_policy_dir, tmp_p
 
     register_objective("short", lambda: OBJS[0])
     register_objective("vowels", lambda: OBJS[1])
-    argv = ["train", "grpo", "--policy", tiny_policy_dir, "--prompts", prompts_file, "--criterion", "short:bon:4",
+    argv = ["train", "grpo", "--policy", tiny_policy_dir, "--prompts", prompts_file, "--criterion", "short:bon:2",
             "--criterion", "vowels:tilt:0.5", "--aggregate", "smooth-min", "--gamma", "3", "--max-steps", "1",
             "--num-generations", "4", "--per-device-train-batch-size", "8", "--max-completion-length", "6",
             "--report-to", "none", "--save-strategy", "no", "--seed", "3"]  # fmt: skip
     code, out, err = run_cli(*argv, "--output-dir", tmp_path / "a")
     assert code == 0, err
     a = json.loads((tmp_path / "a" / "iama_run.json").read_text())
-    assert a["config"]["criterion"] == ["short:bon:4", "vowels:tilt:0.5"] and a["config"]["gamma"] == 3
+    assert a["config"]["criterion"] == ["short:bon:2", "vowels:tilt:0.5"] and a["config"]["gamma"] == 3
     code, out, err = run_cli("train", "grpo", "--config", tmp_path / "a" / "iama_run.json", "--output-dir", tmp_path / "b")
     assert code == 0, err
     b = json.loads((tmp_path / "b" / "iama_run.json").read_text())
@@ -229,7 +229,10 @@ def test_advantages_keep_the_transform_s_relative_sizes_across_groups(tiny_polic
 
 def test_best_of_n_larger_than_the_group_is_refused(tmp_path, prompts_file):
     with pytest.raises(MoalignError, match=r"best-of-8 .* --num-generations 4 is smaller than N"):
-        _cfg(tmp_path, prompts_file, criterion=["short:bon:8", "vowels:bon:4"])
+        _cfg(tmp_path, prompts_file, criterion=["short:bon:8", "vowels:bon:2"])
+    with pytest.raises(MoalignError, match=r"with N = --num-generations .* no learning signal"):
+        _cfg(tmp_path, prompts_file, criterion=["short:bon:4", "vowels:bon:2"])
+    _cfg(tmp_path, prompts_file, criterion=["short:bon:4", "vowels:bon:2"], estimator="plugin")  # allowed
 
 
 def test_low_effective_sample_size_of_tilting_is_logged_and_warned_once(tiny_policy_dir, tmp_path, prompts_file):
@@ -245,3 +248,15 @@ def test_low_effective_sample_size_of_tilting_is_logged_and_warned_once(tiny_pol
         warnings.simplefilter("error")  # the second low step is logged, not warned again
         tr._calculate_rewards(inputs, prompts, completions, ids)
     assert len(tr._metrics["train"]["iama/vowels/ess_min"]) == 2
+
+
+def test_a_cpu_run_with_gpu_sized_defaults_says_so_before_it_starts(tmp_path, prompts_file):
+    import warnings
+
+    from moalign.training.grpo import IAMAConfig, cpu_sized_warning
+
+    with pytest.warns(UserWarning, match=r"generates up to 4096 tokens a step .* --max-completion-length 512"):
+        cpu_sized_warning(IAMAConfig(output_dir=str(tmp_path / "a"), prompts=str(prompts_file)))  # 8 x 512
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cpu_sized_warning(_cfg(tmp_path, prompts_file))  # 8 x 6 tokens: no warning

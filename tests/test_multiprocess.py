@@ -172,6 +172,6 @@ def test_two_processes_transform_whole_groups_after_the_gather(tiny_policy_dir, 
     assert len(set(ps[4:8])) == 1 and ps[4] != ps[3] and ps[7] != ps[8]
     assert ps[4:6] == d[0]["prompts"][4:6] and ps[6:8] == d[1]["prompts"][:2]
     # one process, the same global batch: the transform of whole groups
-    ref = nonlinear_rewards(expect.view(3, 4, 2), ["short:bon:4", "vowels:bon:2"], "min")
+    ref = nonlinear_rewards(expect.view(3, 4, 2), ["short:bon:3", "vowels:bon:2"], "min")
     returned = torch.tensor(d[0]["returned"], dtype=torch.float64)
     torch.testing.assert_close(returned.sum(1), ref.rewards.reshape(-1), atol=1e-5, rtol=0)
