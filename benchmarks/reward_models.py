@@ -38,12 +38,8 @@ from _common import ROOT, SHARED_DATA
 
 from moalign.data.pairs import heldout_score, load_pairs, split_pairs
 from moalign.objectives import get_objective
-from moalign.objectives.bradley_terry import (
-    fit_head,
-    make_backbone,
-    pair_features,
-    pairwise_accuracy,
-)
+from moalign.objectives.bradley_terry import make_backbone
+from moalign.training.reward import fit_head, pair_features, pairwise_accuracy
 
 DATA = SHARED_DATA
 SETS = {
@@ -179,12 +175,8 @@ def card_text(acc: dict, n_held: dict) -> str:
 
 def retrain(out_root: Path = ROOT / "moalign" / "resources" / "reward_models") -> dict:
     """Retrain the shipped models with ``train_reward`` (default config) and write their model cards."""
-    from moalign.objectives.bradley_terry import (
-        BradleyTerryObjective,
-        TrainRewardConfig,
-        annotate_reward_model,
-        train_reward,
-    )
+    from moalign.objectives.bradley_terry import BradleyTerryObjective
+    from moalign.training.reward import TrainRewardConfig, annotate_reward_model, train_reward
 
     os.chdir(ROOT)  # data paths are recorded relative to the repository root
     rel = {n: ",".join(os.path.relpath(DATA / f, ROOT) for f in files) for n, files in SETS.items()}
@@ -246,7 +238,8 @@ def try_proxies(folds: int = 5) -> dict:
     trained on all training pairs and compared with the shipped model on the held-out pairs (paired bootstrap
     over prompts). MiniLM features are cached in ``benchmarks/results/reward_models/``."""
     from moalign.evaluation.metrics import bootstrap_ci
-    from moalign.objectives.bradley_terry import BradleyTerryObjective, fit_head
+    from moalign.objectives.bradley_terry import BradleyTerryObjective
+    from moalign.training.reward import fit_head
 
     cache = ROOT / "benchmarks" / "results" / "reward_models"
     out: dict = {"folds": folds, "feature_maps": FEATURE_MAPS, "heads": PROXY_HEADS, "objectives": {}}

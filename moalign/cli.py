@@ -294,7 +294,7 @@ class TrainArgumentParser(HfArgumentParser):
 # (subcommand, module, config class, function, help). A new trainer is one more line here: its config
 # (a TrainingArguments/TRL config subclass, or a plain dataclass) becomes the flags, the function gets the config.
 TRAIN_COMMANDS = [
-    ("reward", "moalign.objectives.bradley_terry", "TrainRewardConfig", "train_reward",
+    ("reward", "moalign.training.reward", "TrainRewardConfig", "train_reward",
      "train a Bradley-Terry reward model for one objective from preference pairs"),
     ("values", "moalign.training.values", "TrainValuesConfig", "train_values",
      "train CD-FUDGE value heads on the policy's hidden states (for cd/rmod --values PATH)"),

@@ -1,5 +1,10 @@
 """Typed run configurations. Every field is a CLI flag (``--field-name``); a run saves its config so that
-``--config FILE`` reproduces it (flags given on the command line override the file)."""
+``--config FILE`` reproduces it (flags given on the command line override the file).
+
+``GenerateConfig`` (and ``CompareConfig``, which extends it) holds every registered decoding method's own
+settings, so it is composed from the method registry on first use (PEP 562 ``__getattr__``): importing this
+module for another config (``EvaluateConfig``) loads no decoding method.
+"""
 
 from __future__ import annotations
 
@@ -119,14 +124,6 @@ class _GenerateSettings:
         return get_method(self.method).make_args(dataclasses.asdict(self))
 
 
-GenerateConfig = dataclasses.make_dataclass(
-    "GenerateConfig",
-    method_arg_fields(),
-    bases=(_GenerateSettings,),
-    namespace={"__doc__": _GenerateSettings.__doc__, "__module__": __name__},
-)
-
-
 @dataclass
 class EvaluateConfig:
     """``moalign evaluate``: per-objective and worst-case metrics of one or more runs."""
@@ -150,7 +147,7 @@ class EvaluateConfig:
 
 
 @dataclass
-class CompareConfig(GenerateConfig):
+class _CompareSettings:
     """``moalign compare``: several methods on the same prompts, then evaluate and plot."""
 
     methods: str = _f(
@@ -164,6 +161,30 @@ class CompareConfig(GenerateConfig):
         "with --objectives, reported beside them; cached in OUT_DIR/LABEL.judges.jsonl",
     )
     n_boot: int = _f(1000, "bootstrap resamples for confidence intervals")
+
+
+def _compose() -> None:
+    """Build ``GenerateConfig`` (the shared settings + every registered method's own) and ``CompareConfig``."""
+    global GenerateConfig, CompareConfig
+    GenerateConfig = dataclasses.make_dataclass(
+        "GenerateConfig",
+        method_arg_fields(),
+        bases=(_GenerateSettings,),
+        namespace={"__doc__": _GenerateSettings.__doc__, "__module__": __name__},
+    )
+    CompareConfig = dataclasses.make_dataclass(
+        "CompareConfig",
+        [(f.name, f.type, f) for f in dataclasses.fields(_CompareSettings)],
+        bases=(GenerateConfig,),
+        namespace={"__doc__": _CompareSettings.__doc__, "__module__": __name__},
+    )
+
+
+def __getattr__(name: str):
+    if name in ("GenerateConfig", "CompareConfig"):
+        _compose()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def config_to_dict(cfg) -> dict:

@@ -10,15 +10,8 @@ import pytest
 import torch
 
 from moalign.errors import MoalignError
-from moalign.objectives.bradley_terry import (
-    BradleyTerryObjective,
-    PolicyBackbone,
-    TrainRewardConfig,
-    bt_loss,
-    fit_head,
-    pairwise_accuracy,
-    train_reward,
-)
+from moalign.objectives.bradley_terry import BradleyTerryObjective, PolicyBackbone
+from moalign.training.reward import TrainRewardConfig, bt_loss, fit_head, pairwise_accuracy, train_reward
 
 
 def test_bt_loss_matches_closed_form_float64():

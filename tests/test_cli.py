@@ -75,7 +75,7 @@ def test_a_registered_method_is_one_module_and_one_line(tmp_path, tiny_policy_di
     import moalign.config as config
     from moalign.configbase import config_field
     from moalign.decoding.backend import first_candidate
-    from moalign.decoding.registry import _REGISTRY, MethodSpec, methods_table, register_method
+    from moalign.decoding.registry import METHODS, MethodSpec, methods_table, register_method
     from moalign.decoding.selection import EngineDecoder
 
     @dataclass
@@ -101,7 +101,7 @@ def test_a_registered_method_is_one_module_and_one_line(tmp_path, tiny_policy_di
         assert len(recs) == 3 * 2 and {r["sample_index"] for r in recs} == {0, 1}
         assert len({r["prompt_id"] for r in recs}) == 3
     finally:
-        _REGISTRY.pop("greedyish", None)
+        METHODS.unregister("greedyish")
 
 
 def test_methods_command_matches_readme(capsys, run_cli):
@@ -129,9 +129,9 @@ def test_darwin_flags_and_combiner_choices_come_from_registries(capsys):
         assert args.combiner == "test-halves"
         assert "test-halves" in available_combiners()
     finally:
-        from moalign.training import combiners
+        from moalign.training.combiners import COMBINERS
 
-        combiners._REGISTRY.pop("test-halves", None)
+        COMBINERS.unregister("test-halves")
 
 
 def test_skip_invalid_prompts_flag(tmp_path, tiny_policy_dir, capsys, run_cli):

@@ -441,3 +441,27 @@ def test_real_policy_lora_on_real_hh_pairs(tmp_path):
     assert (tmp_path / "out" / "adapter_config.json").exists()
     assert set(s["heldout"]) == {"helpful", "harmless"}
     assert time.time() - t0 < 300  # ~30 s on an idle 2-core CPU
+
+
+def test_a_registered_combiner_works_in_train_dpo_with_no_edit(tmp_path):
+    """The trainer takes combiners from the registry and hands each the settings its factory names."""
+    from moalign.training.combiners import COMBINERS, LinearCombiner, register_combiner
+
+    seen = {}
+
+    def factory(weights=None, seed=0):
+        seen.update(weights=weights, seed=seed)
+        return LinearCombiner(weights)
+
+    register_combiner("test-recorded", factory)
+    try:
+        cfg = MultiObjectiveDPOConfig(output_dir=str(tmp_path), combiner="test_recorded", combiner_weights=[3, 1],
+                                      seed=7, objective=["a=x.jsonl", "b=y.jsonl"])  # fmt: skip
+        comb = cfg.make_combiner(2)
+        assert seen == {"weights": [3.0, 1.0], "seed": 7}  # not eta or reduction: the factory takes neither
+        assert comb.weights([1.0, 1.0]).tolist() == [0.75, 0.25]
+    finally:
+        COMBINERS.unregister("test-recorded")
+    with pytest.raises(MoalignError, match="unknown combiner 'test-recorded'; choose from"):
+        MultiObjectiveDPOConfig(output_dir=str(tmp_path), combiner="test-recorded",
+                                objective=["a=x.jsonl"]).validate()  # fmt: skip

@@ -347,7 +347,8 @@ def test_ensure_judges_trains_once_then_reuses(tmp_path):
     calls = []
 
     def fake_train(cfg):  # saves as train_reward does, with a tiny head and no backbone to run
-        from moalign.objectives.bradley_terry import Backbone, RewardHead, save_reward_model
+        from moalign.objectives.bradley_terry import Backbone, RewardHead
+        from moalign.training.reward import save_reward_model
 
         calls.append((cfg.objective, cfg.data))
         bb = Backbone()

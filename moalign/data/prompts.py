@@ -268,3 +268,16 @@ def load_prompts(
         out, stats = _collect(items, "prompts", limit, False, skip_invalid)
     _report_skipped(source if isinstance(source, str) else "prompts", stats, report)
     return out
+
+
+def prompt_messages(prompt: str) -> list[dict]:
+    """Chat messages from a prompt's plain text (:attr:`Prompt.text`): an HH-style multi-turn text
+    (``Human: ... Assistant: ...``) is split into its turns, anything else is one user turn."""
+    if prompt.lstrip().startswith("Human:") or "\n\nHuman:" in prompt:
+        try:
+            msgs = parse_hh_dialogue(prompt)
+            if msgs and msgs[-1]["role"] == "user":
+                return msgs
+        except MoalignError:
+            pass
+    return [{"role": "user", "content": prompt}]

@@ -13,13 +13,13 @@ list and the README's method table (``moalign methods``) all come from here.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from moalign.errors import MoalignError
+from moalign.registry import Registry
 
 if TYPE_CHECKING:
     from moalign.decoding.backend import Backend, DecodeResult
@@ -122,8 +122,8 @@ class MethodSpec:
         return args
 
 
-_REGISTRY: dict[str, MethodSpec] = {}
-_loaded = False
+#: the decoding methods (:class:`MethodSpec` by name); built-ins load on the first lookup
+METHODS: Registry[MethodSpec] = Registry("method", builtins=BUILTIN_MODULES)
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
@@ -131,36 +131,22 @@ def register_method(spec: MethodSpec) -> MethodSpec:
         raise MoalignError(f"bad method name {spec.name!r}")
     if spec.args is not None and not dataclasses.is_dataclass(spec.args):
         raise MoalignError(f"method {spec.name!r}: args must be a dataclass")
-    _REGISTRY[spec.name] = spec
-    return spec
-
-
-def _load_builtins() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for mod in BUILTIN_MODULES:
-            importlib.import_module(mod)
+    return METHODS.register(spec.name, spec)
 
 
 def available_methods() -> list[str]:
-    _load_builtins()
-    return list(_REGISTRY)
+    return METHODS.names()
 
 
 def get_method(name: str) -> MethodSpec:
-    _load_builtins()
-    if name not in _REGISTRY:
-        raise MoalignError(f"unknown method {name!r}; choose from {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
+    return METHODS.get(name)
 
 
 def method_arg_fields() -> list[tuple[str, Any, dataclasses.Field]]:
     """Every registered method's settings as ``(name, type, field)`` for ``make_dataclass``; a setting
     shared by several methods (same name) appears once and must have the same default."""
-    _load_builtins()
     out: dict[str, tuple[str, Any, dataclasses.Field]] = {}
-    for spec in _REGISTRY.values():
+    for _, spec in METHODS.items():
         if spec.args is None:
             continue
         hints = typing.get_type_hints(spec.args)
@@ -179,9 +165,8 @@ def method_arg_fields() -> list[tuple[str, Any, dataclasses.Field]]:
 
 def methods_table() -> str:
     """A markdown table of the registered methods and their own settings (the README's method table)."""
-    _load_builtins()
     rows = ["| method | what it does | its own settings |", "|---|---|---|"]
-    for spec in _REGISTRY.values():
+    for _, spec in METHODS.items():
         flags = (
             ", ".join(f"`--{f.name.replace('_', '-')}`" for f in dataclasses.fields(spec.args))
             if spec.args is not None

@@ -4,7 +4,7 @@
 * ``judge_harmless``: Bradley-Terry on PKU-SafeRLHF "safer" pairs (CC-BY-NC-4.0: research use only, so it is
   trained on first use from the user's copy of the data and never shipped as a default).
 
-Both are trained with the project's own ``moalign train reward`` (:func:`moalign.objectives.bradley_terry.
+Both are trained with the project's own ``moalign train reward`` (:func:`moalign.training.reward.
 train_reward`, default settings: MiniLM features, MLP head, 20% of prompts held out) into a folder (default
 ``$MOALIGN_CACHE/judges``); a folder that already holds a trained judge is reused. Use them as judges with
 ``--judges rm:PATH`` (:func:`judge_specs`).
@@ -65,7 +65,7 @@ def ensure_judges(
 ) -> dict[str, Path]:
     """``{judge name: folder}``, training each missing judge first with ``train_reward`` (``trainer``
     replaces it in tests). ``train=False`` raises a one-line error for a missing judge instead."""
-    from moalign.objectives.bradley_terry import TrainRewardConfig, annotate_reward_model, train_reward
+    from moalign.training.reward import TrainRewardConfig, annotate_reward_model, train_reward
 
     out = Path(out_dir) if out_dir is not None else default_judge_dir()
     data = Path(data_dir) if data_dir is not None else default_data_dir()

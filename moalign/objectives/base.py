@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import torch
 
 from moalign.errors import MoalignError
+from moalign.registry import Registry
 
 ScoreFn = Callable[[Sequence[str], Sequence[str]], "torch.Tensor | Sequence[float]"]
 
@@ -111,18 +112,35 @@ def shared_output_memo() -> dict | None:
     return getattr(_MEMO, "memo", None)
 
 
-_REGISTRY: dict[str, Callable[..., Objective]] = {}
+def _reward_model(spec: str) -> Callable[[], Objective]:
+    def load() -> Objective:
+        from moalign.objectives.reward_model import RewardModelObjective
+
+        return RewardModelObjective.from_spec(spec)
+
+    return load
+
+
+#: objective factories by name (built-ins in ``moalign.objectives.builtin``, loaded on the first lookup) and the
+#: ``rm:PATH_OR_HUB_ID[@INDEX]`` family of reward models
+OBJECTIVES: Registry[Callable[[], Objective]] = Registry(
+    "objective",
+    builtins=("moalign.objectives.builtin",),
+    hint=" (or rm:PATH_OR_HUB_ID[@OUTPUT_INDEX] for a reward model)",
+)
+OBJECTIVES.register_prefix("rm:", _reward_model)
 _CACHE: dict[str, Objective] = {}
 
 
-def register_objective(name: str, factory: Callable[..., Objective] | None = None):
+def register_objective(name: str, factory: Callable[..., Objective] | None = None, *, default: bool = False):
     """Register a factory (no-argument callable returning an Objective) under ``name``.
 
-    Usable as a decorator: ``@register_objective("mine")``.
+    Usable as a decorator: ``@register_objective("mine")``. ``default=True`` (built-ins): keep a factory a
+    user registered earlier under that name.
     """
 
     def deco(f):
-        _REGISTRY[name] = f
+        OBJECTIVES.register(name, f, default=default)
         _CACHE.pop(name, None)
         return f
 
@@ -130,13 +148,7 @@ def register_objective(name: str, factory: Callable[..., Objective] | None = Non
 
 
 def available_objectives() -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY)
-
-
-def _load_builtins() -> None:
-    # imported lazily so that `import moalign` stays cheap
-    import moalign.objectives.builtin  # noqa: F401
+    return sorted(OBJECTIVES.names())
 
 
 def get_objective(spec: str | Objective | ScoreFn) -> Objective:
@@ -149,22 +161,9 @@ def get_objective(spec: str | Objective | ScoreFn) -> Objective:
     if not isinstance(spec, str) or not spec.strip():
         raise MoalignError(f"objective must be a name, an Objective or a callable, got {spec!r}")
     spec = spec.strip()
-    if spec in _CACHE:
-        return _CACHE[spec]
-    if spec.startswith("rm:"):
-        from moalign.objectives.reward_model import RewardModelObjective
-
-        obj: Objective = RewardModelObjective.from_spec(spec[3:])
-    else:
-        _load_builtins()
-        if spec not in _REGISTRY:
-            raise MoalignError(
-                f"unknown objective {spec!r}; available: {', '.join(sorted(_REGISTRY))} "
-                "(or rm:PATH_OR_HUB_ID[@OUTPUT_INDEX] for a reward model)"
-            )
-        obj = _REGISTRY[spec]()
-    _CACHE[spec] = obj
-    return obj
+    if spec not in _CACHE:
+        _CACHE[spec] = OBJECTIVES.get(spec)()
+    return _CACHE[spec]
 
 
 def resolve_objectives(specs: str | Sequence[str | Objective | ScoreFn]) -> list[Objective]:

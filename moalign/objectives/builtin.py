@@ -164,10 +164,7 @@ def _shipped(name: str):
 
 def _register_default(name: str, factory) -> None:
     # a user's own registration under the same name (made before the built-ins load) wins
-    from moalign.objectives import base
-
-    if name not in base._REGISTRY:
-        register_objective(name, factory)
+    register_objective(name, factory, default=True)
 
 
 _register_default("non_toxic", NonToxicObjective)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from moalign.data.prompts import prompt_messages
 from moalign.errors import MoalignError
 from moalign.objectives.base import Objective, shared_output_memo
 
@@ -41,12 +42,6 @@ def parse_spec(spec: str) -> tuple[str, int | None]:
         raise MoalignError(f"reward model spec must be PATH_OR_HUB_ID[@INDEX], got {spec!r}")
     idx = m.group("idx")
     return m.group("src"), None if idx is None else int(idx)
-
-
-def _messages(prompt: str) -> list[dict]:
-    from moalign.objectives.bradley_terry import _prompt_messages
-
-    return _prompt_messages(prompt)
 
 
 class RewardModelObjective(Objective):
@@ -151,7 +146,7 @@ class RewardModelObjective(Objective):
     def format(self, prompt: str, response: str) -> str:
         """The text the reward model reads (see the module docstring)."""
         if getattr(self.tokenizer, "chat_template", None):
-            msgs = [*_messages(prompt), {"role": "assistant", "content": response}]
+            msgs = [*prompt_messages(prompt), {"role": "assistant", "content": response}]
             return self.tokenizer.apply_chat_template(msgs, tokenize=False)
         return f"{prompt}\n\n{response}"
 

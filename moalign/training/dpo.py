@@ -49,37 +49,12 @@ from transformers.trainer_utils import SaveStrategy, get_last_checkpoint
 
 from moalign.configbase import json_default
 from moalign.errors import MoalignError
-from moalign.training.combiners import apply_weights, gram_matrix
+from moalign.registry import Choices
+from moalign.training.combiners import COMBINERS, apply_weights, gram_matrix
 from moalign.training.lora import LoraArguments, apply_lora, check_lora_args
 from moalign.training.mo_data import flatten_specs
 
 META_FILE = "dpo_config.json"
-
-
-def combiner_names() -> list[str]:
-    """``--combiner`` choices: every registered combiner (``register_combiner`` makes a new one a choice)."""
-    from moalign.training.combiners import available_combiners
-
-    return available_combiners()
-
-
-class RegistryChoices:
-    """argparse ``choices`` read from a registry whenever they are used (a name registered later is a choice)."""
-
-    def __init__(self, names):
-        self.names = names
-
-    def __contains__(self, value) -> bool:
-        return value in self.names()
-
-    def __iter__(self):
-        return iter(self.names())
-
-    def __len__(self) -> int:
-        return len(self.names())
-
-    def __repr__(self) -> str:
-        return repr(list(self.names()))
 
 
 def accelerator_available() -> bool:
@@ -188,7 +163,7 @@ class MultiObjectiveDPOConfig(TrainingArguments, LoraArguments):
         default="mgda-decoupled",
         metadata={
             "help": "how per-objective gradients are combined",
-            "choices": RegistryChoices(combiner_names),
+            "choices": Choices(COMBINERS),
         },
     )
     combiner_weights: list[float] | None = field(
@@ -314,8 +289,6 @@ class MultiObjectiveDPOConfig(TrainingArguments, LoraArguments):
 
     def validate(self) -> None:
         """Raise :class:`MoalignError` naming the first bad setting."""
-        from moalign.training.combiners import available_combiners
-
         specs = self.objective_specs()
         if not specs and not self.dataset:
             raise MoalignError(
@@ -327,11 +300,7 @@ class MultiObjectiveDPOConfig(TrainingArguments, LoraArguments):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise MoalignError(f"objective names must be unique, repeated: {', '.join(dup)}")
-        key = self.combiner.strip().lower().replace("_", "-")
-        if key not in available_combiners() and key not in ("uniform", "mgda-normalised", "group-dro"):
-            raise MoalignError(
-                f"unknown combiner {self.combiner!r}; known: {', '.join(available_combiners())}"
-            )
+        COMBINERS.canonical(self.combiner)  # one line naming the registered combiners
         checks = [
             (self.beta > 0, f"beta must be > 0, got {self.beta}"),
             (self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}"),
@@ -358,22 +327,22 @@ class MultiObjectiveDPOConfig(TrainingArguments, LoraArguments):
         check_unsharded_gradients(self, self.per_objective_grads)
 
     def make_combiner(self, n_objectives: int):
-        """The configured :class:`~moalign.training.combiners.Combiner`."""
-        from moalign.training.combiners import get_combiner
+        """The configured :class:`~moalign.training.combiners.Combiner`, from the combiner registry: each
+        combiner takes the settings its factory names (``weights`` <- ``--combiner-weights``, ``eta`` <-
+        ``--groupdro-eta``, ``seed``, ``reduction`` <- ``--pcgrad-reduction``)."""
+        from moalign.training.combiners import combiner_from_settings
 
-        key = self.combiner.strip().lower().replace("_", "-")
-        kw: dict[str, Any] = {}
-        if key in ("linear", "uniform") and self.combiner_weights is not None:
-            if len(self.combiner_weights) != n_objectives:
-                raise MoalignError(
-                    f"--combiner-weights has {len(self.combiner_weights)} values for {n_objectives} objectives"
-                )
-            kw["weights"] = list(self.combiner_weights)
-        elif key in ("groupdro", "group-dro"):
-            kw["eta"] = self.groupdro_eta
-        elif key == "pcgrad":
-            kw.update(seed=int(self.seed), reduction=self.pcgrad_reduction)
-        return get_combiner(self.combiner, **kw)
+        if self.combiner_weights is not None and len(self.combiner_weights) != n_objectives:
+            raise MoalignError(
+                f"--combiner-weights has {len(self.combiner_weights)} values for {n_objectives} objectives"
+            )
+        settings = {
+            "weights": list(self.combiner_weights) if self.combiner_weights is not None else None,
+            "eta": self.groupdro_eta,
+            "seed": int(self.seed),
+            "reduction": self.pcgrad_reduction,
+        }
+        return combiner_from_settings(self.combiner, settings)
 
 
 # --------------------------------------------------------------------------------------------- data

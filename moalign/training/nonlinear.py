@@ -42,17 +42,20 @@ input) on the input's device. Bad input raises :class:`moalign.errors.MoalignErr
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from moalign.errors import MoalignError
+from moalign.registry import Registry
 
 __all__ = [
     "AGGREGATORS",
-    "METHODS",
+    "OPERATORS",
+    "Aggregator",
+    "Operator",
     "AggregatorSpec",
     "CriterionSpec",
     "NonlinearRewards",
@@ -75,10 +78,32 @@ __all__ = [
 Method = Literal["bon", "tilt"]
 AggregatorKind = Literal["sum", "min", "smooth-min"]
 
-#: inference-time operators a criterion can be served by
-METHODS: tuple[str, ...] = ("bon", "tilt")
-#: aggregators across criteria
-AGGREGATORS: tuple[str, ...] = ("sum", "min", "smooth-min")
+@dataclass(frozen=True)
+class Operator:
+    """An inference-time operator a criterion can be served by: how its parameter is checked and read, its
+    first variation and its objective value from a group of rewards (see :func:`bon_first_variation`)."""
+
+    check: Callable[[object, str], float]  # (param, where) -> the validated param, or a one-line error
+    parse: Callable[[str, str], float]  # (text, where) -> param
+    first_variation: Callable[..., torch.Tensor]  # (rewards, param, probs, estimator)
+    value: Callable[..., torch.Tensor]  # (rewards, param, probs, estimator)
+
+
+@dataclass(frozen=True)
+class Aggregator:
+    """How criteria's objective values combine: ``weights_fn(values, spec)`` = ``dg/dR_i`` and
+    ``value_fn(values, spec)`` = ``g``; whether it takes weights and whether it needs a temperature gamma."""
+
+    weights_fn: Callable[..., torch.Tensor]
+    value_fn: Callable[..., torch.Tensor]
+    takes_weights: bool = True
+    needs_gamma: bool = False
+
+
+#: inference-time operators by name (``bon``, ``tilt``; registered below)
+OPERATORS: Registry[Operator] = Registry("inference-time operator")
+#: aggregators across criteria by name (``sum``, ``min``, ``smooth-min``; registered below)
+AGGREGATORS: Registry[Aggregator] = Registry("aggregator")
 
 # relative tolerance under which two objective values count as tied for the ``min`` aggregator
 _MIN_TIE_RTOL = 1e-9
@@ -123,15 +148,13 @@ class CriterionSpec:
             raise MoalignError(
                 f"criterion name must be a non-empty string without ':' or ',', got {self.name!r}"
             )
-        if self.method not in METHODS:
+        if self.method not in OPERATORS:
             raise MoalignError(
-                f"criterion {self.name!r}: unknown method {self.method!r} (expected one of {', '.join(METHODS)})"
+                f"criterion {self.name!r}: unknown method {self.method!r} (expected one of "
+                f"{', '.join(OPERATORS.names())})"
             )
         where = f"criterion {self.name!r}"
-        if self.method == "bon":
-            object.__setattr__(self, "param", _check_bon_n(self.param, where))
-        else:
-            object.__setattr__(self, "param", _check_tau(self.param, where))
+        object.__setattr__(self, "param", OPERATORS.get(self.method).check(self.param, where))
 
     def __str__(self) -> str:
         return f"{self.name}:{self.method}:{self.param:g}"
@@ -153,10 +176,13 @@ class AggregatorSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in AGGREGATORS:
-            raise MoalignError(f"unknown aggregator {self.kind!r} (expected one of {', '.join(AGGREGATORS)})")
+            raise MoalignError(
+                f"unknown aggregator {self.kind!r} (expected one of {', '.join(AGGREGATORS.names())})"
+            )
+        agg = AGGREGATORS.get(self.kind)
         if self.weights is not None:
-            if self.kind == "min":
-                raise MoalignError("aggregator 'min' takes no weights")
+            if not agg.takes_weights:
+                raise MoalignError(f"aggregator {self.kind!r} takes no weights")
             try:
                 w = tuple(float(x) for x in self.weights)
             except (TypeError, ValueError) as e:
@@ -166,15 +192,13 @@ class AggregatorSpec:
                     f"aggregator weights must be finite, >= 0 and not all zero, got {list(self.weights)}"
                 )
             object.__setattr__(self, "weights", w)
-        if self.kind == "smooth-min":
+        if agg.needs_gamma:
             if self.gamma is None:
-                raise MoalignError("aggregator 'smooth-min' needs a temperature gamma > 0")
+                raise MoalignError(f"aggregator {self.kind!r} needs a temperature gamma > 0")
             if isinstance(self.gamma, bool) or not isinstance(self.gamma, int | float):
-                raise MoalignError(f"aggregator 'smooth-min': gamma must be a number > 0, got {self.gamma!r}")
+                raise MoalignError(f"aggregator {self.kind!r}: gamma must be a number > 0, got {self.gamma!r}")
             if not math.isfinite(self.gamma) or self.gamma <= 0:
-                raise MoalignError(
-                    f"aggregator 'smooth-min': gamma must be finite and > 0, got {self.gamma!r}"
-                )
+                raise MoalignError(f"aggregator {self.kind!r}: gamma must be finite and > 0, got {self.gamma!r}")
             object.__setattr__(self, "gamma", float(self.gamma))
         elif self.gamma is not None:
             raise MoalignError(f"aggregator {self.kind!r} takes no gamma (only 'smooth-min' does)")
@@ -200,27 +224,31 @@ def parse_criterion(text: str) -> CriterionSpec:
             f"criterion {text!r}: expected NAME:METHOD:PARAM (e.g. helpful:bon:4 or harmless:tilt:0.5)"
         )
     name, method, raw = parts
-    if method not in METHODS:
+    if method not in OPERATORS:
         raise MoalignError(
-            f"criterion {text!r}: unknown method {method!r} (expected one of {', '.join(METHODS)})"
+            f"criterion {text!r}: unknown method {method!r} (expected one of {', '.join(OPERATORS.names())})"
         )
-    if method == "bon":
-        try:
-            n = int(raw)
-        except ValueError:
-            raise MoalignError(
-                f"criterion {text!r}: best-of-N needs an integer N >= 1, got {raw!r}"
-            ) from None
-        if n < 1:
-            raise MoalignError(f"criterion {text!r}: best-of-N needs an integer N >= 1, got {raw!r}")
-        return CriterionSpec(name, "bon", n)
+    return CriterionSpec(name, method, OPERATORS.get(method).parse(raw, f"criterion {text!r}"))
+
+
+def _parse_bon(raw: str, where: str) -> int:
+    try:
+        n = int(raw)
+    except ValueError:
+        raise MoalignError(f"{where}: best-of-N needs an integer N >= 1, got {raw!r}") from None
+    if n < 1:
+        raise MoalignError(f"{where}: best-of-N needs an integer N >= 1, got {raw!r}")
+    return n
+
+
+def _parse_tau(raw: str, where: str) -> float:
     try:
         tau = float(raw)
     except ValueError:
-        raise MoalignError(f"criterion {text!r}: tilting needs a temperature tau > 0, got {raw!r}") from None
+        raise MoalignError(f"{where}: tilting needs a temperature tau > 0, got {raw!r}") from None
     if not math.isfinite(tau) or tau <= 0:
-        raise MoalignError(f"criterion {text!r}: tilting needs a finite temperature tau > 0, got {raw!r}")
-    return CriterionSpec(name, "tilt", tau)
+        raise MoalignError(f"{where}: tilting needs a finite temperature tau > 0, got {raw!r}")
+    return tau
 
 
 def parse_criteria(texts: str | Sequence[str | CriterionSpec]) -> list[CriterionSpec]:
@@ -248,7 +276,7 @@ def parse_aggregator(text: str) -> AggregatorSpec:
     kind = parts[0]
     if kind not in AGGREGATORS:
         raise MoalignError(
-            f"aggregator {text!r}: unknown kind {kind!r} (expected one of {', '.join(AGGREGATORS)})"
+            f"aggregator {text!r}: unknown kind {kind!r} (expected one of {', '.join(AGGREGATORS.names())})"
         )
 
     def weights(raw: str) -> tuple[float, ...]:
@@ -512,22 +540,30 @@ def tilt_value(rewards: torch.Tensor, tau: float, probs: torch.Tensor | None = N
     return mean_tilted.squeeze(-1).to(_out_dtype(rewards))
 
 
+OPERATORS.register("bon", Operator(
+    check=_check_bon_n, parse=_parse_bon,
+    first_variation=lambda r, n, probs, est: bon_first_variation(r, int(n), probs, est),
+    value=lambda r, n, probs, est: bon_value(r, int(n), probs, est),
+))  # fmt: skip
+OPERATORS.register("tilt", Operator(
+    check=_check_tau, parse=_parse_tau,
+    first_variation=lambda r, tau, probs, est: tilt_first_variation(r, tau, probs),
+    value=lambda r, tau, probs, est: tilt_value(r, tau, probs),
+))  # fmt: skip
+
+
 def first_variation(
     rewards: torch.Tensor, spec: CriterionSpec, probs: torch.Tensor | None = None, estimator: str = "unbiased"
 ) -> torch.Tensor:
-    """:func:`bon_first_variation` or :func:`tilt_first_variation` as ``spec`` says (group = last dim)."""
-    if spec.method == "bon":
-        return bon_first_variation(rewards, int(spec.param), probs, estimator)
-    return tilt_first_variation(rewards, spec.param, probs)
+    """The first variation of ``spec``'s operator (:data:`OPERATORS`, e.g. :func:`bon_first_variation`)."""
+    return OPERATORS.get(spec.method).first_variation(rewards, spec.param, probs, estimator)
 
 
 def objective_value(
     rewards: torch.Tensor, spec: CriterionSpec, probs: torch.Tensor | None = None, estimator: str = "unbiased"
 ) -> torch.Tensor:
-    """:func:`bon_value` or :func:`tilt_value` as ``spec`` says (group = last dim)."""
-    if spec.method == "bon":
-        return bon_value(rewards, int(spec.param), probs, estimator)
-    return tilt_value(rewards, spec.param, probs)
+    """The objective value of ``spec``'s operator (:data:`OPERATORS`, e.g. :func:`bon_value`)."""
+    return OPERATORS.get(spec.method).value(rewards, spec.param, probs, estimator)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -555,29 +591,39 @@ def aggregator_weights(values: torch.Tensor, spec: AggregatorSpec) -> torch.Tens
     (relative tolerance 1e-9), 0 elsewhere. ``smooth-min``: ``w_i e^{-gamma R_i} / sum_j w_j e^{-gamma R_j}``
     (the exact gradient of ``-(1/gamma) log sum_i w_i e^{-gamma R_i}``; sums to 1).
     """
-    v = _check_values(values)
-    c = v.shape[-1]
-    if spec.kind == "sum":
-        return spec.weight_vector(c).to(v.device).expand_as(v).clone()
-    if spec.kind == "min":
-        lo = v.min(-1, keepdim=True).values
-        tied = (v - lo) <= _MIN_TIE_RTOL * torch.clamp(lo.abs(), min=1.0)
-        tied = tied.to(torch.float64)
-        return tied / tied.sum(-1, keepdim=True)
-    w = spec.weight_vector(c).to(v.device)
+    return AGGREGATORS.get(spec.kind).weights_fn(_check_values(values), spec)
+
+
+def _sum_weights(v: torch.Tensor, spec: AggregatorSpec) -> torch.Tensor:
+    return spec.weight_vector(v.shape[-1]).to(v.device).expand_as(v).clone()
+
+
+def _min_weights(v: torch.Tensor, spec: AggregatorSpec) -> torch.Tensor:
+    lo = v.min(-1, keepdim=True).values
+    tied = ((v - lo) <= _MIN_TIE_RTOL * torch.clamp(lo.abs(), min=1.0)).to(torch.float64)
+    return tied / tied.sum(-1, keepdim=True)
+
+
+def _smooth_min_weights(v: torch.Tensor, spec: AggregatorSpec) -> torch.Tensor:
+    w = spec.weight_vector(v.shape[-1]).to(v.device)
     return torch.softmax(-spec.gamma * v + torch.log(w), dim=-1)
 
 
 def aggregator_value(values: torch.Tensor, spec: AggregatorSpec) -> torch.Tensor:
     """``g(R_1, ..., R_C)`` for ``values [..., C]``; float64, shape ``values.shape[:-1]``."""
-    v = _check_values(values)
-    c = v.shape[-1]
-    if spec.kind == "sum":
-        return (v * spec.weight_vector(c).to(v.device)).sum(-1)
-    if spec.kind == "min":
-        return v.min(-1).values
-    w = spec.weight_vector(c).to(v.device)
+    return AGGREGATORS.get(spec.kind).value_fn(_check_values(values), spec)
+
+
+def _smooth_min_value(v: torch.Tensor, spec: AggregatorSpec) -> torch.Tensor:
+    w = spec.weight_vector(v.shape[-1]).to(v.device)
     return -torch.logsumexp(-spec.gamma * v + torch.log(w), dim=-1) / spec.gamma
+
+
+AGGREGATORS.register(
+    "sum", Aggregator(_sum_weights, lambda v, spec: (v * spec.weight_vector(v.shape[-1]).to(v.device)).sum(-1))
+)
+AGGREGATORS.register("min", Aggregator(_min_weights, lambda v, spec: v.min(-1).values, takes_weights=False))
+AGGREGATORS.register("smooth-min", Aggregator(_smooth_min_weights, _smooth_min_value, needs_gamma=True))
 
 
 # --------------------------------------------------------------------------------------------------------
