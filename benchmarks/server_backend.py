@@ -1,9 +1,13 @@
 """The serving backend against the in-process engine: best-of-8 and CD (K = 8, B = 16) on the same prompts.
 
 In-process: the bundled SmolLM2-135M-Instruct de-quantised to float32, batched through transformers on one
-torch thread. Server: llama-cpp-python's OpenAI-compatible server on the same model's GGUF (Q4_1), one
-thread, started here (``moalign.decoding.llama_server``); the client falls back to text prompts and one
-choice per request there (no token ids, no ``n``). Objectives ``helpful`` and ``harmless`` (shipped reward
+torch thread. Servers, on the same model's GGUF (Q4_1), one thread, started here (``scripts/llama_server.py``):
+
+- ``llama-cpp-python``: its OpenAI-compatible server decodes one request at a time and takes text prompts
+  only with one choice per request, so the client falls back to text and one request per row;
+- ``llama.cpp`` (when ``scripts/install_llama_cpp.sh`` has built it, or ``--native PATH``): llama.cpp's own
+  ``llama-server`` with ``--parallel`` slots decoded together, token-id prompts, ``n`` choices and the generated
+  ids back, so rows in one state share a request and the server batches the rows of a block. Objectives ``helpful`` and ``harmless`` (shipped reward
 models, shipped z-score statistics) score the candidates in both, so wall time includes the same scoring.
 
 Reported per (method, backend): wall time of decoding the batch, the tokens sampled by the policy (every
@@ -20,13 +24,14 @@ import argparse
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from _common import write_result  # noqa: E402
-from llama_server import LlamaServer  # noqa: E402  (scripts/, on the path through _common)
+from llama_server import LlamaServer, NativeLlamaServer  # noqa: E402  (scripts/, on the path through _common)
 
 from moalign.config import GenerateConfig  # noqa: E402
 from moalign.data.prompts import demo_prompts_path, load_prompts  # noqa: E402
@@ -97,12 +102,22 @@ def run(engine, policy, cfg: GenerateConfig, scorer, prompts, stats=None) -> dic
     return res
 
 
+def _installed_native() -> str | None:
+    """The llama-server that scripts/install_llama_cpp.sh built under ~/.cache/moalign/llama.cpp, if any."""
+    root = Path(os.environ.get("MOALIGN_LLAMA_CPP", "")) / "bin" if os.environ.get("MOALIGN_LLAMA_CPP") else None
+    found = [root / "llama-server"] if root else sorted((Path.home() / ".cache/moalign/llama.cpp").glob("*/bin/llama-server"))
+    return str(found[0]) if found and found[0].exists() else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--max-concurrency", type=int, default=8)
+    ap.add_argument("--native", default=None, help="llama.cpp's llama-server binary (default: the installed one)")
+    ap.add_argument("--parallel", type=int, default=8, help="llama.cpp's slots (--parallel)")
     args = ap.parse_args()
+    native = args.native or _installed_native()
     torch.set_num_threads(1)
     prompts = load_prompts(demo_prompts_path(), limit=args.prompts)
     objectives = resolve_objectives("helpful,harmless")
@@ -124,43 +139,46 @@ def main() -> None:
 
     from moalign.decoding.completions import connect
 
-    t0 = time.perf_counter()
-    with LlamaServer(n_threads=1, n_ctx=4096) as srv:
-        server_start = time.perf_counter() - t0
-        scfg = replace(base, backend="server", base_url=srv.base_url, max_concurrency=args.max_concurrency)
-        spolicy, sengine = connect(scfg, SamplingConfig())
-        for name, cfg in methods.items():
-            cfg = replace(cfg, backend="server", base_url=srv.base_url, max_concurrency=args.max_concurrency)
-            results["server"][name] = run(sengine, spolicy, cfg, scorer, prompts, stats=sengine.stats)
-            print("server", name, results["server"][name], flush=True)
-        caps = spolicy.describe()["capabilities"]
-        sengine.client.close()
+    servers = {"llama-cpp-python": LlamaServer(n_threads=1, n_ctx=4096)}
+    if native:
+        servers["llama.cpp"] = NativeLlamaServer(native, parallel=args.parallel, n_threads=1)
+    results = {"local": results["local"], **{k: {} for k in servers}}
+    caps, starts = {}, {}
+    for kind, srv in servers.items():
+        t0 = time.perf_counter()
+        with srv:
+            starts[kind] = round(time.perf_counter() - t0, 2)
+            scfg = replace(base, backend="server", base_url=srv.base_url, max_concurrency=args.max_concurrency)
+            spolicy, sengine = connect(scfg, SamplingConfig())
+            for name, cfg in methods.items():
+                cfg = replace(cfg, backend="server", base_url=srv.base_url, max_concurrency=args.max_concurrency)
+                results[kind][name] = run(sengine, spolicy, cfg, scorer, prompts, stats=sengine.stats)
+                print(kind, name, results[kind][name], flush=True)
+            caps[kind] = spolicy.describe()["capabilities"]
+            sengine.close()
 
-    def ratio(name):
-        return round(results["server"][name]["wall_s"] / results["local"][name]["wall_s"], 2)
+    def ratio(kind, name):
+        return round(results[kind][name]["wall_s"] / results["local"][name]["wall_s"], 2)
 
-    summary = (
-        f"server_backend: {args.prompts} prompts x {args.max_new_tokens} tokens, 1 thread each; "
-        + "; ".join(
-            f"{name}: in-process {results['local'][name]['wall_s']} s "
-            f"({results['local'][name]['sampled_tokens_per_s']} tok/s), llama.cpp server "
-            f"{results['server'][name]['wall_s']} s ({results['server'][name]['sampled_tokens_per_s']} tok/s, "
-            f"x{ratio(name)} wall)"
-            for name in methods
-        )
+    summary = f"server_backend: {args.prompts} prompts x {args.max_new_tokens} tokens, 1 thread each; " + "; ".join(
+        f"{name}: in-process {results['local'][name]['wall_s']} s, "
+        + ", ".join(f"{kind} x{ratio(kind, name)}" for kind in servers)
+        for name in methods
     )
     payload = {
         "prompts": args.prompts,
         "max_new_tokens": args.max_new_tokens,
         "objectives": ["helpful", "harmless"],
         "local_policy_load_s": round(local_load, 2),
-        "server_start_s": round(server_start, 2),
-        "server": {
-            "software": "llama-cpp-python 0.3.36 (llama_cpp.server)",
-            "capabilities": caps,
-            "n_threads": 1,
-            "max_concurrency": args.max_concurrency,
-        },  # fmt: skip
+        "server_start_s": starts,
+        "servers": {
+            "llama-cpp-python": "llama-cpp-python 0.3.36 (llama_cpp.server), one request at a time",
+            "llama.cpp": f"llama.cpp llama-server (vendored by llama-cpp-python 0.3.36), --parallel {args.parallel}",
+        },
+        "capabilities": caps,
+        "n_threads": 1,
+        "max_concurrency": args.max_concurrency,
+        "ratios": {kind: {name: ratio(kind, name) for name in methods} for kind in servers},
         "results": results,
     }
     write_result("server_backend", payload, summary)

@@ -74,7 +74,7 @@ class LlamaServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self, timeout: float = 120.0) -> LlamaServer:
+    def command(self) -> list[str]:
         if not llama_cpp_available():
             raise MoalignError("llama-cpp-python[server] is not installed: bash scripts/install_server.sh")
         cmd = [
@@ -85,7 +85,13 @@ class LlamaServer:
         ]  # fmt: skip
         if self.n_batch is not None:
             cmd += ["--n_batch", str(self.n_batch), "--n_ubatch", str(self.n_batch)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.n_threads)}
+        return cmd
+
+    def environment(self) -> dict:
+        return {**os.environ, "OMP_NUM_THREADS": str(self.n_threads)}
+
+    def start(self, timeout: float = 120.0) -> LlamaServer:
+        cmd, env = self.command(), self.environment()
         out = self.log.open("ab") if self.log is not None else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         if self.log is not None:
@@ -93,9 +99,7 @@ class LlamaServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise MoalignError(
-                    f"llama_cpp.server exited with status {self.proc.returncode} (log: {self.log})"
-                )
+                raise MoalignError(f"{cmd[0]} exited with status {self.proc.returncode} (log: {self.log})")
             try:
                 with urllib.request.urlopen(self.base_url + "/models", timeout=2) as r:
                     if json.loads(r.read()).get("data"):
@@ -123,6 +127,29 @@ class LlamaServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class NativeLlamaServer(LlamaServer):
+    """llama.cpp's own ``llama-server`` binary (``scripts/install_llama_cpp.sh`` builds it): ``parallel`` slots
+    decoded together (continuous batching), token-id prompts, ``n`` choices and the generated token ids, i.e.
+    the ``token_ids`` and ``n`` capabilities of the client."""
+
+    def __init__(self, binary: str | Path, *, parallel: int = 8, n_ctx: int = 8192, **kw):
+        super().__init__(n_ctx=n_ctx, **kw)
+        self.binary, self.parallel = Path(binary), int(parallel)
+
+    def command(self) -> list[str]:
+        cmd = [str(self.binary), "-m", str(self.gguf), "--alias", self.alias, "--host", "127.0.0.1",
+               "--port", str(self.port), "-c", str(self.n_ctx), "-t", str(self.n_threads), "-tb",
+               str(self.n_threads), "-np", str(self.parallel), *self.extra]  # fmt: skip
+        if self.n_batch is not None:
+            cmd += ["-b", str(self.n_batch), "-ub", str(self.n_batch)]
+        return cmd
+
+    def environment(self) -> dict:
+        env = super().environment()
+        env["LD_LIBRARY_PATH"] = f"{self.binary.parent}:{env.get('LD_LIBRARY_PATH', '')}"
+        return env
 
 
 if __name__ == "__main__":

@@ -306,3 +306,44 @@ def test_vllm_token_id_path(tmp_path):
     assert meta["policy"]["capabilities"] == {"token_ids": True, "n": True, "probed": True}
     assert all(r["response"].strip() for r in recs)
     assert torch.tensor([r["n_tokens"] for r in recs]).le(SMALL["max_new_tokens"]).all()
+
+
+def test_generated_ids_read_from_each_server_format():
+    """vLLM returns "token_id:N" strings (or token_ids), llama.cpp's server one logprobs entry per token."""
+    client = ServerClient("http://127.0.0.1:9/v1")
+    vllm = client._choice({"text": "ab", "finish_reason": "length",
+                           "logprobs": {"tokens": ["token_id:5", "token_id:7"], "token_logprobs": [-0.5, -1.0]}},
+                          ids_mode=True)  # fmt: skip
+    assert vllm.token_ids == [5, 7] and vllm.logprobs == [-0.5, -1.0] and vllm.n_tokens == 2
+    native = client._choice({"text": "ab", "finish_reason": "stop", "logprobs": {"content": [
+        {"id": 11, "token": "a", "logprob": -0.25}, {"id": 12, "token": "b", "logprob": -2.0}]}}, ids_mode=True)
+    assert native.token_ids == [11, 12] and native.logprobs == [-0.25, -2.0] and native.finish_reason == "stop"
+    with pytest.raises(MoalignError, match="does not return generated token ids"):
+        client._choice({"text": "ab", "finish_reason": "stop"}, ids_mode=True)
+    client.close()
+
+
+def _native_llama_server():
+    import glob
+
+    found = sorted(glob.glob(os.path.expanduser("~/.cache/moalign/llama.cpp/*/bin/llama-server")))
+    return found[0] if found else None
+
+
+@pytest.mark.real
+@pytest.mark.skipif(_native_llama_server() is None, reason="llama.cpp's llama-server not built (scripts/install_llama_cpp.sh)")
+@pytest.mark.parametrize("method", ["cd", "darwin"])
+def test_token_id_path_on_llama_cpp_server(method, tmp_path):
+    """llama.cpp's own server (parallel slots): token-id prompts, n choices and generated ids, probed and used
+    by every block (the local tokenizer matches the server's)."""
+    from llama_server import NativeLlamaServer
+
+    with NativeLlamaServer(_native_llama_server(), parallel=4, n_threads=1, n_ctx=4096) as srv:
+        cfg = server_cfg(srv, method=method, out=str(tmp_path / f"{method}.jsonl"))
+        recs = generate(cfg, objectives=_objectives(), prompts=PROMPTS, progress=False)
+    meta = json.loads(meta_path(cfg.out).read_text())
+    assert meta["policy"]["capabilities"] == {"token_ids": True, "n": True, "probed": True}
+    assert meta["policy"]["tokenizer_matches_server"] is True
+    for r in recs:
+        assert 0 < r["n_tokens"] <= SMALL["max_new_tokens"] and r["policy_tokens"] > 0
+        assert r["response"].strip()

@@ -374,10 +374,17 @@ class ServerClient:
             ids = c.get("token_ids")
             lp = c.get("logprobs") or {}
             toks = lp.get("tokens") if isinstance(lp, dict) else None
-            if ids is None and toks is not None:
+            content = lp.get("content") if isinstance(lp, dict) else None
+            if ids is None and toks is not None:  # vLLM: "token_id:123" strings
                 try:
                     ids = [int(str(t).removeprefix("token_id:")) for t in toks]
                 except ValueError:
+                    ids = None
+            if ids is None and isinstance(content, list):  # llama.cpp's server: one entry per token with its id
+                try:
+                    ids = [int(t["id"]) for t in content]
+                    lps = [float(t.get("logprob", float("nan"))) for t in content]
+                except (KeyError, TypeError, ValueError):
                     ids = None
             if ids is None:
                 raise ServerError(
@@ -386,7 +393,7 @@ class ServerClient:
                 )
             ids = [int(t) for t in ids]
             tl = lp.get("token_logprobs") if isinstance(lp, dict) else None
-            if isinstance(tl, list) and len(tl) == len(ids):
+            if lps is None and isinstance(tl, list) and len(tl) == len(ids):
                 lps = [float(x) if x is not None else float("nan") for x in tl]
         return Choice(text=text, finish_reason=c.get("finish_reason"), token_ids=ids, logprobs=lps,
                       n_tokens=len(ids) if ids is not None else None)  # fmt: skip
@@ -419,14 +426,15 @@ class ServerClient:
         """The server's own tokenisation of ``text`` (special tokens parsed), where it offers one
         (vLLM ``/tokenize``, llama-cpp-python ``/extras/tokenize``); None when it offers none."""
         for path, body, key in (
-            ("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": False}, "tokens"),
-            ("/extras/tokenize", {"model": self.model, "input": text}, "tokens"),
+            ("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": False}, "tokens"),  # vLLM
+            ("/tokenize", {"content": text, "add_special": False, "parse_special": True}, "tokens"),  # llama.cpp
+            ("/extras/tokenize", {"model": self.model, "input": text}, "tokens"),  # llama-cpp-python
         ):
             try:
                 data = self._request_once("POST", path, body)
             except ServerError:
                 continue
-            if isinstance(data, dict) and isinstance(data.get(key), list):
+            if isinstance(data, dict) and isinstance(data.get(key), list) and data[key]:
                 return [int(t) for t in data[key]]
         return None
 
