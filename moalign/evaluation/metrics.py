@@ -57,7 +57,10 @@ __all__ = [
     "evaluate_methods",
     "fit_judge_norm",
     "fit_norm_stats",
+    "mean_ci",
     "normalize_scores",
+    "paired_diff_ci",
+    "paired_win_ci",
     "per_objective_mean",
     "worst_case",
     "worst_case_win_indicator",
@@ -153,6 +156,28 @@ def bootstrap_ci(
     if estimate.ndim == 0:
         return float(estimate), float(low), float(high)
     return estimate, low, high
+
+
+def mean_ci(values: Any, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> Interval:
+    """The mean of ``values [n]`` (one per prompt) with its percentile bootstrap CI."""
+    return Interval(*bootstrap_ci(np.mean, _to_numpy(values, "values"), n_boot=n_boot, alpha=alpha, seed=seed))
+
+
+def paired_diff_ci(a: Any, b: Any, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> Interval:
+    """``mean(a - b)`` over paired rows (the same prompts in the same order) with a paired bootstrap CI."""
+    x, y = _to_numpy(a, "a"), _to_numpy(b, "b")
+    if x.shape != y.shape:
+        raise MoalignError(f"paired arrays differ in shape: {x.shape} vs {y.shape}")
+    return Interval(*bootstrap_ci(np.mean, x - y, n_boot=n_boot, alpha=alpha, seed=seed))
+
+
+def paired_win_ci(a: Any, b: Any, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> Interval:
+    """Share of paired rows where ``a > b`` (ties count 1/2) with a paired bootstrap CI."""
+    x, y = _to_numpy(a, "a"), _to_numpy(b, "b")
+    if x.shape != y.shape:
+        raise MoalignError(f"paired arrays differ in shape: {x.shape} vs {y.shape}")
+    ind = (x > y).astype(np.float64) + 0.5 * (x == y)
+    return Interval(*bootstrap_ci(np.mean, ind, n_boot=n_boot, alpha=alpha, seed=seed))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ transformers folder. ``distill_config.json`` records the config, seed, versions,
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,9 +25,9 @@ from pathlib import Path
 import torch
 from trl import SFTConfig
 
-from moalign.configbase import versions
 from moalign.errors import MoalignError
 from moalign.policies import render_chat
+from moalign.training.base import accelerator_available, name_adapter_base, write_run_record
 from moalign.training.lora import LoraArguments, check_lora_args, lora_config, quiet_upstream_renames
 
 META_FILE = "distill_config.json"
@@ -108,7 +107,7 @@ class DistillConfig(SFTConfig, LoraArguments):
         check_lora_args(self)
         if self.learning_rate is None:
             self.learning_rate = 2e-4 if self.use_lora else 2e-5
-        if not self.use_cpu and not _accelerator_available():
+        if not self.use_cpu and not accelerator_available():
             self.use_cpu = True
         if self.bf16 is None:
             self.bf16 = bool(
@@ -145,13 +144,6 @@ class DistillConfig(SFTConfig, LoraArguments):
         if not self.learning_rate > 0:
             raise MoalignError(f"--learning-rate must be > 0, got {self.learning_rate}")
         check_lora_args(self)
-
-
-def _accelerator_available() -> bool:
-    acc = getattr(torch, "accelerator", None)
-    if acc is not None and hasattr(acc, "is_available"):
-        return bool(acc.is_available())
-    return torch.cuda.is_available()
 
 
 def load_distill_records(cfg: DistillConfig) -> tuple[list[dict], dict]:
@@ -264,19 +256,12 @@ def train_distill(cfg: DistillConfig) -> dict:
     main = trainer.is_world_process_zero()
     if main:
         trained.save_pretrained(str(out))
-        if cfg.use_lora:
-            ac = out / "adapter_config.json"
-            adapter_cfg = json.loads(ac.read_text())
-            adapter_cfg["base_model_name_or_path"] = (
-                cfg.policy
-            )  # the name load_policy resolves, not a cache path
-            ac.write_text(json.dumps(adapter_cfg, indent=2))
+        name_adapter_base(out, cfg.policy)
         tok.save_pretrained(str(out))
         _remove_tree(out / "trainer")
 
     meta = {
         "kind": "lora" if cfg.use_lora else "full",
-        "config": cfg.to_dict(),
         "config_class": type(cfg).__name__,
         "policy": {"name": cfg.policy, "source": policy.source},
         "system_prompt": system_prompt,
@@ -289,12 +274,10 @@ def train_distill(cfg: DistillConfig) -> dict:
             "mean": float(result.training_loss),
             "history": losses,
         },
-        "seed": cfg.seed,
-        "versions": versions(),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if main:
-        (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        write_run_record(out / META_FILE, cfg, **meta)
     return {
         "output_dir": str(out),
         **{k: meta[k] for k in ("kind", "steps", "train_loss", "data", "seconds")},

@@ -45,24 +45,23 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import SaveStrategy, get_last_checkpoint
+from transformers.trainer_utils import SaveStrategy
 
 from moalign.configbase import json_default
 from moalign.errors import MoalignError
 from moalign.registry import Choices
+from moalign.training.base import (
+    RESUME_LAST,
+    cpu_fallback,
+    name_adapter_base,
+    resolve_resume,
+    write_run_record,
+)
 from moalign.training.combiners import COMBINERS, apply_weights, gram_matrix
 from moalign.training.lora import LoraArguments, apply_lora, check_lora_args
 from moalign.training.mo_data import flatten_specs
 
 META_FILE = "dpo_config.json"
-
-
-def accelerator_available() -> bool:
-    """Whether torch sees an accelerator (CUDA, XPU, MPS, ...); without one the configs run on the CPU."""
-    acc = getattr(torch, "accelerator", None)
-    if acc is not None and hasattr(acc, "is_available"):
-        return bool(acc.is_available())
-    return torch.cuda.is_available()
 
 
 def deepspeed_zero_stage(ds) -> int | None:
@@ -247,8 +246,7 @@ class MultiObjectiveDPOConfig(TrainingArguments, LoraArguments):
             self.combiner_weights = [float(w) for w in self.combiner_weights]
         check_lora_args(self)
         check_unsharded_gradients(self, self.per_objective_grads)
-        if not self.use_cpu and not accelerator_available():
-            self.use_cpu = True
+        cpu_fallback(self, bf16_default_off=False)
         ckpt = self.activation_checkpointing or self.gradient_checkpointing
         if (
             ckpt
@@ -741,10 +739,9 @@ class MultiObjectiveDPOTrainer(Trainer):
     # ------------------------------------------------------------------ resume
     def train(self, resume_from_checkpoint=None, **kwargs):
         """``Trainer.train`` plus the combiner's state and ``combiner_log.jsonl`` trimmed to the checkpoint."""
-        if resume_from_checkpoint is True or resume_from_checkpoint == "latest":
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise MoalignError(f"no checkpoint found in {self.args.output_dir} to resume from")
+        if resume_from_checkpoint is True:  # transformers' own spelling of "the latest checkpoint"
+            resume_from_checkpoint = RESUME_LAST
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         if resume_from_checkpoint:
             ckpt = Path(resume_from_checkpoint)
             if not ckpt.is_dir():
@@ -812,7 +809,6 @@ def build_trainer(
                 layers_to_transform=_last_layers(model, cfg.lora_last_layers),
             )
         model = apply_lora(model, cfg, **extra)
-        model.peft_config["default"].base_model_name_or_path = cfg.policy
     elif ref_model is None and not cfg.precompute_ref_log_probs:
         import copy
 
@@ -907,18 +903,16 @@ def train_dpo(cfg: MultiObjectiveDPOConfig) -> dict:
 
     Under ``accelerate launch`` every process runs this; only the main process writes the files.
     """
-    from moalign.configbase import versions
 
     run = build_trainer(cfg)
     trainer, names = run.trainer, list(run.data)
     t0 = time.time()
-    resume = cfg.resume_from_checkpoint
-    if resume and resume.lower() in ("latest", "true"):
-        resume = "latest"
-    result = trainer.train(resume_from_checkpoint=resume or None)
+    result = trainer.train(resume_from_checkpoint=resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir))
     train_s = time.time() - t0
     trainer.save_model(cfg.output_dir)
     out = Path(cfg.output_dir)
+    if trainer.is_world_process_zero():
+        name_adapter_base(out, cfg.policy)  # after saving: peft checks the base's files when it saves
     summary: dict[str, Any] = {
         "output_dir": str(out),
         "objectives": names,
@@ -954,20 +948,13 @@ def train_dpo(cfg: MultiObjectiveDPOConfig) -> dict:
                 "mean_margin": float(m.mean()),
                 "correct": correct,
             }
-    meta = {
-        "config": cfg.to_dict(),
-        "config_class": type(cfg).__name__,
-        "versions": versions(),
-        "seed": cfg.seed,
-        "combiner": trainer.combiner.describe(),
-        "objectives": names,
-        "n_train_pairs": summary["n_train_pairs"],
-        "processes": trainer.accelerator.num_processes,
-        "torch_threads": torch.get_num_threads(),
-    }
     if trainer.is_world_process_zero():
-        (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_run_record(
+            out / META_FILE, cfg, config_class=type(cfg).__name__, combiner=trainer.combiner.describe(),
+            objectives=names, n_train_pairs=summary["n_train_pairs"], processes=trainer.accelerator.num_processes,
+            torch_threads=torch.get_num_threads(),
+        )  # fmt: skip
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
     return summary
 
 

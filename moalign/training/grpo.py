@@ -34,13 +34,13 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import RepeatSampler
 
 from moalign.configbase import config_field as _f
-from moalign.configbase import json_default, versions
+from moalign.configbase import json_default
 from moalign.errors import MoalignError
 from moalign.objectives.base import Objective, get_objective, move_objectives
 from moalign.objectives.normalize import NormStats, load_norm_stats, shipped_norm_stats
 from moalign.policies import DEFAULT_POLICY
 from moalign.registry import Choices
-from moalign.training.dpo import accelerator_available
+from moalign.training.base import cpu_fallback, name_adapter_base, resolve_resume, write_run_record
 from moalign.training.lora import LoraArguments, check_lora_args, lora_config, quiet_upstream_renames
 from moalign.training.nonlinear import (
     AGGREGATORS,
@@ -116,11 +116,7 @@ class IAMAConfig(GRPOConfig, LoraArguments):
     )
 
     def __post_init__(self):
-        if not accelerator_available():  # what a CPU needs, so that a user does not have to set it
-            self.use_cpu = True  # also what makes transformers run several CPU processes as DDP (gloo)
-            if self.bf16 is None:
-                self.bf16 = False
-            self.dataloader_pin_memory = False
+        cpu_fallback(self)  # use_cpu, bf16 off (TRL's default of True fails on CPU), no pinned memory
         if self.output_dir is None:
             raise MoalignError("--output-dir is required (where the trained policy and its log go)")
         crit = self.criterion
@@ -459,26 +455,15 @@ def train_grpo(cfg: IAMAConfig, objectives: Sequence[Objective] | None = None) -
     ``--policy OUTPUT_DIR``), TRL's checkpoints, and ``iama_run.json`` (config, seed, policy, criteria,
     normalisation, versions, the per-step log). ``resume_from_checkpoint`` (a path, or ``last``) resumes.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     t0 = time.perf_counter()
     dataset, report = prompt_dataset(cfg)
     trainer = build_iama_trainer(cfg, objectives, train_dataset=dataset)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    resume = cfg.resume_from_checkpoint
-    if resume in ("last", "auto"):
-        resume = get_last_checkpoint(str(out))
-        if resume is None:
-            raise MoalignError(f"--resume-from-checkpoint last: no checkpoint in {out}")
     with quiet_upstream_renames():
-        trainer.train(resume_from_checkpoint=resume)
+        trainer.train(resume_from_checkpoint=resolve_resume(cfg.resume_from_checkpoint, out))
     trainer.save_model(str(out))
-    ac = out / "adapter_config.json"
-    if ac.exists():  # name the base the way load_policy resolves it, not a cache path
-        adapter_cfg = json.loads(ac.read_text())
-        adapter_cfg["base_model_name_or_path"] = cfg.policy
-        ac.write_text(json.dumps(adapter_cfg, indent=2))
+    name_adapter_base(out, cfg.policy)
     stats = trainer.norm_stats
     history = trainer.state.log_history
     result = {
@@ -493,13 +478,5 @@ def train_grpo(cfg: IAMAConfig, objectives: Sequence[Objective] | None = None) -
         "normalisation": stats.to_dict() if stats is not None else None,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    record = {
-        "result": result,
-        "config": cfg.given_dict(),
-        "seed": cfg.seed,
-        "policy": cfg.policy,
-        "versions": versions(),
-        "log_history": history,
-    }
-    (out / "iama_run.json").write_text(json.dumps(record, indent=2, default=json_default))
+    write_run_record(out / "iama_run.json", cfg.given_dict(), result=result, policy=cfg.policy, log_history=history)
     return result
