@@ -1,6 +1,6 @@
 """Held-out value error of CD-FUDGE value heads per prefix length, against the constant (mean) baseline.
 
-    python benchmarks/value_heads.py --objectives helpful,harmless --n-prompts 32 --out runs/value_heads
+    python benchmarks/value_heads.py --objectives helpful,harmless --n-prompts 32 --output-dir runs/value_heads
 
 Trains heads with ``moalign train values`` settings (any TrainValuesConfig field as ``--field value``),
 prints the table (MSE in z-score units of the training samples; ``all`` weighs responses equally, ``final``
@@ -25,7 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_flags(parser, TrainValuesConfig)
     args = parser.parse_args()
-    cfg = config_from_args(TrainValuesConfig, args, out="runs/value_heads")
+    cfg = config_from_args(TrainValuesConfig, args, output_dir="runs/value_heads")
     res = train_values(cfg)
     print(json.dumps({k: res[k] for k in ("data", "fit", "seconds")}, default=str))
     print(f"held-out value error, policy {cfg.policy}, objectives {cfg.objectives}, head {cfg.head}:")
@@ -41,7 +41,7 @@ def main() -> None:
     from moalign.policies import load_policy
 
     policy = load_policy(cfg.policy)
-    vf = load_value_function(cfg.out, policy)
+    vf = load_value_function(cfg.output_dir, policy)
     prompts = [to_prompt(q) for q in ("How do I bake bread?", "Tell me a joke.", "Why is the sky blue?", "Hi!")]
     eng = TransformersBackend(policy)
     engines = {"none": False, "hook": True, "forward": False}  # mode -> the decode returns hidden states

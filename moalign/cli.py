@@ -48,7 +48,28 @@ def _base_type(tp):
     return tp
 
 
+class _Renamed(argparse.Action):
+    """An old flag: using it is a one-line error that names the flag it became."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kw):
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kw)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise MoalignError(f"{option_string} was renamed: use {self.new}")
+
+
+def renamed_keys(cls, values: dict, where: str) -> None:
+    """Refuse a config's old field names (``cls.RENAMED``) with one line naming the new one."""
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if old in values:
+            raise MoalignError(f"{where}: {old!r} was renamed {new!r} (flag --{new.replace('_', '-')})")
+
+
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        parser.add_argument("--" + old.replace("_", "-"), action=_Renamed, dest="_renamed_" + old,
+                            new="--" + new.replace("_", "-"), default=argparse.SUPPRESS)  # fmt: skip
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = _base_type(hints[f.name])
@@ -117,7 +138,9 @@ def config_from_args(cls, args: argparse.Namespace, **defaults):
         return hf_config_from_namespace(cls, args)
     values = dict(defaults)
     if getattr(args, "_config", None):
-        values.update(load_config_file(args._config))
+        loaded = load_config_file(args._config)
+        renamed_keys(cls, loaded, args._config)
+        values.update(loaded)
     values.update({k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("func", "command", "what")})
     return build_config(cls, values)
 

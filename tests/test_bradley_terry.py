@@ -80,7 +80,7 @@ def test_config_fields_are_simple_flags_with_help():
         assert str(f.type) in allowed, (f.name, f.type)
         assert f.metadata.get("help"), f.name
     for bad, msg in (({"data": ""}, "--data"), ({"objective": ""}, "--objective"),
-                     ({"heldout_frac": 1.0}, "--heldout-frac"), ({"epochs": 0}, "--epochs")):  # fmt: skip
+                     ({"heldout_frac": 1.0}, "--heldout-frac"), ({"num_train_epochs": 0}, "--num-train-epochs")):  # fmt: skip
         cfg = TrainRewardConfig(data="x.jsonl", objective="o", output_dir="d")
         cfg = dataclasses.replace(cfg, **bad)
         with pytest.raises(MoalignError, match=msg):
@@ -110,7 +110,7 @@ def pair_file(tmp_path_factory):
 
 def test_train_reward_reproducible_saves_and_round_trips(pair_file, tmp_path):
     cfg = TrainRewardConfig(data=str(pair_file), objective="polite", output_dir=str(tmp_path / "a"),
-                            heldout_frac=0.25, seed=0, epochs=20)  # fmt: skip
+                            heldout_frac=0.25, seed=0, num_train_epochs=20)  # fmt: skip
     m1 = train_reward(cfg)
     m2 = train_reward(dataclasses.replace(cfg, output_dir=str(tmp_path / "b")))
     assert m1["n_train"] + m1["n_heldout"] == m1["n_pairs"] == 24
@@ -155,14 +155,31 @@ def test_load_errors(tmp_path):
         BradleyTerryObjective.load(tmp_path)
 
 
-def test_cli_train_reward(pair_file, tmp_path):
+def test_cli_train_reward(pair_file, tmp_path, capsys):
     cli = pytest.importorskip("moalign.cli")
     out = tmp_path / "rm"
     rc = cli.main(["train", "reward", "--data", str(pair_file), "--objective", "polite",
-                   "--output-dir", str(out), "--epochs", "5", "--limit", "12"])  # fmt: skip
+                   "--output-dir", str(out), "--num-train-epochs", "5", "--limit", "12"])  # fmt: skip
     assert rc == 0
     conf = json.loads((out / "reward_config.json").read_text())
-    assert conf["metrics"]["n_pairs"] == 12 and conf["train_config"]["epochs"] == 5
+    assert conf["metrics"]["n_pairs"] == 12 and conf["train_config"]["num_train_epochs"] == 5
+    # the old spellings: one line naming the new flag
+    for old, new in (("--epochs", "--num-train-epochs"), ("--lr", "--learning-rate"),
+                     ("--batch-size", "--per-device-train-batch-size")):  # fmt: skip
+        assert cli.main(["train", "reward", "--data", str(pair_file), "--objective", "p", "--output-dir",
+                         str(out), old, "5"]) == 2  # fmt: skip
+        assert f"{old} was renamed: use {new}" in capsys.readouterr().err
+    cfg = tmp_path / "old.json"
+    cfg.write_text(json.dumps({"data": str(pair_file), "objective": "p", "output_dir": str(out), "lr": 0.1}))
+    assert cli.main(["train", "reward", "--config", str(cfg)]) == 2
+
+
+def test_old_train_values_flags_name_the_new_ones(capsys):
+    from moalign.cli import main
+
+    for old, new in (("--out", "--output-dir"), ("--lr", "--learning-rate"), ("--steps", "--max-steps")):
+        assert main(["train", "values", old, "x"]) == 2
+        assert f"{old} was renamed: use {new}" in capsys.readouterr().err
 
 
 def test_policy_backbone_pools_response_tokens(tmp_path):

@@ -77,7 +77,7 @@ PROMPTS = [to_prompt(f"Write about thing number {i}.") for i in range(16)]
 
 
 def _cfg(out, **kw) -> TrainValuesConfig:
-    base = dict(out=str(out), n_prompts=16, n_samples=4, max_new_tokens=16, heldout=0.25, seed=0)
+    base = dict(output_dir=str(out), n_prompts=16, n_samples=4, max_new_tokens=16, heldout=0.25, seed=0)
     return TrainValuesConfig(**{**base, **kw})
 
 
@@ -136,7 +136,7 @@ def test_training_beats_mean_baseline_and_improves_with_prefix(trained):
 
 
 def test_mlp_head_beats_mean_baseline(e_policy, tmp_path):
-    res = train_values(_cfg(tmp_path, head="mlp", steps=200, lr=3e-3), policy=e_policy,
+    res = train_values(_cfg(tmp_path, head="mlp", max_steps=200, learning_rate=3e-3), policy=e_policy,
                        objectives=e_objectives(), prompts=PROMPTS)  # fmt: skip
     held = res["heldout"]["all"]
     assert held["mse"]["e_frac"] < 0.8 * held["baseline_mse"]["e_frac"], held
@@ -153,8 +153,8 @@ def test_training_is_seeded(e_policy, trained, tmp_path):
 
 
 def test_bad_config_raises(e_policy, tmp_path):
-    with pytest.raises(MoalignError, match="--out"):
-        train_values(TrainValuesConfig(out=""), policy=e_policy, objectives=e_objectives(), prompts=PROMPTS)
+    with pytest.raises(MoalignError, match="--output-dir"):
+        train_values(TrainValuesConfig(output_dir=""), policy=e_policy, objectives=e_objectives(), prompts=PROMPTS)
     with pytest.raises(MoalignError, match="heldout"):
         _cfg(tmp_path, heldout=1.0).validate()
     with pytest.raises(MoalignError, match="head"):
@@ -325,7 +325,7 @@ def test_real_policy_value_heads(real_policy, tmp_path):
 
     prompts = [to_prompt(q) for q in ["Name a fruit.", "How do I boil an egg?", "Say something nice.",
                "What is the capital of France?", "Describe rain.", "Give me a tip for sleeping well."]]  # fmt: skip
-    cfg = TrainValuesConfig(out=str(tmp_path), objectives="concise,positive", n_prompts=6, n_samples=3,
+    cfg = TrainValuesConfig(output_dir=str(tmp_path), objectives="concise,positive", n_prompts=6, n_samples=3,
                             max_new_tokens=12, heldout=0.34, seed=0)  # fmt: skip
     res = train_values(cfg, policy=real_policy, prompts=prompts)
     train = json.loads((tmp_path / "value_heads.json").read_text())["report"]["train"]["all"]

@@ -111,6 +111,9 @@ def _fit_head(x_chosen, x_rejected, hidden, epochs, lr, weight_decay, batch_size
 class TrainRewardConfig:
     """``moalign train reward``: a Bradley-Terry reward model for one objective from preference pairs."""
 
+    #: old flag -> the TrainingArguments name it now has (an old flag or config key is a one-line error)
+    RENAMED = {"epochs": "num_train_epochs", "lr": "learning_rate", "batch_size": "per_device_train_batch_size"}
+
     data: str = field(
         default="",
         metadata={
@@ -128,12 +131,12 @@ class TrainRewardConfig:
     hidden: int = field(default=64, metadata={"help": "hidden units of the MLP head (0 = linear head)"})
     heldout_frac: float = field(default=0.2, metadata={"help": "share of prompts held out for evaluation"})
     seed: int = field(default=0, metadata={"help": "seed of the held-out split and of the head training"})
-    epochs: int = field(default=30, metadata={"help": "training epochs over the pairs"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    num_train_epochs: int = field(default=30, metadata={"help": "training epochs over the pairs"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(
         default=30.0, metadata={"help": "AdamW (decoupled) weight decay; strong decay regularises the head"}
     )
-    batch_size: int = field(default=128, metadata={"help": "pairs per optimisation step"})
+    per_device_train_batch_size: int = field(default=128, metadata={"help": "pairs per optimisation step"})
     limit: int | None = field(default=None, metadata={"help": "use at most N pairs from each data source"})
     split: str = field(default="train", metadata={"help": "split of hub datasets"})
     prompt_column: str | None = field(default=None, metadata={"help": "prompt column (default: auto)"})
@@ -150,13 +153,13 @@ class TrainRewardConfig:
             raise MoalignError("--output-dir is required")
         if not 0.0 <= self.heldout_frac < 1.0:
             raise MoalignError(f"--heldout-frac must be in [0, 1), got {self.heldout_frac}")
-        for name in ("epochs", "batch_size"):
+        for name in ("num_train_epochs", "per_device_train_batch_size"):
             if getattr(self, name) < 1:
                 raise MoalignError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.hidden < 0:
             raise MoalignError(f"--hidden must be >= 0, got {self.hidden}")
-        if not self.lr > 0:
-            raise MoalignError(f"--lr must be > 0, got {self.lr}")
+        if not self.learning_rate > 0:
+            raise MoalignError(f"--learning-rate must be > 0, got {self.learning_rate}")
         if self.weight_decay < 0:
             raise MoalignError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.limit is not None and self.limit < 1:
@@ -222,8 +225,8 @@ def train_reward(cfg: TrainRewardConfig) -> dict:
     backbone = make_backbone(cfg.backbone, cfg.device)
     xc, xr = pair_features(backbone, train)
     t_feat = time.time() - t0
-    head = fit_head(xc, xr, hidden=cfg.hidden, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                    batch_size=cfg.batch_size, seed=cfg.seed)  # fmt: skip
+    head = fit_head(xc, xr, hidden=cfg.hidden, epochs=cfg.num_train_epochs, lr=cfg.learning_rate,
+                    weight_decay=cfg.weight_decay, batch_size=cfg.per_device_train_batch_size, seed=cfg.seed)  # fmt: skip
     with torch.no_grad():
         train_acc = pairwise_accuracy(head(xc), head(xr))
         held_acc = float("nan")

@@ -66,7 +66,10 @@ __all__ = [
 class TrainValuesConfig:
     """``moalign train values``: CD-FUDGE value heads (one per objective) on the policy's hidden states."""
 
-    out: str = _f("", "output folder for the heads (value_heads.safetensors + value_heads.json)")
+    #: old flag -> the TrainingArguments name it now has (an old flag or config key is a one-line error)
+    RENAMED = {"out": "output_dir", "lr": "learning_rate", "steps": "max_steps"}
+
+    output_dir: str = _f("", "output folder for the heads (value_heads.safetensors + value_heads.json)")
     policy: str = _f("smollm2-135m-instruct", "policy whose samples and hidden states the heads use")
     objectives: str = _f("helpful,harmless", "comma-separated objectives (one head each)")
     prompts: str = _f("", "prompt file or hub dataset (default: the bundled demo prompts)")
@@ -87,8 +90,8 @@ class TrainValuesConfig:
         None,
         "linear: ridge strength (relative to the mean feature eigenvalue); default: chosen on held-back training prompts",
     )
-    steps: int = _f(500, "mlp: full-batch Adam steps")
-    lr: float = _f(1e-3, "mlp: Adam learning rate")
+    max_steps: int = _f(500, "mlp: full-batch Adam steps")
+    learning_rate: float = _f(1e-3, "mlp: Adam learning rate")
     weight_decay: float = _f(1e-2, "mlp: weight decay")
     batch_size: int = _f(8, "prompts decoded together while sampling")
     forward_batch: int = _f(16, "sequences per forward pass when extracting hidden states")
@@ -96,14 +99,14 @@ class TrainValuesConfig:
     device: str | None = _f(None, "torch device (default: cuda if available, else cpu)")
 
     def validate(self) -> None:
-        if not self.out:
-            raise MoalignError("--out is required (a folder for the value heads)")
+        if not self.output_dir:
+            raise MoalignError("--output-dir is required (a folder for the value heads)")
         for name in (
             "n_prompts",
             "n_samples",
             "max_new_tokens",
             "mlp_width",
-            "steps",
+            "max_steps",
             "batch_size",
             "forward_batch",
         ):
@@ -115,8 +118,8 @@ class TrainValuesConfig:
             raise MoalignError(f"unknown head {self.head!r}; choose from {', '.join(HEAD_KINDS)}")
         if self.ridge is not None and self.ridge < 0:
             raise MoalignError(f"--ridge must be >= 0, got {self.ridge}")
-        if not self.lr > 0:
-            raise MoalignError(f"--lr must be > 0, got {self.lr}")
+        if not self.learning_rate > 0:
+            raise MoalignError(f"--learning-rate must be > 0, got {self.learning_rate}")
 
 
 # ------------------------------------------------------------------------------------------- sampling
@@ -254,16 +257,16 @@ def _fit_mlp(heads: ValueHeads, feats, targets, train_idx, prompt_of, cfg: Train
     def loss_on(X, Y, w):
         return (w[:, None] * (heads(X) - Y) ** 2).sum() / Y.shape[1]
 
-    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     best, best_state, best_step, first = math.inf, None, 0, None
-    for step in range(cfg.steps + 1):
-        if step % 10 == 0 or step == cfg.steps:
+    for step in range(cfg.max_steps + 1):
+        if step % 10 == 0 or step == cfg.max_steps:
             with torch.no_grad():
                 v = loss_on(Xv, Yv, wv).item()
             if v < best:
                 best, best_step = v, step
                 best_state = {k: t.detach().clone() for k, t in heads.state_dict().items()}
-        if step == cfg.steps:
+        if step == cfg.max_steps:
             break
         opt.zero_grad()
         loss = loss_on(X, Y, w)
@@ -354,7 +357,7 @@ def train_values(
     objectives: list[Objective] | None = None,
     prompts: list[Prompt] | None = None,
 ) -> dict:
-    """Sample, score, extract hidden states, fit the heads, report held-out error and save to ``cfg.out``."""
+    """Sample, score, extract hidden states, fit the heads, report held-out error and save to ``cfg.output_dir``."""
     from moalign.data.prompts import load_prompts
     from moalign.objectives.base import resolve_objectives
     from moalign.policies import default_device, load_policy
@@ -458,9 +461,9 @@ def train_values(
         "fit": fit_info,
         "report": report,
     }
-    save_value_heads(heads, meta, cfg.out, probe_hidden=probe_h)
+    save_value_heads(heads, meta, cfg.output_dir, probe_hidden=probe_h)
     return {
-        "out": str(cfg.out),
+        "output_dir": str(cfg.output_dir),
         "objectives": names,
         "head": cfg.head,
         "data": meta["data"],
