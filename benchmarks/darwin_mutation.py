@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--mutations", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--modes", default="one,list", help="mutation modes to measure")
+    ap.add_argument("--sample-seed", type=int, default=0, help="seed of the 50 replies drawn for the hand check")
     args = ap.parse_args()
     prompts = load_prompts(str(SHARED_DATA / "mt-bench-questions.jsonl"), limit=args.per_source) + load_prompts(
         str(SHARED_DATA / "vicuna-bench-questions.jsonl"), limit=args.per_source
@@ -49,7 +51,7 @@ def main() -> None:
     scorer = ObjectiveScorer([CallableObjective("none", lambda p, r: [0.0] * len(p))])
     out: dict = {}
     replies_one: list[tuple[str, str, str]] = []
-    for mode in ("one", "list"):
+    for mode in args.modes.split(","):
         cfg = GenerateConfig(method="darwin", mutations=args.mutations, mutation_mode=mode, normalize="none")
         decoder = DarwinDecoder(MethodContext(cfg, policy, backend, scorer), cfg.method_args(), mutate=True,
                                 replace=True)  # fmt: skip
@@ -77,7 +79,7 @@ def main() -> None:
             "seconds_per_prompt": (time.perf_counter() - t0) / len(prompts),
             "verdicts": dict(verdicts.most_common()),
         }
-    rng = random.Random(0)
+    rng = random.Random(args.sample_seed)
     sample = rng.sample(replies_one, 50)
     lines = ["# 50 random replies of `--mutation-mode one` with the rule's verdict", "",
              "| # | instruction | reply | rule |", "|---|---|---|---|"]  # fmt: skip

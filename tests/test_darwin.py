@@ -206,6 +206,10 @@ def test_darwin_real_policy(tmp_path, real_policy, shared_data):
         ("What are the main differences between Python and JavaScript programming languages?", True, "copy"),
         ("How do " + "Python and JavaScript differ " * 12 + "?", True, "too long"),
         ("", True, "empty"),
+        ("Where Python and JavaScript differ is in their typing.", True, "answer"),  # a wh-word opens a statement
+        ("Awkward. How do Python and JavaScript differ?", True, "answer"),  # the first sentence states
+        ("How do Python and JavaScript differ? The answer is typing.", True, "answer"),  # asks, then answers
+        ("How to compare Python and JavaScript programming languages.", True, "ok"),  # a how-to request
     ],
 )
 def test_parse_rewrite_tells_rewrites_from_answers(reply, finished, verdict):

@@ -74,6 +74,9 @@ _REQUEST_OPENERS = {
 }  # fmt: skip
 _ANSWER_OPENERS = ("sure", "certainly", "of course", "here is", "here's", "here are", "i ", "i'm", "i'd", "as an",
                    "yes", "no,", "the answer", "in this", "this instruction", "the instruction", "rewritten")  # fmt: skip
+_WH = {"what", "where", "when", "why", "how", "which", "who", "whose", "whom"}
+#: first words a statement shares with many instructions, which say nothing about the reply's form
+_NOT_REQUEST_WORDS = {"the", "a", "an", "this", "that", "these", "those", "it", "i", "you", "we", "they", "in", "if"}
 _STOPWORDS = {"the", "and", "for", "with", "that", "this", "your", "you", "what", "how", "are", "can", "about",
               "from", "into", "some", "there", "their", "have", "will", "would", "could", "should", "please"}  # fmt: skip
 
@@ -167,9 +170,10 @@ def parse_rewrite(reply: str, instruction: str, finished: bool = True) -> tuple[
     - whole: the row ended (end-of-turn, or a newline after its first line; ``finished``), else "truncated";
     - one instruction: its first line, not a list item ("list"), not a preamble ending in ":" ("preamble"),
       not an opener of an answer such as "Sure", "Here is", "I ..." ("answer");
-    - a request by its form: a question (it has "?") or a first word that opens requests (an imperative verb
-      such as "Write", "Explain", or a request word such as "How", "Can", "Please"), else "answer" — an
-      answer states things ("The basics of quantum computing are ...");
+    - a request by its form: its first sentence is a question (it has "?"), or the reply opens with a request
+      (an imperative verb such as "Write", "Explain", a request word such as "Can", "Please", "How to"), else
+      "answer" — an answer states things ("The basics of quantum computing are ...", "Where photosynthesis
+      takes place is ...", "Awkward. How do you cope? ..."); a question followed by "The answer is" is one too;
     - on the instruction's topic: it shares a content word with it ("off-topic"), and has none of the worked
       examples' words that the instruction lacks ("example leak");
     - not much longer than the instruction (3x its words + 10: "too long"), and not the instruction itself
@@ -189,10 +193,16 @@ def parse_rewrite(reply: str, instruction: str, finished: bool = True) -> tuple[
     if low.startswith(_ANSWER_OPENERS):
         return None, "answer"
     first = re.sub(r"[^a-z']", "", low.split()[0]) if low.split() else ""
-    if "?" not in text and first not in _REQUEST_OPENERS:
+    first_sentence = re.split(r"(?<=[.!?])\s+", text)[0]
+    if "?" not in first_sentence:
+        statement = first in _WH or first not in _REQUEST_OPENERS
+        if first in _WH and low.startswith(("how to ", "what to ")):
+            statement = False  # "How to deal with stress." asks for a how-to
         instr_first = re.sub(r"[^a-z']", "", instruction.lower().split()[0]) if instruction.split() else ""
-        if first != instr_first:
+        if statement and not (first == instr_first and first not in _NOT_REQUEST_WORDS and first not in _WH):
             return None, "answer"
+    if "the answer" in low.split("?", 1)[-1] and "?" in text:
+        return None, "answer"
     words, instr = _content_words(text), _content_words(instruction)
     if not words & instr:
         return None, "off-topic"

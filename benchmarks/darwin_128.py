@@ -1,0 +1,218 @@
+"""Darwin with a mutation operator that works, at 128 new tokens, against best-of-N at matched total compute:
+PROXY and JUDGE, on all prompts and on the prompts whose mutation succeeded (issue 18 §2).
+
+- prompts: MT-Bench and Vicuna first turns, interleaved (``--per-source`` each);
+- Darwin: ``--mutation-mode one`` (the default), 5 beams, 3 cycles, replacement every 32 tokens (4 a cycle),
+  top-3 kept, reward = the worst case of the z-scored ``helpful``/``harmless`` proxies; MC = 1, 2, 3 read from
+  one run's best-so-far; its ablation ``sample-replace`` (no mutation) the same way;
+- compute per prompt, counted for the policy and the scorers: Darwin's includes the seed sample (decoded as a
+  row of the first cycle), the mutation replies, re-prefills and every replacement's scoring; best-of-N's is N
+  samples' policy tokens + the proxies reading the N whole responses; best-of-N at Darwin's mean total for each
+  MC is interpolated per prompt linearly in log compute between the two N (of 1..32, from 32 plain samples per
+  prompt) that bracket it;
+- PROXY = the shipped helpful/harmless reward models (what Darwin optimises; z: shipped statistics); JUDGE =
+  judge_helpful (UltraFeedback) / judge_harmless (PKU-SafeRLHF), never seen (z: the 32 samples per prompt).
+
+    python benchmarks/darwin_128.py [--per-source 20] [--max-new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+from _common import RESULTS, write_result
+from darwin_mtbench import load_prompt_set
+from harness import dump, fmt, load_variants, markdown_table, parser, prompt_arrays, run_variants, summary_row
+
+from moalign.evaluation import paired_diff_ci, paired_win_ci
+
+OUT = RESULTS / "darwin_128"
+OBJ = ["helpful", "harmless"]
+SAMPLES, CYCLES, BEAMS = 32, 3, 5
+
+
+def variants(args) -> dict:
+    from moalign.config import GenerateConfig
+
+    base = GenerateConfig(objectives="helpful,harmless", max_new_tokens=args.max_new_tokens, seed=args.seed,
+                          batch_size=args.batch_size, mutations=BEAMS, cycles=CYCLES, replace_top_k=3,
+                          replace_every=args.max_new_tokens // 4, scalarization="worst-case")  # fmt: skip
+    return {
+        "darwin": dataclasses.replace(base, method="darwin"),
+        "sample-replace": dataclasses.replace(base, method="sample-replace"),
+        f"sample{SAMPLES}": dataclasses.replace(base, method="sample", n=SAMPLES, batch_size=max(1, args.batch_size // 2)),
+    }  # fmt: skip
+
+
+def _whole_response_tokens(prompts: list[str], responses: list[str]) -> np.ndarray:
+    from moalign.decoding.values import ObjectiveScorer
+    from moalign.objectives.base import resolve_objectives
+
+    return np.array(ObjectiveScorer(resolve_objectives(OBJ)).input_tokens(prompts, responses), float)
+
+
+def _score_texts(prompts: list[str], responses: list[str], judges: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Raw proxy and judge scores of (prompt, response) pairs (the best-so-far responses of earlier cycles)."""
+    from moalign.decoding.values import ObjectiveScorer
+    from moalign.evaluation.evaluate import parse_judges
+    from moalign.evaluation.judges import ensure_judges, judge_specs
+    from moalign.objectives.base import resolve_objectives
+
+    proxy = ObjectiveScorer(resolve_objectives(OBJ)).raw(prompts, responses).double().numpy()
+    specs = parse_judges(judge_specs(ensure_judges(RESULTS / "judges")))
+    judge = np.stack([o.score(prompts, responses).double().numpy() for _, o in specs], axis=1)
+    return proxy, judge
+
+
+def mc_points(records: list[dict], order: list[str], judges: list[str], pnorm, jnorm) -> dict[int, dict]:
+    """Per-prompt arrays of the best-so-far after each cycle (MC = 1..3), with the compute spent up to it."""
+    by = {r["prompt_id"]: r for r in records}
+    out = {}
+    for c in range(1, CYCLES + 1):
+        prompts, responses, pol, sc, ok = [], [], [], [], []
+        for p in order:
+            tr = by[p]["trace"]
+            cycles = [e for e in tr if e.get("cycle", 0) >= 1][:c]
+            prompts.append(by[p]["prompt"])
+            responses.append(cycles[-1]["best_so_far"]["response"])
+            pol.append(sum(e["forward_tokens"] + ((e.get("mutation") or {}).get("forward_tokens", 0)) for e in cycles))
+            sc.append(sum(e.get("scorer_tokens", 0) for e in cycles))
+            first = cycles[0].get("mutation")
+            ok.append(first is None or bool(first.get("complete")))
+        praw, jraw = _score_texts(prompts, responses, judges)
+        pz, jz = pnorm.apply(praw), jnorm.apply(jraw)
+        pt = {"proxy_raw": praw, "proxy_z": pz, "proxy_wc": pz.min(1), "judge_raw": jraw, "judge_z": jz,
+              "judge_wc": jz.min(1), "words": np.array([len(x.split()) for x in responses], float),
+              "policy_tokens": np.array(pol, float), "scorer_tokens": np.array(sc, float),
+              "mutation_ok": np.array(ok)}  # fmt: skip
+        pt["total_tokens"] = pt["policy_tokens"] + pt["scorer_tokens"]
+        out[c] = pt
+    return out
+
+
+def analyse(args, out_dir: Path) -> dict:
+    import json
+
+    from moalign.evaluation.metrics import fit_norm_stats
+    from moalign.objectives.normalize import NormStats
+    from moalign.records import meta_path
+
+    data = load_variants(out_dir, list(variants(args)), samples={f"sample{SAMPLES}": SAMPLES})
+    runs, order, judges = data["runs"], data["prompts"], data["judges"]
+    pnorm = NormStats.from_dict(json.loads(meta_path(out_dir / f"sample{SAMPLES}.jsonl").read_text())["norm"]).subset(OBJ)
+    samples = runs[f"sample{SAMPLES}"]
+    jnorm = fit_norm_stats(np.array([[r["judge_scores"][n] for n in judges] for r in samples]), judges,
+                           source=f"judges on the policy's {SAMPLES} samples x {len(order)} prompts")  # fmt: skip
+    by: dict[str, list] = {}
+    for r in samples:
+        by.setdefault(r["prompt_id"], []).append(r)
+    per_prompt = []
+    for p in order:
+        recs = sorted(by[p], key=lambda r: r["sample_index"])
+        a = prompt_arrays(recs, OBJ, judges, pnorm, jnorm)
+        a["scorer_tokens"] = _whole_response_tokens([r["prompt"] for r in recs], [r["response"] for r in recs])
+        per_prompt.append(a)
+    bon = {}
+    for n in (1, 2, 4, 8, 16, 32):
+        rows = []
+        for a in per_prompt:
+            picks = [g * n + int(np.argmax(a["proxy_wc"][g * n : (g + 1) * n])) for g in range(SAMPLES // n)]
+            row = {k: v[picks].mean(0) for k, v in a.items() if not k.endswith("_tokens")}
+            row["policy_tokens"], row["scorer_tokens"] = a["policy_tokens"][:n].sum(), a["scorer_tokens"][:n].sum()
+            row["total_tokens"] = row["policy_tokens"] + row["scorer_tokens"]
+            rows.append(row)
+        bon[n] = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+
+    def bon_at(total: float):
+        ns = sorted(bon)
+        costs = [float(bon[n]["total_tokens"].mean()) for n in ns]
+        if total >= costs[-1]:
+            return bon[ns[-1]], f"best-of-{ns[-1]} (less compute)"
+        if total <= costs[0]:
+            return bon[ns[0]], "best-of-1 (more compute)"
+        j = max(i for i, c in enumerate(costs) if c <= total)
+        w = (math.log(total) - math.log(costs[j])) / (math.log(costs[j + 1]) - math.log(costs[j]))
+        n_eff = math.exp((1 - w) * math.log(ns[j]) + w * math.log(ns[j + 1]))
+        return {k: (1 - w) * bon[ns[j]][k] + w * bon[ns[j + 1]][k] for k in bon[ns[j]]}, f"best-of-N≈{n_eff:.1f}"
+
+    result: dict = {"n_prompts": len(order), "judges": judges, "methods": {}}
+    md = [f"Darwin at {args.max_new_tokens} new tokens on {len(order)} MT-Bench + Vicuna first turns against best-of-N "
+          "at matched total compute (policy + scorer tokens; best-of-N interpolated in log compute from 32 samples per "
+          "prompt). Reward = worst case of the z-scored PROXY (shipped helpful/harmless); JUDGE = judge_helpful / "
+          "judge_harmless, never seen. 95% bootstrap CIs over prompts; paired by prompt."]  # fmt: skip
+    for method in ("darwin", "sample-replace"):
+        if method not in runs:
+            continue
+        mcs = mc_points(runs[method], order, judges, pnorm, jnorm)
+        ok = mcs[1]["mutation_ok"]
+        rows, table = {}, []
+        for c, pt in mcs.items():
+            bpt, bname = bon_at(float(pt["total_tokens"].mean()))
+            for subset, mask in (("all", np.ones(len(order), bool)), ("mutation succeeded", ok)):
+                if method != "darwin" and subset != "all":
+                    continue
+                if mask.sum() < 2:
+                    continue
+                a = {k: v[mask] for k, v in pt.items()}
+                b = {k: v[mask] for k, v in bpt.items()}
+                row = summary_row(a, None)
+                row["vs_best_of_n"] = {"matched": bname, **{side: {
+                    "diff": list(_iv(paired_diff_ci(a[f"{side}_wc"], b[f"{side}_wc"]))),
+                    "win_rate": list(_iv(paired_win_ci(a[f"{side}_wc"], b[f"{side}_wc"])))}
+                    for side in ("proxy", "judge")}}  # fmt: skip
+                rows[f"MC{c} {subset}"] = row
+                v = row["vs_best_of_n"]
+                table.append([f"{method} MC{c}", subset, int(mask.sum()), fmt(row["proxy_worst_case_z"], True),
+                              fmt(row["judge_worst_case_z"], True), f"{row['words'][0]:.1f}",
+                              f"{row['policy_tokens']:.0f} + {row['scorer_tokens']:.0f}", bname,
+                              fmt(v["proxy"]["diff"], True), fmt(v["judge"]["diff"], True),
+                              fmt(v["judge"]["win_rate"])])  # fmt: skip
+        result["methods"][method] = {"rows": rows, "mutation_ok": float(ok.mean())}
+        md += ["", f"### {method}" + (f" (mutation gave 5 usable rewrites in cycle 1 on {ok.mean():.0%} of prompts)"
+                                     if method == "darwin" else ""), "",
+               markdown_table(["method", "prompts", "n", "PROXY worst case (z)", "JUDGE worst case (z)", "words",
+                               "policy + scorer tokens", "best-of-N at that compute", "PROXY diff vs it",
+                               "JUDGE diff vs it", "JUDGE win rate vs it"], table)]  # fmt: skip
+    md += ["", "best-of-N from the samples (all prompts): " + "; ".join(
+        f"N={n}: PROXY {fmt(_iv_list(bon[n]['proxy_wc']), True)}, JUDGE {fmt(_iv_list(bon[n]['judge_wc']), True)}, "
+        f"{bon[n]['total_tokens'].mean():.0f} tokens" for n in sorted(bon))]  # fmt: skip
+    (RESULTS / "darwin_128.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return result
+
+
+def _iv(iv) -> tuple[float, float, float]:
+    return round(float(iv.estimate), 4), round(float(iv.low), 4), round(float(iv.high), 4)
+
+
+def _iv_list(x) -> tuple[float, float, float]:
+    from moalign.evaluation import mean_ci
+
+    return _iv(mean_ci(x))
+
+
+def main() -> None:
+    ap = parser(__doc__.splitlines()[0], prompts=0, out_dir=OUT)
+    ap.add_argument("--per-source", type=int, default=20)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out_dir)
+    if not args.analyse_only:
+        run_variants(variants(args), load_prompt_set(args.per_source), out, objectives="helpful,harmless")
+    res = analyse(args, out)
+    dump(RESULTS / "darwin_128_detail.json", res)
+    d = res["methods"].get("darwin", {}).get("rows", {})
+    parts = [f"{k}: PROXY {fmt(v['vs_best_of_n']['proxy']['diff'], True)}, JUDGE {fmt(v['vs_best_of_n']['judge']['diff'], True)}"
+             f" vs {v['vs_best_of_n']['matched']}" for k, v in d.items() if k.endswith("all")]  # fmt: skip
+    write_result("darwin_128", {"args": vars(args), **res}, f"darwin_128: {res['n_prompts']} prompts; Darwin − best-of-N "
+                 "at matched total compute (worst case z): " + "; ".join(parts))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
