@@ -290,7 +290,7 @@ def grpo_steps(pdir: Path, out: Path, device: str, dtype, T: int, objs) -> str:
     names = [o.name for o in objs]
     cfg = IAMAConfig(
         output_dir=str(out / "grpo"), policy=str(pdir), prompts=str(prompts),
-        criterion=[f"{names[0]}:bon:4", f"{names[1]}:bon:4"], num_generations=4, per_device_train_batch_size=8,
+        criterion=[f"{names[0]}:bon:2", f"{names[1]}:bon:2"], num_generations=4, per_device_train_batch_size=8,
         max_completion_length=T, max_steps=2, logging_steps=1, report_to="none", save_strategy="no",
         learning_rate=1e-5, seed=0, disable_tqdm=True, use_cpu=device == "cpu", bf16=dtype == torch.bfloat16,
         beta=0.04,

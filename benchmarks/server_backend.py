@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--max-concurrency", type=int, default=8)
     ap.add_argument("--native", default=None, help="llama.cpp's llama-server binary (default: the installed one)")
-    ap.add_argument("--parallel", type=int, default=8, help="llama.cpp's slots (--parallel)")
+    ap.add_argument("--parallel", type=int, default=32, help="llama.cpp's slots (--parallel): every row of the batch at once")
     args = ap.parse_args()
     native = args.native or _installed_native()
     torch.set_num_threads(1)
@@ -141,7 +141,7 @@ def main() -> None:
 
     servers = {"llama-cpp-python": LlamaServer(n_threads=1, n_ctx=4096)}
     if native:
-        servers["llama.cpp"] = NativeLlamaServer(native, parallel=args.parallel, n_threads=1)
+        servers["llama.cpp"] = NativeLlamaServer(native, parallel=args.parallel, n_threads=1, n_ctx=512 * args.parallel)
     results = {"local": results["local"], **{k: {} for k in servers}}
     caps, starts = {}, {}
     for kind, srv in servers.items():

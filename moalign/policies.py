@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -185,7 +186,7 @@ def _save_dequantized(model, tok, out: Path) -> None:
     from safetensors.torch import save_model
 
     try:
-        tmp = out.with_name(out.name + ".tmp")
+        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # one per process: parallel first loads do not mix
         tmp.mkdir(parents=True, exist_ok=True)
         config = model.config.to_dict()
         config.pop("quantization_config", None)
@@ -196,7 +197,8 @@ def _save_dequantized(model, tok, out: Path) -> None:
         tok.save_pretrained(tmp)
         tmp.rename(out)
     except OSError:
-        pass  # the cache is an optimisation only
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first, or the disk refused: the cache
+        # is an optimisation only
 
 
 @contextmanager

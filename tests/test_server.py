@@ -182,7 +182,9 @@ def test_every_method_through_the_server(method, llama_server, tiny_policy, tmp_
             assert "weights" in recs[0]["trace"][0]
     if method in ("darwin", "mutate-bon"):
         cycle = recs[0]["trace"][1]
-        assert cycle["mutation"]["reply"].strip()  # the mutation reply came from the server too
+        mutation = cycle["mutation"]
+        assert mutation["mode"] == "one"  # the default: one rewrite per request
+        assert any(reply.strip() for reply in mutation["replies"])  # the mutation replies came from the server too
         assert len(cycle["instructions"]) == SMALL["mutations"]
     if method == "sample-replace":
         assert any(c.get("replacements") for r in recs for c in r["trace"][1:])

@@ -230,25 +230,43 @@ def rewrite_request(instruction: str, template: str | None = None) -> Prompt:
 
 def rewrite_decided(reply: str, instruction: str) -> bool:
     """Whether more tokens cannot change what :func:`parse_rewrite` makes of a reply: its first line is whole
-    (a newline follows it), or it is already a list item, an answer's opener or too long."""
+    (a newline follows it), or it is already a list item, an answer's opener, a first sentence that states, or
+    too long."""
     if "\n" in reply.strip():
         return True
     text = reply.strip().strip('"').strip("*").strip()
     if len(text.split()) > 3 * len(instruction.split()) + 10:
         return True
     low = text.lower()
-    return len(text) > 3 and (bool(_NUMBERED.match(text + " x")) or low.startswith(_ANSWER_OPENERS))
+    if len(text) > 3 and (bool(_NUMBERED.match(text + " x")) or low.startswith(_ANSWER_OPENERS)):
+        return True
+    m = re.search(r"[.!?]\s+\S", text)  # the first sentence is whole: its form is settled
+    return m is not None and parse_rewrite(text[: m.start() + 1], instruction)[1] == "answer"
 
 
-def _stop_when_decided(instructions: list[str]):
+def _stop_when_decided(instructions: list[str], n: int, stopped: set[tuple[int, int]]):
     """A selector for one-rewrite replies to ``instructions`` (one group each): a row stops once
-    :func:`rewrite_decided` (mostly: once its first line is whole)."""
+    :func:`rewrite_decided` (mostly: once its first line is whole); a group's remaining rows stop once it holds
+    ``n`` distinct usable rewrites (recorded in ``stopped`` as (group, row): those rows are cut, not replies)."""
 
     def select(step: BlockStep) -> Selection:
         P, K = step.done.shape
-        finish = torch.tensor(
-            [[rewrite_decided(t, instructions[i]) for t in row] for i, row in zip(step.prompt_indices, step.texts)]
-        )
+        finish = torch.zeros(P, K, dtype=torch.bool)
+        for p, (i, row) in enumerate(zip(step.prompt_indices, step.texts)):
+            ok: set[str] = set()
+            for k, t in enumerate(row):
+                if (i, k) in stopped:
+                    continue
+                if bool(step.done[p, k]) or rewrite_decided(t, instructions[i]):
+                    finish[p, k] = True
+                    text, why = parse_rewrite(t, instructions[i])
+                    if why == "ok":
+                        ok.add(text)
+            if len(ok) >= n:
+                for k in range(K):
+                    if not finish[p, k] and not bool(step.done[p, k]):
+                        finish[p, k] = True
+                        stopped.add((i, k))
         return Selection(torch.zeros(P, dtype=torch.long), parents=torch.arange(K).expand(P, K), finish=finish)
 
     return select
@@ -393,13 +411,15 @@ class DarwinDecoder:
         bases = [p.messages[-1]["content"] for p in parents]
         # a rewrite is about as long as its instruction: a budget of 16 tokens + ~3 per word of the longest
         budget = min(self.args.mutation_max_new_tokens, 16 + 3 * max(len(b.split()) for b in bases))
+        stopped: set[tuple[int, int]] = set()
         res = self.mutator.decode(
             [rewrite_request(b, self.template) for b in bases], k=m, block_size=8, max_new_tokens=budget,
-            seed=seed, selector=_stop_when_decided(bases), keep_all=True,
+            seed=seed, selector=_stop_when_decided(bases, n, stopped), keep_all=True,
         )  # fmt: skip
         out, info = [], []
-        for base, r in zip(bases, res):
-            verdicts = [parse_rewrite(row.response, base, finished=row.finished) for row in r.rows]
+        for i, (base, r) in enumerate(zip(bases, res)):
+            verdicts = [(None, "enough rewrites") if (i, k) in stopped else
+                        parse_rewrite(row.response, base, finished=row.finished) for k, row in enumerate(r.rows)]  # fmt: skip
             kept: list[str] = []
             for text, why in verdicts:
                 if why == "ok" and text not in kept and len(kept) < n:

@@ -67,20 +67,30 @@ def _new_cache(config) -> DynamicCache:
     return cache
 
 
+#: ended rows leave the batch once at most this share of the rows in it still run (their forward passes are
+#: skipped from then on; nothing else changes: every row's random draw is taken as before)
+COMPACT_BELOW = 0.5
+
+
 @dataclass
 class _Rows:
-    """The row state of one decode: R rows sharing one KV cache."""
+    """The row state of one decode: R rows, of which the ``live`` ones (still in the batch) share one KV cache.
+
+    Rows that have ended leave the batch (see :data:`COMPACT_BELOW`): ``cache``, ``attn`` and ``logits`` hold
+    the live rows only, in ``live`` order; everything indexed by row (responses, log-probs, ended flags,
+    hidden states) holds all R."""
 
     rendered: list[str]  # each row's own rendered prompt
     cache: DynamicCache
-    attn: torch.Tensor  # [R, L] attention mask (prompt + response positions)
-    logits: torch.Tensor  # [R, V] next-token logits
+    attn: torch.Tensor  # [live, L] attention mask (prompt + response positions)
+    logits: torch.Tensor  # [live, V] next-token logits
     hidden: torch.Tensor | None  # [R, H] last-layer state of each row's last token (when asked for)
     resp: torch.Tensor  # [R, T] response tokens (pad after the end)
     logp: torch.Tensor  # [R, T] untempered log-probs of the response tokens (0 after the end)
     done: torch.Tensor  # [R] bool
     gen: torch.Generator
     want_hidden: bool
+    live: torch.Tensor  # [live] the rows in the batch (indices into R), in cache order
 
 
 class TransformersBackend(BlockwiseDecoding):
@@ -128,12 +138,15 @@ class TransformersBackend(BlockwiseDecoding):
             texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
         )
 
-    def _next_tokens(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Sample (or argmax) one token per row from the warped distribution."""
+    def _next_tokens(self, logits: torch.Tensor, generator: torch.Generator | None, n_rows: int,
+                     live: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Sample (or argmax) one token per live row from the warped distribution; the uniform draws are taken
+        for all ``n_rows`` rows, so a row's draw does not depend on which rows are still in the batch."""
         if self.sampling.temperature == 0:
             return logits.argmax(dim=-1)
         scores = self.warpers(None, logits.float())
-        return sample_categorical(torch.softmax(scores, dim=-1), generator)
+        u = uniform_draws(n_rows, generator, logits.device)[live]
+        return sample_categorical(torch.softmax(scores, dim=-1), generator, u=u)
 
     def _forward(self, ids, attn, cache, want_hidden: bool):
         pos = (attn.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
@@ -177,6 +190,7 @@ class TransformersBackend(BlockwiseDecoding):
             logp=torch.zeros((R, 0), dtype=torch.float32, device=device),
             done=torch.zeros(R, dtype=torch.bool, device=device),
             gen=torch.Generator(device=device).manual_seed(int(seed)), want_hidden=hidden,
+            live=torch.arange(R, device=device),
         )  # fmt: skip
         return rows, read
 
@@ -185,14 +199,18 @@ class TransformersBackend(BlockwiseDecoding):
         (not after the very last token of a decode, unless hidden states are wanted)."""
         device = rows.attn.device
         eos = self.eos_ids.to(device)
-        read = torch.zeros(len(rows.rendered), dtype=torch.long, device=device)
+        R = len(rows.rendered)
+        read = torch.zeros(R, dtype=torch.long, device=device)
         made = 0
         for i in range(steps):
-            nxt = self._next_tokens(rows.logits, rows.gen).to(device)
+            live = rows.live
             was_done = rows.done
+            nxt = torch.full((R,), self.pad_id, dtype=torch.long, device=device)
+            nxt[live] = self._next_tokens(rows.logits, rows.gen, R, live).to(device)
             nxt = torch.where(was_done, torch.full_like(nxt, self.pad_id), nxt)
-            lp = torch.log_softmax(rows.logits.float(), dim=-1).gather(1, nxt[:, None])
-            rows.logp = torch.cat([rows.logp, lp.masked_fill(was_done[:, None], 0.0)], dim=1)
+            lp = torch.zeros(R, dtype=torch.float32, device=device)
+            lp[live] = torch.log_softmax(rows.logits.float(), dim=-1).gather(1, nxt[live][:, None]).squeeze(1)
+            rows.logp = torch.cat([rows.logp, lp.masked_fill(was_done, 0.0)[:, None]], dim=1)
             rows.resp = torch.cat([rows.resp, nxt[:, None]], dim=1)
             rows.done = was_done | torch.isin(nxt, eos)
             made += 1
@@ -201,12 +219,23 @@ class TransformersBackend(BlockwiseDecoding):
                 break
             rows.attn = torch.cat([rows.attn, torch.ones_like(rows.attn[:, :1])], dim=1)
             read += (~was_done).long()
-            rows.logits, hid = self._forward(nxt[:, None], rows.attn, rows.cache, rows.want_hidden)
+            rows.logits, hid = self._forward(nxt[live][:, None], rows.attn, rows.cache, rows.want_hidden)
             if hid is not None:  # ended rows keep the hidden state of their end-of-turn token
-                rows.hidden = torch.where(was_done[:, None], rows.hidden, hid)
+                rows.hidden[live] = torch.where(was_done[live][:, None], rows.hidden[live], hid)
             if end:
                 break
+            self._compact(rows)
         return made, read
+
+    def _compact(self, rows: _Rows) -> None:
+        """Let ended rows leave the batch once at most :data:`COMPACT_BELOW` of the rows in it still run."""
+        running = ~rows.done[rows.live]
+        n_run = int(running.sum())
+        if n_run == 0 or n_run > COMPACT_BELOW * len(rows.live):
+            return
+        keep = running.nonzero().squeeze(1)
+        rows.cache.reorder_cache(keep)
+        rows.attn, rows.logits, rows.live = rows.attn[keep], rows.logits[keep], rows.live[keep]
 
     def read(self, rows: _Rows) -> RowsView:
         texts = [t.strip() for t in self.tok.batch_decode(rows.resp, skip_special_tokens=True)]
@@ -216,13 +245,21 @@ class TransformersBackend(BlockwiseDecoding):
         rows.done = rows.done | mask.to(rows.done.device)
 
     def reindex(self, rows: _Rows, src: list[int], reprefill: list[int]):
+        """Row r takes row ``src[r]``'s state. Rows that run afterwards copy a running row, which is in the
+        batch; the batch is rebuilt from them (ended rows stay out of it)."""
         device = rows.attn.device
         idx = torch.tensor(src, device=device)
-        rows.cache.reorder_cache(idx)
-        rows.attn, rows.logits, rows.resp = rows.attn[idx], rows.logits[idx], rows.resp[idx]
-        rows.done, rows.logp = rows.done[idx], rows.logp[idx]
+        rows.resp, rows.done, rows.logp = rows.resp[idx], rows.done[idx], rows.logp[idx]
         if rows.hidden is not None:
             rows.hidden = rows.hidden[idx]
+        pos = torch.full((len(src),), -1, dtype=torch.long, device=device)
+        pos[rows.live] = torch.arange(len(rows.live), device=device)  # a row's place in the batch
+        live = torch.arange(len(src), device=device) if len(rows.live) == len(src) else (~rows.done).nonzero().squeeze(1)
+        at = pos[idx[live]]
+        if bool((at < 0).any()):  # an ended row copied into a row that runs: cannot happen (it would be ended)
+            raise MoalignError("reindex: a running row copies a row that has left the batch")
+        rows.cache.reorder_cache(at)
+        rows.attn, rows.logits, rows.live = rows.attn[at], rows.logits[at], live
         read = torch.zeros(len(src), dtype=torch.long)
         if reprefill:
             read[reprefill] = self._reprefill(rows, torch.tensor(reprefill, device=device)).cpu()
@@ -240,6 +277,9 @@ class TransformersBackend(BlockwiseDecoding):
         enc = self.encode([rows.rendered[r] for r in which.tolist()])
         ids = torch.cat([enc.input_ids.to(device), rows.resp[which]], dim=1)
         a_new = torch.cat([enc.attention_mask.to(device), torch.ones_like(rows.resp[which])], dim=1)
+        pos = torch.full((len(rows.rendered),), -1, dtype=torch.long, device=device)
+        pos[rows.live] = torch.arange(len(rows.live), device=device)
+        at = pos[which]  # the re-encoded rows' places in the batch (they run, so they are in it)
         new_cache = _new_cache(self.model.config)
         lg, hid = self._forward(ids, a_new, new_cache, rows.want_hidden)
         L = max(rows.attn.shape[1], a_new.shape[1])
@@ -248,12 +288,12 @@ class TransformersBackend(BlockwiseDecoding):
         for old, new in zip(rows.cache.layers, new_cache.layers):
             old.keys = _left_pad(old.keys, L, 0.0, dim=-2)
             old.values = _left_pad(old.values, L, 0.0, dim=-2)
-            old.keys[which] = _left_pad(new.keys, L, 0.0, dim=-2)
-            old.values[which] = _left_pad(new.values, L, 0.0, dim=-2)
-        attn[which] = a_pad
+            old.keys[at] = _left_pad(new.keys, L, 0.0, dim=-2)
+            old.values[at] = _left_pad(new.values, L, 0.0, dim=-2)
+        attn[at] = a_pad
         rows.attn = attn
         rows.logits = rows.logits.clone()
-        rows.logits[which] = lg.to(rows.logits.dtype)
+        rows.logits[at] = lg.to(rows.logits.dtype)
         if rows.hidden is not None and hid is not None:
             rows.hidden = rows.hidden.clone()
             rows.hidden[which] = hid
@@ -269,7 +309,14 @@ class TransformersBackend(BlockwiseDecoding):
         )
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def uniform_draws(n: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """``n`` uniform draws in (0, 1] (float64, ``[n, 1]``), as :func:`sample_categorical` takes them."""
+    return 1.0 - torch.rand(n, 1, generator=generator, dtype=torch.float64, device=device)
+
+
+def sample_categorical(
+    probs: torch.Tensor, generator: torch.Generator | None = None, u: torch.Tensor | None = None
+) -> torch.Tensor:
     """One index per row of ``probs [R, V]`` (rows sum to 1), drawn by inverting the row's cumulative
     distribution at one uniform draw: ``min{i : cdf_i >= u * cdf_V}`` with ``u`` in (0, 1], in float64.
 
@@ -277,7 +324,8 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
     (33 ms for 32 rows of SmolLM2's 49,152-token vocabulary, against 1 ms here). An index of probability 0 is
     never drawn (its cdf equals its predecessor's, which is already >= u)."""
     cdf = probs.double().cumsum(dim=-1)
-    u = 1.0 - torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    if u is None:
+        u = uniform_draws(probs.shape[0], generator, probs.device)
     return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=probs.shape[-1] - 1).squeeze(1)
 
 
