@@ -205,16 +205,16 @@ def completion_nll(policy, records: list[dict], system_prompt: str | None = None
 
     Computed independently of TRL, one example at a time; used to check what distillation achieved.
     """
+    from moalign.training.logps import sequence_logps
+
     tok, model = policy.tokenizer, policy.model
     total, n = 0.0, 0
     for r in records:
         p = tok(render_chat(tok, r["messages"], system_prompt), add_special_tokens=False).input_ids
         c = tok(r["response"] + tok.eos_token, add_special_tokens=False).input_ids
         ids = torch.tensor([p + c], device=policy.device)
-        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
-        tgt = ids[0, 1:]
-        lp = logp.gather(-1, tgt[:, None])[:, 0][len(p) - 1 :]
-        total -= float(lp.sum())
+        completion = torch.tensor([[0] * len(p) + [1] * len(c)], device=policy.device)
+        total -= float(sequence_logps(model, ids, torch.ones_like(ids), completion)[0])
         n += len(c)
     return total / max(n, 1)
 

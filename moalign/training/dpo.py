@@ -29,6 +29,10 @@ Reference model: with LoRA the base model with the adapter disabled (no second c
 ``ref_model`` (or a frozen copy of the starting policy); or reference log-probs precomputed once before
 training (``precompute_ref_log_probs``).
 
+Layout: the config is :mod:`moalign.training.dpo_config`, the data :mod:`moalign.training.mo_data`, the log-prob
+math :mod:`moalign.training.logps`, the DeepSpeed/FSDP checks :mod:`moalign.training.sharding`; this module holds
+the loss, the trainer and the job.
+
 Renamed (old names still import, with a DeprecationWarning): ``MODPOConfig`` -> :class:`MultiObjectiveDPOConfig`,
 ``MODPOTrainer`` -> :class:`MultiObjectiveDPOTrainer`, ``MODPORun`` -> :class:`MultiObjectiveDPORun`.
 """
@@ -39,353 +43,40 @@ import json
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import SaveStrategy
+from transformers import Trainer, TrainerCallback
 
 from moalign.configbase import json_default
 from moalign.errors import MoalignError
-from moalign.registry import Choices
 from moalign.training.base import (
     RESUME_LAST,
-    cpu_fallback,
     name_adapter_base,
     resolve_resume,
     write_run_record,
 )
-from moalign.training.combiners import COMBINERS, apply_weights, gram_matrix
-from moalign.training.lora import LoraArguments, apply_lora, check_lora_args
-from moalign.training.mo_data import flatten_specs
+from moalign.training.combiners import apply_weights, gram_matrix
+from moalign.training.dpo_config import META_FILE, MultiObjectiveDPOConfig
+from moalign.training.logps import (
+    implicit_reward_margins,
+    pad_id,
+    policy_logps,
+    precompute_reference,
+    reference_logps,
+    sequence_logps,
+)
+from moalign.training.lora import apply_lora, last_layers, lora_targets
+from moalign.training.mo_data import load_objective_data
+from moalign.training.sharding import check_unsharded_gradients
 
-META_FILE = "dpo_config.json"
+__all__ = [  # the trainer, its config and run, and the log-prob helpers older code imported from here
+    "META_FILE", "MultiObjectiveDPOConfig", "MultiObjectiveDPORun", "MultiObjectiveDPOTrainer", "build_trainer",
+    "dpo_loss", "implicit_reward_margins", "policy_logps", "precompute_reference", "sequence_logps", "train_dpo",
+]  # fmt: skip
 
-
-def deepspeed_zero_stage(ds) -> int | None:
-    """ZeRO stage of a ``--deepspeed`` value (dict, JSON string or path); ``None`` when DeepSpeed is off."""
-    if not ds:
-        return None
-    if isinstance(ds, str):
-        text = ds if ds.lstrip().startswith("{") else None
-        if text is None:
-            try:
-                text = Path(ds).read_text()
-            except OSError:
-                raise MoalignError(f"--deepspeed config file not found: {ds}") from None
-        try:
-            ds = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MoalignError(f"--deepspeed config is not valid JSON: {e.msg}") from None
-    stage = (ds.get("zero_optimization") or {}).get("stage", 0) if isinstance(ds, dict) else 0
-    try:
-        return int(stage)
-    except (TypeError, ValueError):
-        return 0
-
-
-def check_unsharded_gradients(args, per_objective_grads: bool = True) -> None:
-    """Refuse settings under which the combiner would not see whole per-objective gradients (one line).
-
-    DeepSpeed (any ZeRO stage): the engine reduces gradients and steps inside its own backward, which the
-    per-objective step (gradients written into ``.grad`` by hand) bypasses; ZeRO-2/3 also partition gradients.
-    ZeRO-1 only partitions optimizer state, but it runs through the same engine step, so it is refused too.
-    FSDP: parameters and gradients are sharded. The fused path (``--no-per-objective-grads``: linear/groupdro)
-    is unaffected.
-    """
-    if not per_objective_grads:
-        return
-    hint = (
-        "use DDP (accelerate launch without DeepSpeed/FSDP), or --no-per-objective-grads with linear/groupdro"
-    )
-    stage = deepspeed_zero_stage(getattr(args, "deepspeed", None))
-    if stage is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
-        stage = -1
-    if stage is not None:
-        what = f"DeepSpeed ZeRO stage {stage}" if stage >= 0 else "DeepSpeed (accelerate config)"
-        why = (
-            "partitions gradients across processes"
-            if stage >= 2
-            else "runs its own backward/step, which per-objective gradients bypass"
-        )
-        raise MoalignError(
-            f"--deepspeed: {what} {why}; the combiner needs each objective's whole gradient: {hint}"
-        )
-    fsdp = getattr(args, "fsdp", None)
-    if fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        raise MoalignError(
-            f"--fsdp: FSDP shards parameters and gradients; the combiner needs each objective's whole gradient: {hint}"
-        )
-
-
-@dataclass
-class MultiObjectiveDPOConfig(TrainingArguments, LoraArguments):
-    """Configuration of ``moalign train dpo``: every ``transformers.TrainingArguments`` field plus the
-    multi-objective DPO settings and the shared LoRA flags (:class:`~moalign.training.lora.LoraArguments`).
-
-    It subclasses ``transformers.TrainingArguments`` rather than ``trl.DPOConfig``: the trainer is a plain
-    transformers ``Trainer`` whose training step computes the K DPO losses and gradients itself, so DPOConfig's
-    options for TRL's own ``DPOTrainer`` (loss types, label smoothing, padding-free, reference-model sync,
-    tokenisation settings, ...) would be accepted and silently ignored. Settings that exist in DPOConfig keep
-    its names (``beta``, ``max_length``, ``max_prompt_length``, ``precompute_ref_log_probs``).
-
-    Defaults that differ from TrainingArguments: ``max_steps=100``, ``num_train_epochs=1``,
-    ``per_device_train_batch_size=2`` (pairs PER OBJECTIVE), ``logging_steps=1``, ``save_strategy="no"``,
-    ``save_total_limit=2``, ``seed=0``, ``remove_unused_columns=False``, ``disable_tqdm=True``, LoRA on with
-    ``lora_r=8``. Without an accelerator ``use_cpu`` is set (bf16 stays off unless asked for).
-    """
-
-    output_dir: str = field(
-        kw_only=True, metadata={"help": "output folder (adapter or model, checkpoints, combiner_log.jsonl)"}
-    )
-    objective: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "NAME=PATH_OR_HUB_ID preference data of one objective (repeat the flag, one per objective); "
-            "files with prompt/chosen/rejected columns or Anthropic-HH dialogues",
-            "action": "append",
-        },
-    )
-    dataset: str | None = field(
-        default=None,
-        metadata={"help": "one preference dataset for all objectives, split by --objective-column"},
-    )
-    objective_column: str = field(
-        default="objective", metadata={"help": "column naming each pair's objective (with --dataset)"}
-    )
-    prompt_column: str | None = field(default=None, metadata={"help": "prompt column (default: auto-detect)"})
-    chosen_column: str = field(default="chosen", metadata={"help": "chosen-response column"})
-    rejected_column: str = field(default="rejected", metadata={"help": "rejected-response column"})
-    combiner: str = field(
-        default="mgda-decoupled",
-        metadata={
-            "help": "how per-objective gradients are combined",
-            "choices": Choices(COMBINERS),
-        },
-    )
-    combiner_weights: list[float] | None = field(
-        default=None, metadata={"help": "fixed weights of the linear combiner (one per objective)"}
-    )
-    groupdro_eta: float = field(default=0.01, metadata={"help": "step size of the groupdro weights"})
-    pcgrad_reduction: str = field(
-        default="sum",
-        metadata={"help": "pcgrad: sum or mean of the projected gradients", "choices": ["sum", "mean"]},
-    )
-    per_objective_grads: bool = field(
-        default=True,
-        metadata={
-            "help": "compute each objective's gradient separately (needed by mgda*/pcgrad; gives gradient norms "
-            "and cosines); --no-per-objective-grads lets linear/groupdro use one backward pass"
-        },
-    )
-    policy: str = field(
-        default="smollm2-135m-instruct", metadata={"help": "policy: bundled name, path or hub id"}
-    )
-    ref_model: str | None = field(
-        default=None,
-        metadata={"help": "reference model (default: the policy with the LoRA adapter disabled)"},
-    )
-    precompute_ref_log_probs: bool = field(
-        default=False,
-        metadata={"help": "compute reference log-probs of all training pairs once before training"},
-    )
-    beta: float = field(default=0.1, metadata={"help": "DPO inverse temperature beta"})
-    max_length: int = field(default=256, metadata={"help": "max tokens of prompt + response"})
-    max_prompt_length: int = field(default=128, metadata={"help": "max prompt tokens (the end is kept)"})
-    max_pairs: int | None = field(
-        default=None, metadata={"help": "use at most this many training pairs per objective"}
-    )
-    heldout_frac: float = field(
-        default=0.2, metadata={"help": "share of prompts held out (moalign's stable split; never trained on)"}
-    )
-    split_seed: int = field(default=0, metadata={"help": "seed of the held-out split"})
-    eval_heldout_pairs: int = field(
-        default=0,
-        metadata={"help": "after training, implicit-reward accuracy on this many held-out pairs/objective"},
-    )
-    lora_last_layers: int | None = field(
-        default=None,
-        metadata={
-            "help": "put LoRA only on the last N transformer layers (backward stops there: faster on CPU)"
-        },
-    )
-    # ---- LoraArguments / TrainingArguments fields with other defaults
-    use_lora: bool = field(
-        default=True,
-        metadata={"help": "train a LoRA adapter (peft) instead of all weights (--no-use-lora: all)"},
-    )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    per_device_train_batch_size: int = field(
-        default=2,
-        metadata={
-            "help": "preference pairs PER OBJECTIVE per process and micro-batch (global batch: this x processes "
-            "x gradient_accumulation_steps)"
-        },
-    )
-    num_train_epochs: float = field(default=1.0, metadata={"help": "epochs when --max-steps is -1"})
-    max_steps: int = field(default=100, metadata={"help": "optimizer steps (-1: use --num-train-epochs)"})
-    logging_steps: float = field(default=1, metadata={"help": "log every N steps"})
-    save_strategy: SaveStrategy | str = field(
-        default="no",
-        metadata={"help": "checkpoints: no (only the final model), steps (every --save-steps), epoch, best"},
-    )
-    save_total_limit: int | None = field(default=2, metadata={"help": "keep at most N checkpoints"})
-    seed: int = field(default=0, metadata={"help": "random seed (init, data order, pcgrad order)"})
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "must stay False (the multi-objective batches are not model inputs)"}
-    )
-    disable_tqdm: bool | None = field(default=True, metadata={"help": "disable tqdm progress bars"})
-
-    def __post_init__(self):
-        if not self.output_dir:
-            raise MoalignError("--output-dir is required")
-        self.objective = flatten_specs(self.objective)
-        if self.combiner_weights is not None:
-            self.combiner_weights = [float(w) for w in self.combiner_weights]
-        check_lora_args(self)
-        check_unsharded_gradients(self, self.per_objective_grads)
-        cpu_fallback(self, bf16_default_off=False)
-        ckpt = self.activation_checkpointing or self.gradient_checkpointing
-        if (
-            ckpt
-            and self.activation_checkpointing_kwargs is None
-            and self.gradient_checkpointing_kwargs is None
-        ):
-            self.activation_checkpointing_kwargs = {"use_reentrant": False}  # LoRA: frozen inputs need it
-        super().__post_init__()
-
-    @classmethod
-    def upgrade_config(cls, values: dict) -> dict:
-        """A config dict written by older versions (``MODPOConfig``) with today's field names.
-
-        ``lr`` -> ``learning_rate``; ``device: "cpu"`` -> ``use_cpu: true`` (other devices: dropped, the
-        accelerator decides); ``save_steps: 0`` -> ``save_strategy: "no"`` and ``save_steps: N`` ->
-        ``save_strategy: "steps"`` (when the file has no ``save_strategy``).
-        """
-        v = dict(values)
-        if "lr" in v:
-            lr = v.pop("lr")
-            v.setdefault("learning_rate", lr)
-        if "device" in v:
-            if str(v.pop("device") or "").startswith("cpu"):
-                v["use_cpu"] = True
-        if "save_steps" in v and "save_strategy" not in v:
-            if v["save_steps"]:
-                v["save_strategy"] = "steps"
-            else:
-                v.pop("save_steps")
-                v["save_strategy"] = "no"
-        return v
-
-    def objective_specs(self):
-        """Parsed ``--objective`` values (:class:`~moalign.training.mo_data.ObjectiveSpec`)."""
-        from moalign.training.mo_data import parse_objective_spec
-
-        return [parse_objective_spec(s) for s in flatten_specs(self.objective)]
-
-    def validate(self) -> None:
-        """Raise :class:`MoalignError` naming the first bad setting."""
-        specs = self.objective_specs()
-        if not specs and not self.dataset:
-            raise MoalignError(
-                "give --objective NAME=PATH (one per objective) or --dataset with --objective-column"
-            )
-        if specs and self.dataset:
-            raise MoalignError("give either --objective NAME=PATH flags or --dataset, not both")
-        names = [s.name for s in specs]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise MoalignError(f"objective names must be unique, repeated: {', '.join(dup)}")
-        COMBINERS.canonical(self.combiner)  # one line naming the registered combiners
-        checks = [
-            (self.beta > 0, f"beta must be > 0, got {self.beta}"),
-            (self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}"),
-            (0 <= self.max_prompt_length < self.max_length, "max_prompt_length must be in [0, max_length)"),
-            (self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1"),
-            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
-            (
-                self.max_steps == -1 or self.max_steps >= 1,
-                f"max_steps must be >= 1 or -1, got {self.max_steps}",
-            ),
-            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
-            (0 <= self.heldout_frac < 1, f"heldout_frac must be in [0, 1), got {self.heldout_frac}"),
-            (self.max_pairs is None or self.max_pairs >= 1, "max_pairs must be >= 1"),
-            (self.eval_heldout_pairs >= 0, "eval_heldout_pairs must be >= 0"),
-            (
-                not self.remove_unused_columns,
-                "remove_unused_columns must be False for multi-objective batches",
-            ),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise MoalignError(msg)
-        check_lora_args(self)
-        check_unsharded_gradients(self, self.per_objective_grads)
-
-    def make_combiner(self, n_objectives: int):
-        """The configured :class:`~moalign.training.combiners.Combiner`, from the combiner registry: each
-        combiner takes the settings its factory names (``weights`` <- ``--combiner-weights``, ``eta`` <-
-        ``--groupdro-eta``, ``seed``, ``reduction`` <- ``--pcgrad-reduction``)."""
-        from moalign.training.combiners import combiner_from_settings
-
-        if self.combiner_weights is not None and len(self.combiner_weights) != n_objectives:
-            raise MoalignError(
-                f"--combiner-weights has {len(self.combiner_weights)} values for {n_objectives} objectives"
-            )
-        settings = {
-            "weights": list(self.combiner_weights) if self.combiner_weights is not None else None,
-            "eta": self.groupdro_eta,
-            "seed": int(self.seed),
-            "reduction": self.pcgrad_reduction,
-        }
-        return combiner_from_settings(self.combiner, settings)
-
-
-# --------------------------------------------------------------------------------------------- data
-def load_objective_data(cfg: MultiObjectiveDPOConfig) -> dict[str, tuple[list, list]]:
-    """``{objective: (train pairs, held-out pairs)}`` with moalign's stable prompt-hash split."""
-    from moalign.data.pairs import load_pairs, split_pairs
-
-    kw = dict(
-        prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column, rejected_column=cfg.rejected_column
-    )
-    groups: dict[str, list] = {}
-    if cfg.dataset:
-        pairs = load_pairs(cfg.dataset, **kw)
-        for p in pairs:
-            if cfg.objective_column not in p.meta:
-                present = ", ".join(sorted(k for k in p.meta if k not in ("source", "index", "format")))
-                raise MoalignError(
-                    f"--dataset {cfg.dataset}: column {cfg.objective_column!r} not found (other columns: {present})"
-                )
-            groups.setdefault(str(p.meta[cfg.objective_column]), []).append(p)
-    else:
-        for spec in cfg.objective_specs():
-            groups[spec.name] = load_pairs(spec.source, **kw)
-    out = {}
-    for name, pairs in groups.items():
-        train, held = split_pairs(pairs, heldout_frac=cfg.heldout_frac, seed=cfg.split_seed)
-        if not train:
-            raise MoalignError(
-                f"objective {name!r}: no training pairs left after holding out {cfg.heldout_frac}"
-            )
-        if cfg.max_pairs is not None:
-            train = train[: cfg.max_pairs]
-        out[name] = (train, held)
-    return out
-
-
-# ----------------------------------------------------------------------------------------- log-probs
-def sequence_logps(model, input_ids, attention_mask, completion_mask):
-    """``sum_t log pi(x_t | x_<t)`` over completion tokens, one value per row (float32)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-    targets = input_ids[:, 1:]
-    mask = completion_mask[:, 1:].to(logits.dtype)
-    logits = logits.float()
-    tok = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return (tok * mask.float()).sum(-1)
 
 
 def dpo_loss(policy_logps, ref_logps, beta: float):
@@ -396,89 +87,6 @@ def dpo_loss(policy_logps, ref_logps, beta: float):
     ratio = policy_logps - ref_logps
     r_c, r_r = beta * ratio[:b], beta * ratio[b:]
     return -F.logsigmoid(r_c - r_r).mean(), r_c.detach(), r_r.detach()
-
-
-def _reference_logps(model, batch, ref_model=None):
-    """Reference log-probs of a sub-batch: precomputed, a separate model, or the LoRA base (adapter off)."""
-    if "ref_logps" in batch:
-        return batch["ref_logps"]
-    with torch.no_grad():
-        if ref_model is not None:
-            return sequence_logps(
-                ref_model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-            )
-        if hasattr(model, "disable_adapter"):
-            with model.disable_adapter():
-                return sequence_logps(
-                    model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-                )
-    raise MoalignError(
-        "no reference: give ref_model, a LoRA (peft) policy, or precomputed reference log-probs"
-    )
-
-
-def implicit_reward_margins(
-    model,
-    tokenizer,
-    pairs,
-    beta: float,
-    *,
-    ref_model=None,
-    max_length: int = 256,
-    max_prompt_length: int = 128,
-    batch_size: int = 4,
-    ref_logps=None,
-):
-    """DPO implicit reward margins ``beta * [(log pi - log ref)(y_w) - (log pi - log ref)(y_l)]`` per pair.
-
-    Accuracy = share of margins > 0 (ties count one half). ``ref_model=None`` needs a peft model (the
-    reference is the adapter-disabled base). ``ref_logps``: precomputed ``[n, 2]`` reference log-probs
-    (chosen, rejected), e.g. :func:`policy_logps` of the starting policy, shared by several evaluations.
-    """
-    from moalign.training.mo_data import MultiObjectiveCollator, MultiObjectiveDataset, tokenize_pair
-
-    toks = [tokenize_pair(tokenizer, p, max_length, max_prompt_length) for p in pairs]
-    coll = MultiObjectiveCollator(MultiObjectiveDataset({"x": toks}), _pad_id(tokenizer))
-    was_training = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(toks), batch_size):
-            batch = {k: v.to(dev) for k, v in coll.batch_for(toks[i : i + batch_size]).items()}
-            if ref_logps is not None:
-                r = torch.as_tensor(ref_logps, dtype=torch.float32)[i : i + batch_size]
-                batch["ref_logps"] = torch.cat([r[:, 0], r[:, 1]]).to(dev)
-            pol = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-            ref = _reference_logps(model, batch, ref_model)
-            n = pol.shape[0] // 2
-            ratio = (pol - ref).double()
-            out.append(beta * (ratio[:n] - ratio[n:]))
-    model.train(was_training)
-    return torch.cat(out).cpu()
-
-
-def policy_logps(
-    model, tokenizer, pairs, *, max_length: int = 256, max_prompt_length: int = 128, batch_size: int = 4
-):
-    """``[n, 2]`` log-probs (chosen, rejected) of ``pairs`` under ``model`` (no grad)."""
-    from moalign.training.mo_data import MultiObjectiveCollator, MultiObjectiveDataset, tokenize_pair
-
-    toks = [tokenize_pair(tokenizer, p, max_length, max_prompt_length) for p in pairs]
-    coll = MultiObjectiveCollator(MultiObjectiveDataset({"x": toks}), _pad_id(tokenizer))
-    dev = next(model.parameters()).device
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(toks), batch_size):
-            b = {k: v.to(dev) for k, v in coll.batch_for(toks[i : i + batch_size]).items()}
-            lp = sequence_logps(model, b["input_ids"], b["attention_mask"], b["completion_mask"]).cpu()
-            n = lp.shape[0] // 2
-            out.append(torch.stack([lp[:n], lp[n:]], dim=1))
-    return torch.cat(out)
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 # ------------------------------------------------------------------------------------------- trainer
@@ -572,7 +180,7 @@ class MultiObjectiveDPOTrainer(Trainer):
     def objective_loss(self, model, batch):
         """DPO loss of one objective's sub-batch, with reward accuracy/margin (detached)."""
         pol = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        ref = _reference_logps(self.accelerator.unwrap_model(model), batch, self.ref_model)
+        ref = reference_logps(self.accelerator.unwrap_model(model), batch, self.ref_model)
         loss, r_c, r_r = dpo_loss(pol, ref.to(pol.dtype), self.beta)
         acc = ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).mean()
         return loss, {"accuracy": float(acc), "margin": float((r_c - r_r).mean())}
@@ -805,8 +413,8 @@ def build_trainer(
         extra = {}
         if cfg.lora_last_layers is not None:
             extra = dict(
-                target_modules=_lora_targets(model, list(cfg.lora_target_modules), cfg.lora_last_layers),
-                layers_to_transform=_last_layers(model, cfg.lora_last_layers),
+                target_modules=lora_targets(model, list(cfg.lora_target_modules), cfg.lora_last_layers),
+                layers_to_transform=last_layers(model, cfg.lora_last_layers),
             )
         model = apply_lora(model, cfg, **extra)
     elif ref_model is None and not cfg.precompute_ref_log_probs:
@@ -820,9 +428,9 @@ def build_trainer(
         for n, (train, _) in data.items()
     }
     if cfg.precompute_ref_log_probs and any(p.ref is None for ps in toks.values() for p in ps):
-        precompute_reference(model, ref_model, toks, _pad_id(tokenizer), cfg.per_device_train_batch_size * 2)
+        precompute_reference(model, ref_model, toks, pad_id(tokenizer), cfg.per_device_train_batch_size * 2)
     dataset = MultiObjectiveDataset(toks, seed=cfg.seed)
-    collator = MultiObjectiveCollator(dataset, _pad_id(tokenizer))
+    collator = MultiObjectiveCollator(dataset, pad_id(tokenizer))
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     trainer = MultiObjectiveDPOTrainer(
         model=model,
@@ -840,62 +448,6 @@ def build_trainer(
     if ref_model is not None:
         ref_model.to(trainer.args.device)
     return MultiObjectiveDPORun(trainer, model, tokenizer, ref_model, data, cfg)
-
-
-def _lora_targets(model, targets: list[str], last_layers: int | None):
-    """peft ``target_modules``: "all-linear" as is, or (peft refuses the string together with
-    ``layers_to_transform``) the names of every linear layer except the output head."""
-    if targets != ["all-linear"]:
-        return targets
-    if last_layers is None:
-        return "all-linear"
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    names.discard("lm_head")
-    return sorted(names)
-
-
-def _last_layers(model, n: int | None) -> list[int] | None:
-    """Indices of the last ``n`` transformer layers (``None``: all layers)."""
-    if n is None:
-        return None
-    total = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if not total:
-        raise MoalignError("lora_last_layers needs a model config with num_hidden_layers")
-    if not 1 <= n <= total:
-        raise MoalignError(f"lora_last_layers must be in [1, {total}], got {n}")
-    return list(range(total - n, total))
-
-
-def precompute_reference(model, ref_model, toks, pad_id: int, batch_size: int = 4) -> None:
-    """Fill ``TokenizedPair.ref`` with reference log-probs (chosen, rejected) for every training pair."""
-    from moalign.training.mo_data import MultiObjectiveCollator, MultiObjectiveDataset
-
-    coll = MultiObjectiveCollator(MultiObjectiveDataset(toks), pad_id)
-    dev = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    for pairs in toks.values():
-        for i in range(0, len(pairs), batch_size):
-            chunk = pairs[i : i + batch_size]
-            batch = {k: v.to(dev) for k, v in coll.batch_for(chunk).items() if k != "ref_logps"}
-            with torch.no_grad():
-                if ref_model is not None:
-                    ref = sequence_logps(
-                        ref_model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-                    )
-                elif hasattr(model, "disable_adapter"):
-                    with model.disable_adapter():
-                        ref = sequence_logps(
-                            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-                        )
-                else:  # full fine-tuning, before any step: the policy is the reference
-                    ref = sequence_logps(
-                        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-                    )
-            n = len(chunk)
-            for j, p in enumerate(chunk):
-                p.ref = (float(ref[j]), float(ref[n + j]))
-    model.train(was)
 
 
 def train_dpo(cfg: MultiObjectiveDPOConfig) -> dict:

@@ -95,3 +95,29 @@ def apply_lora(model, args, **overrides: Any):
 
     with quiet_upstream_renames():
         return get_peft_model(model, cfg)
+
+
+def lora_targets(model, targets: list[str], last_layers: int | None):
+    """peft ``target_modules``: "all-linear" as is, or (peft refuses the string together with
+    ``layers_to_transform``) the names of every linear layer except the output head."""
+    if targets != ["all-linear"]:
+        return targets
+    if last_layers is None:
+        return "all-linear"
+    import torch
+
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    names.discard("lm_head")
+    return sorted(names)
+
+
+def last_layers(model, n: int | None) -> list[int] | None:
+    """Indices of the last ``n`` transformer layers (``None``: all layers)."""
+    if n is None:
+        return None
+    total = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not total:
+        raise MoalignError("lora_last_layers needs a model config with num_hidden_layers")
+    if not 1 <= n <= total:
+        raise MoalignError(f"lora_last_layers must be in [1, {total}], got {n}")
+    return list(range(total - n, total))

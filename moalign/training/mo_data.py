@@ -163,3 +163,37 @@ class MultiObjectiveCollator:
                 n: self.batch_for([self.dataset.data[n][it[n]] for it in items]) for n in self.dataset.names
             }
         }
+
+
+def load_objective_data(cfg) -> dict[str, tuple[list, list]]:
+    """``{objective: (train pairs, held-out pairs)}`` of a :class:`~moalign.training.dpo_config.MultiObjectiveDPOConfig`,
+    with moalign's stable prompt-hash split."""
+    from moalign.data.pairs import load_pairs, split_pairs
+
+    kw = dict(
+        prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column, rejected_column=cfg.rejected_column
+    )
+    groups: dict[str, list] = {}
+    if cfg.dataset:
+        pairs = load_pairs(cfg.dataset, **kw)
+        for p in pairs:
+            if cfg.objective_column not in p.meta:
+                present = ", ".join(sorted(k for k in p.meta if k not in ("source", "index", "format")))
+                raise MoalignError(
+                    f"--dataset {cfg.dataset}: column {cfg.objective_column!r} not found (other columns: {present})"
+                )
+            groups.setdefault(str(p.meta[cfg.objective_column]), []).append(p)
+    else:
+        for spec in cfg.objective_specs():
+            groups[spec.name] = load_pairs(spec.source, **kw)
+    out = {}
+    for name, pairs in groups.items():
+        train, held = split_pairs(pairs, heldout_frac=cfg.heldout_frac, seed=cfg.split_seed)
+        if not train:
+            raise MoalignError(
+                f"objective {name!r}: no training pairs left after holding out {cfg.heldout_frac}"
+            )
+        if cfg.max_pairs is not None:
+            train = train[: cfg.max_pairs]
+        out[name] = (train, held)
+    return out
