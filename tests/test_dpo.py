@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -377,23 +378,53 @@ def test_old_names_and_old_config_files_still_work(tiny, tmp_path):
 @pytest.mark.parametrize(
     "kw,message",
     [
-        ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "ZeRO stage 2 partitions gradients"),
-        ({"deepspeed": {"zero_optimization": {"stage": 3}}}, "ZeRO stage 3 partitions gradients"),
-        ({"deepspeed": {"zero_optimization": {"stage": 1}}}, "ZeRO stage 1 runs its own backward/step"),
+        ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "ZeRO stage 2 reduces and steps"),
+        ({"deepspeed": {"zero_optimization": {"stage": 3}}}, "ZeRO stage 3 reduces and steps"),
+        ({"deepspeed": {"zero_optimization": {"stage": 1}}}, "ZeRO stage 1 reduces and steps"),
         ({"deepspeed": '{"train_batch_size": 8}'}, "ZeRO stage 0"),
-        ({"fsdp": "full_shard"}, "--fsdp: FSDP shards"),
-        ({"fsdp": True}, "--fsdp: FSDP shards"),
     ],
 )
-def test_sharded_or_engine_managed_gradients_are_refused(tmp_path, kw, message):
-    """The per-objective path needs whole gradients it can write into .grad (DDP is fine)."""
+def test_deepspeed_is_refused_on_the_per_objective_path(tmp_path, kw, message):
+    """DeepSpeed's engine reduces and steps on its own buffers: one line that says what to use instead."""
     with pytest.raises(MoalignError, match=message) as e:
         MultiObjectiveDPOConfig(output_dir=str(tmp_path), objective=["a=x"], **kw)
-    assert "\n" not in str(e.value) and "--no-per-objective-grads" in str(e.value)
+    assert "\n" not in str(e.value) and "--no-per-objective-grads" in str(e.value) and "FSDP" in str(e.value)
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     with pytest.raises(MoalignError, match="ZeRO stage 2"):
         MultiObjectiveDPOConfig(output_dir=str(tmp_path), deepspeed=str(ds))
+
+
+def test_fsdp_needs_version_2_shards_and_no_accumulation(tiny):
+    """FSDP1's flat parameters and accumulated unreduced gradients are refused in one line each; FSDP2 shards
+    (DTensor parameters) pass. The sharded step itself: tests/test_multiprocess.py."""
+    from moalign.training.sharding import as_shard_grad, check_fsdp_per_objective
+
+    with pytest.raises(MoalignError, match="--fsdp_version 2") as e:
+        check_fsdp_per_objective(tiny["model"], 1)  # plain tensors, as FSDP1's flat parameters
+    assert "\n" not in str(e.value)
+    p = torch.nn.Parameter(torch.ones(3))
+    assert as_shard_grad(torch.zeros(3), p).shape == (3,)  # an unsharded parameter takes the tensor as is
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    ours = not dist.is_initialized()
+    if ours:
+        dist.init_process_group("gloo", init_method=f"file://{Path(tempfile.mkdtemp()) / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        shard = torch.nn.Parameter(DTensor.from_local(torch.ones(4, 2), mesh, [Shard(0)]))
+        model = torch.nn.Module()
+        model.w = shard
+        check_fsdp_per_objective(model, 1)
+        with pytest.raises(MoalignError, match="--gradient-accumulation-steps 1"):
+            check_fsdp_per_objective(model, 2)
+        g = as_shard_grad(torch.full((4, 2), 2.0), shard)
+        assert isinstance(g, DTensor) and g.placements == shard.placements and float(g.to_local().sum()) == 16.0
+    finally:
+        if ours:
+            dist.destroy_process_group()
 
 
 def test_lora_flags_are_shared_and_checked(tiny, tmp_path):

@@ -175,3 +175,43 @@ def test_two_processes_transform_whole_groups_after_the_gather(tiny_policy_dir, 
     ref = nonlinear_rewards(expect.view(3, 4, 2), ["short:bon:3", "vowels:bon:2"], "min")
     returned = torch.tensor(d[0]["returned"], dtype=torch.float64)
     torch.testing.assert_close(returned.sum(1), ref.rewards.reshape(-1), atol=1e-5, rtol=0)
+
+
+
+def test_fsdp_sharded_per_objective_step_equals_one_process(tiny_policy_dir, tmp_path):
+    """mgda-decoupled with the policy sharded by torch's FSDP2 (``fully_shard``; two CPU processes over gloo)
+    equals one process with the same global batch: each objective's gradient is reduce-scattered into the
+    shards, the Gram matrix of the shards is all-reduced, each process writes the combination into its own
+    shards (``tests/_fsdp_worker.py``, through the trainer's step functions; accelerate runs FSDP on GPUs
+    only). Tolerances as in the DDP test above; the measured differences are printed."""
+    for i, name in enumerate(("helpful", "harmless")):
+        _write_pairs(tmp_path / f"{name}.jsonl", name, 8, seed=i)
+    worker = str(ROOT / "tests" / "_fsdp_worker.py")
+    runs = {
+        "one": [sys.executable, worker, "one"],
+        "fsdp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                 str(_free_port()), worker, "fsdp"],
+    }  # fmt: skip
+    results = {}
+    for name, cmd in runs.items():
+        out = tmp_path / f"{name}.pt"
+        res = subprocess.run([*cmd, str(tiny_policy_dir), str(tmp_path), str(out)], cwd=ROOT, env=_env(),
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert res.returncode == 0, f"{name}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+        results[name] = torch.load(out)
+    one, fsdp = results["one"], results["fsdp"]
+    assert fsdp["world"] == 2 and set(fsdp["sharded"]) == {"DTensor"}  # every trainable parameter was a shard
+    start = _load_start(tiny_policy_dir)
+    moved = max(float((one["params"][k] - start[k]).abs().max()) for k in start if k in one["params"])
+    assert moved > 1e-2  # the steps moved the weights far beyond the tolerance
+    worst: dict[str, float] = {}
+    for step, (r1, r2) in enumerate(zip(one["rows"], fsdp["rows"]), 1):
+        for key in ("losses", "alpha", "grad_norms"):
+            a, b = torch.tensor(r1[key], dtype=torch.float64), torch.tensor(r2[key], dtype=torch.float64)
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f"fsdp step {step} {key}")
+            worst[key] = max(worst.get(key, 0.0), float((a - b).abs().max()))
+    assert len(fsdp["rows"]) == 4 and set(fsdp["params"]) == set(one["params"])
+    for k, v in one["params"].items():
+        torch.testing.assert_close(fsdp["params"][k], v, rtol=0, atol=1e-5, msg=f"fsdp {k}")
+    worst["params"] = max(float((one["params"][k] - fsdp["params"][k]).abs().max()) for k in one["params"])
+    print(f"max |difference| one process vs FSDP on two: {worst}; moved {moved:.3g}")

@@ -70,11 +70,18 @@ from moalign.training.logps import (
 )
 from moalign.training.lora import apply_lora, last_layers, lora_targets
 from moalign.training.mo_data import load_objective_data
-from moalign.training.sharding import check_unsharded_gradients
+from moalign.training.sharding import (
+    as_shard_grad,
+    check_fsdp_per_objective,
+    check_unsharded_gradients,
+    sharded_gram_matrix,
+    take_local_grads,
+)
 
 __all__ = [  # the trainer, its config and run, and the log-prob helpers older code imported from here
     "META_FILE", "MultiObjectiveDPOConfig", "MultiObjectiveDPORun", "MultiObjectiveDPOTrainer", "build_trainer",
     "dpo_loss", "implicit_reward_margins", "policy_logps", "precompute_reference", "sequence_logps", "train_dpo",
+    "write_combined_gradient",
 ]  # fmt: skip
 
 
@@ -110,6 +117,32 @@ def _flatten_stats(names: list[str], stats: dict) -> dict[str, float]:
     for n, v in zip(names, stats.get("margin", [])):
         out[f"rewards_margin/{n}"] = float(v)
     return out
+
+
+def write_combined_gradient(acc, losses, params, combiner, *, sharded: bool = False) -> dict:
+    """Weights from the K objectives' gradients ``acc[k][i]`` (parameter ``i``) and losses, and
+    ``d = sum_k alpha_k g_k`` added into each parameter's ``.grad``; returns the combiner's statistics.
+
+    ``acc`` and ``losses`` are those of the global batch. ``sharded``: ``acc`` holds each process's local FSDP2
+    shards, so the Gram matrix is the all-reduced sum of the shards' inner products and each process writes
+    only its own shards. ``acc`` is emptied as it goes (never more than K gradient copies).
+    """
+    gram = sharded_gram_matrix(acc) if sharded else gram_matrix(acc)
+    alpha, stats = combiner.weights_and_stats(losses, gram)
+    for i, p in enumerate(params):
+        d = apply_weights(alpha, [[acc[k][i]] for k in range(len(acc))])[0]
+        for k in range(len(acc)):
+            acc[k][i] = None
+        if d is None:
+            continue
+        d = d.to(p.dtype)
+        if sharded:
+            d = as_shard_grad(d, p)
+        if p.grad is None:
+            p.grad = d
+        else:
+            p.grad.add_(d)
+    return stats
 
 
 class _CombinerStateCallback(TrainerCallback):
@@ -159,11 +192,18 @@ class MultiObjectiveDPOTrainer(Trainer):
             )
         self.per_objective_grads = per_objective_grads
         check_unsharded_gradients(self.args, per_objective_grads)
-        if per_objective_grads and self.accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
+        kind = self.accelerator.distributed_type.value
+        if per_objective_grads and kind == "DEEPSPEED":
             raise MoalignError(
-                f"{self.accelerator.distributed_type.value}: per-objective gradients need whole gradients: use DDP "
-                "(accelerate launch without DeepSpeed/FSDP), or --no-per-objective-grads with linear/groupdro"
+                "DEEPSPEED: per-objective gradients need the combined gradient written before the optimizer step, "
+                "which DeepSpeed's engine does inside its own backward: use FSDP (version 2) or DDP, or "
+                "--no-per-objective-grads with linear/groupdro"
             )
+        # FSDP: each objective's gradient is reduce-scattered into the local shards, the Gram matrix of the
+        # shards is all-reduced (exact), and each process writes the combined gradient into its own shards
+        self._sharded = per_objective_grads and kind == "FSDP"
+        if self._sharded:
+            check_fsdp_per_objective(self.model, self.args.gradient_accumulation_steps)
         self.combiner_log = Path(combiner_log) if combiner_log else None
         self._acc: list[list[torch.Tensor | None]] | None = None
         self._acc_loss = None
@@ -262,8 +302,9 @@ class MultiObjectiveDPOTrainer(Trainer):
             self._finish_step(stats)
             return lvec.mean() / ga
 
-        # per-objective gradients: bypass DDP's reducer, all-reduce the K gradients by hand at sync time
-        base = self.accelerator.unwrap_model(model)
+        # per-objective gradients: bypass DDP's reducer, all-reduce the K gradients by hand at sync time; under
+        # FSDP go through the sharded model, whose backward leaves each objective's reduced gradient in the shards
+        base = model if self._sharded else self.accelerator.unwrap_model(model)
         params = self._params(base)
         if self._acc is None:
             self._acc = [[None] * len(params) for _ in range(k_obj)]
@@ -272,7 +313,10 @@ class MultiObjectiveDPOTrainer(Trainer):
         for k, n in enumerate(names):
             with self.compute_loss_context_manager():
                 loss_k, m = self.objective_loss(base, inputs["objectives"][n])
-            grads = torch.autograd.grad(loss_k / ga, params, allow_unused=True)
+            if self._sharded:
+                grads = take_local_grads(loss_k / ga, params)
+            else:
+                grads = torch.autograd.grad(loss_k / ga, params, allow_unused=True)
             acc = self._acc[k]
             for i, g in enumerate(grads):
                 if g is None:
@@ -298,22 +342,11 @@ class MultiObjectiveDPOTrainer(Trainer):
         """
         acc, losses = self._acc, self._acc_loss
         if self._world > 1:
-            for k in range(len(acc)):
-                acc[k] = self._all_reduce_grads(acc[k], params)
+            if not self._sharded:  # FSDP's reduce-scatter has averaged the gradients already
+                for k in range(len(acc)):
+                    acc[k] = self._all_reduce_grads(acc[k], params)
             losses = self._mean_over_processes(losses)
-        gram = gram_matrix(acc)
-        alpha, stats = self.combiner.weights_and_stats(losses, gram)
-        for i, p in enumerate(params):
-            d = apply_weights(alpha, [[acc[k][i]] for k in range(len(acc))])[0]
-            for k in range(len(acc)):
-                acc[k][i] = None  # free as we go (one process): never more than K gradient copies
-            if d is None:
-                continue
-            d = d.to(p.dtype)
-            if p.grad is None:
-                p.grad = d
-            else:
-                p.grad.add_(d)
+        stats = write_combined_gradient(acc, losses, params, self.combiner, sharded=self._sharded)
         self._acc = None
         self._acc_loss = None
         self._finish_step(stats)
@@ -475,6 +508,7 @@ def train_dpo(cfg: MultiObjectiveDPOConfig) -> dict:
         "n_train_pairs": {n: len(tr) for n, (tr, _) in run.data.items()},
         "n_heldout_pairs": {n: len(ho) for n, (_, ho) in run.data.items()},
         "processes": trainer.accelerator.num_processes,
+        "distributed": trainer.accelerator.distributed_type.value,
         "last_step": trainer.last_stats,
     }
     if cfg.eval_heldout_pairs > 0:
