@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(p, CompareConfig)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("demo", help="compare methods on the bundled policy and objectives (a few minutes)")
+    p = sub.add_parser("demo", help="compare methods on the bundled policy and objectives (about 90 s on two CPU cores)")
     add_dataclass_flags(p, CompareConfig)
     p.set_defaults(func=lambda a: cmd_compare(a, demo=True))
 
