@@ -38,7 +38,7 @@ from moalign.evaluation import paired_diff_ci, paired_win_ci
 
 OUT = RESULTS / "rmod_200"  # runs (gitignored)
 OBJ = ["helpful", "harmless"]
-SAMPLES = 32
+SAMPLES = 32  # plain samples per prompt (--samples): best-of-N for N = 1, 2, 4, ... up to it, and the judges' z
 
 
 def variants(args) -> dict:
@@ -52,7 +52,7 @@ def variants(args) -> dict:
         for lam in args.lams:
             out[f"rmod-k{k}-lam{lam:g}"] = replace(base, method="rmod", k=k, lam=lam)
         if k == args.ks[0]:
-            out[f"sample{SAMPLES}"] = replace(base, method="sample", n=SAMPLES)
+            out[f"sample{args.samples}"] = replace(base, method="sample", n=args.samples)
     return out
 
 
@@ -71,17 +71,18 @@ def analyse(args, out_dir: Path) -> dict:
     from moalign.records import meta_path
 
     labels = list(variants(args))
-    data = load_variants(out_dir, labels, samples={f"sample{SAMPLES}": SAMPLES})
+    n_samples = args.samples
+    data = load_variants(out_dir, labels, samples={f"sample{n_samples}": n_samples})
     runs, order, judges = data["runs"], data["prompts"], data["judges"]
-    if f"sample{SAMPLES}" not in runs:
+    if f"sample{n_samples}" not in runs:
         raise SystemExit("the analysis needs the sample run (best-of-N and the judges' statistics)")
     import json
 
-    meta = json.loads(meta_path(out_dir / f"sample{SAMPLES}.jsonl").read_text())
+    meta = json.loads(meta_path(out_dir / f"sample{n_samples}.jsonl").read_text())
     pnorm = NormStats.from_dict(meta["norm"]).subset(OBJ)
-    samples = runs[f"sample{SAMPLES}"]
+    samples = runs[f"sample{n_samples}"]
     jnorm = fit_norm_stats(np.array([[r["judge_scores"][n] for n in judges] for r in samples]), judges,
-                           source=f"judges on the policy's {SAMPLES} samples x {len(order)} prompts")  # fmt: skip
+                           source=f"judges on the policy's {n_samples} samples x {len(order)} prompts")  # fmt: skip
 
     def arrays(recs):
         return prompt_arrays(recs, OBJ, judges, pnorm, jnorm)
@@ -97,10 +98,10 @@ def analyse(args, out_dir: Path) -> dict:
         a["scorer_tokens"] = scorer_tokens_of_whole_responses(recs)
         per_prompt.append(a)
     bon = {}
-    for n in (1, 2, 4, 8, 16, 32):
+    for n in (n for n in (1, 2, 4, 8, 16, 32, 64) if n <= n_samples):
         rows = []
         for a in per_prompt:
-            picks = [g * n + int(np.argmax(a["proxy_wc"][g * n : (g + 1) * n])) for g in range(SAMPLES // n)]
+            picks = [g * n + int(np.argmax(a["proxy_wc"][g * n : (g + 1) * n])) for g in range(n_samples // n)]
             row = {k: v[picks].mean(0) for k, v in a.items() if k not in ("policy_tokens", "scorer_tokens",
                                                                           "total_tokens")}  # fmt: skip
             row["policy_tokens"] = a["policy_tokens"][:n].sum()
@@ -134,7 +135,7 @@ def analyse(args, out_dir: Path) -> dict:
           f"({len(order) // 2} helpful-base + {len(order) // 2} harmless-base, none used before), B=16, "
           f"{args.max_new_tokens} new tokens. PROXY = the shipped helpful/harmless reward models the methods decode "
           "with (z: shipped statistics); JUDGE = judge_helpful (UltraFeedback) / judge_harmless (PKU-SafeRLHF), "
-          f"never seen by any method (z: the policy's {SAMPLES} samples per prompt). Worst case = mean over prompts "
+          f"never seen by any method (z: the policy's {n_samples} samples per prompt). Worst case = mean over prompts "
           "of the lower z-score; 95% bootstrap CIs over prompts; tokens per response (policy + scorers = total, "
           "what 'matched compute' holds equal)."]  # fmt: skip
     for k in args.ks:
@@ -192,6 +193,7 @@ def main() -> None:
     ap = parser(__doc__.splitlines()[0], prompts=200, out_dir=OUT)
     ap.add_argument("--ks", default="8,4,16", help="candidates per block, the first run first")
     ap.add_argument("--lams", default="0.5,5")
+    ap.add_argument("--samples", type=int, default=SAMPLES, help="plain samples per prompt (best-of-N, judge z)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--offset", type=int, default=32, help="held-out prompts skipped per source")
     args = ap.parse_args()
