@@ -29,6 +29,7 @@ VARIANTS = {
     "darwin": dict(method="darwin", mutations=5, cycles=1, replace_top_k=3),
     "darwin-copy": dict(method="darwin", mutations=5, cycles=1, replace_top_k=3, recache="copy"),
     "sample-replace": dict(method="sample-replace", mutations=5, cycles=1, replace_top_k=3),
+    "darwin-list": dict(method="darwin", mutations=5, cycles=1, replace_top_k=3, mutation_mode="list"),
 }
 
 
@@ -67,6 +68,7 @@ def child(args) -> None:
     out = {
         "seconds": seconds,
         "forward_tokens": sum(r["forward_tokens"] for r in recs),
+        "scorer_tokens": sum(r["scorer_tokens"] for r in recs),
         "response_tokens": sum(r["n_tokens"] for r in recs),
         "peak_rss_mb": peak_rss / 1024,
         "rss_growth_mb": (peak_rss - base_rss) / 1024,
@@ -115,11 +117,17 @@ def main() -> None:
             "forward_tokens_ratio_vs_best_of_5": {
                 v: rs[0]["forward_tokens"] / runs["best-of-5"][0]["forward_tokens"] for v, rs in runs.items()
             },
+            "total_tokens_ratio_vs_best_of_5": {
+                v: (rs[0]["forward_tokens"] + rs[0]["scorer_tokens"])
+                / (runs["best-of-5"][0]["forward_tokens"] + runs["best-of-5"][0]["scorer_tokens"])
+                for v, rs in runs.items()
+            },
             "peak_rss_mb": {v: max(x["peak_rss_mb"] for x in rs) for v, rs in runs.items()},
         }
     parts = [
         f"T={T}: darwin {r['ratio_vs_best_of_5']['darwin']:.2f}x, darwin-copy {r['ratio_vs_best_of_5']['darwin-copy']:.2f}x, "
-        f"sample-replace {r['ratio_vs_best_of_5']['sample-replace']:.2f}x"
+        f"darwin-list {r['ratio_vs_best_of_5']['darwin-list']:.2f}x, sample-replace "
+        f"{r['ratio_vs_best_of_5']['sample-replace']:.2f}x"
         for T, r in results.items()
     ]  # fmt: skip
     summary = f"darwin_overhead ({args.prompts} MT-Bench prompts, wall time over best-of-5): " + "; ".join(
