@@ -98,7 +98,7 @@ def analyse(args, out_dir: Path) -> dict:
         a["scorer_tokens"] = scorer_tokens_of_whole_responses(recs)
         per_prompt.append(a)
     bon = {}
-    for n in (n for n in (1, 2, 4, 8, 16, 32, 64) if n <= n_samples):
+    for n in [m for m in (1, 2, 4, 8, 16, 32, 64) if m <= n_samples]:
         rows = []
         for a in per_prompt:
             picks = [g * n + int(np.argmax(a["proxy_wc"][g * n : (g + 1) * n])) for g in range(n_samples // n)]
