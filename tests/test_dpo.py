@@ -518,3 +518,44 @@ def test_one_resume_spelling_for_every_trainer(tmp_path):
     assert resolve_resume("last", tmp_path).endswith("checkpoint-10")
     with pytest.raises(MoalignError, match="checkpoint folder not found"):
         resolve_resume(str(tmp_path / "nope"), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the loss and the gradient write, without a model (float64 references)
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_dpo_loss_matches_the_float64_formula():
+    import math
+
+    from moalign.training.dpo import dpo_loss
+
+    gen = torch.Generator().manual_seed(7)
+    pol, ref = torch.randn(6, generator=gen), torch.randn(6, generator=gen)  # 3 chosen rows, then 3 rejected
+    for beta in (0.1, 2.0):
+        loss, r_c, r_r = dpo_loss(pol.clone().requires_grad_(), ref, beta)
+        p, q = pol.double().tolist(), ref.double().tolist()
+        chosen = [beta * (p[i] - q[i]) for i in range(3)]
+        rejected = [beta * (p[3 + i] - q[3 + i]) for i in range(3)]
+        expect = sum(math.log1p(math.exp(-(c - r))) for c, r in zip(chosen, rejected)) / 3
+        assert float(loss.detach()) == pytest.approx(expect, rel=1e-6)
+        assert r_c.tolist() == pytest.approx(chosen, rel=1e-6) and r_r.tolist() == pytest.approx(rejected, rel=1e-6)
+        assert not r_c.requires_grad and not r_r.requires_grad and loss.requires_grad
+
+
+def test_write_combined_gradient_adds_into_grads_and_empties_the_buffers():
+    from moalign.training.dpo import write_combined_gradient
+
+    gen = torch.Generator().manual_seed(8)
+    params = [torch.nn.Parameter(torch.zeros(3, dtype=torch.float16)), torch.nn.Parameter(torch.zeros(2)),
+              torch.nn.Parameter(torch.zeros(4))]  # fmt: skip
+    params[1].grad = torch.ones(2)  # an existing gradient is added to, not replaced
+    acc = [[torch.randn(3, generator=gen), torch.randn(2, generator=gen), None] for _ in range(2)]
+    acc[1][0] = -acc[0][0]  # opposite first parameters: the linear mean cancels there
+    grads = [[None if t is None else t.clone() for t in row] for row in acc]
+    stats = write_combined_gradient(acc, torch.tensor([1.0, 2.0]), params, get_combiner("linear"))
+    assert acc == [[None, None, None], [None, None, None]]
+    assert stats["alpha"] == [0.5, 0.5] and stats["losses"] == [1.0, 2.0]
+    assert params[0].grad.dtype == torch.float16 and float(params[0].grad.abs().max()) == 0.0
+    assert torch.allclose(params[1].grad, 1.0 + 0.5 * (grads[0][1] + grads[1][1]), atol=1e-6)
+    assert params[2].grad is None  # no objective had a gradient there

@@ -92,8 +92,7 @@ class Combiner(ABC):
     def combine(self, losses: LossesLike, grads: Sequence[ObjectiveGrad]) -> CombineResult:
         """Compute the Gram matrix, the weights and the direction ``d = sum_k alpha_k g_k``."""
         gram = gram_matrix(grads)
-        lo = _check_losses(losses, gram.shape[0])
-        alpha, stats = self.weights_and_stats(lo, gram)
+        alpha, stats = self.weights_and_stats(losses, gram)
         return CombineResult(alpha=alpha, direction=apply_weights(alpha, grads), stats=stats)
 
     def reset(self) -> None:  # noqa: B027 - optional hook, stateless by default

@@ -122,6 +122,9 @@ def _frank_wolfe(g: np.ndarray, x: np.ndarray, tol: float, max_iter: int) -> tup
             x[v] = 0.0
         x = np.clip(x, 0.0, None)
         x /= x.sum()
+    else:  # the budget ran out: report the gap at the point returned
+        grad = g @ x
+        gap = 2.0 * (float(x @ grad) - float(grad.min()))
     return x, gap
 
 
