@@ -843,3 +843,73 @@ def test_registering_and_building_a_new_combiner():
         COMBINERS.unregister("half-test")
     with pytest.raises(MoalignError, match=r"^combiner name must be a string, got 3$"):
         get_combiner(3)
+
+
+def test_gram_matrix_structure_chunks_and_overflow():
+    grads = random_grads(3, shapes=((7,), (2, 3)), seed=37)
+    ref = gram_matrix(grads)
+    for chunk in (1, 3):  # slices within a parameter add up to the same inner products
+        torch.testing.assert_close(gram_matrix(grads, chunk_size=chunk), ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(MoalignError, match=r"^chunk_size must be >= 1, got 0$"):
+        gram_matrix(grads, chunk_size=0)
+    # a parameter no objective has a gradient for is skipped, and the ones after it still count
+    holes = [[None, *g] for g in grads]
+    torch.testing.assert_close(gram_matrix(holes), ref, rtol=1e-12, atol=1e-12)
+    # finite gradients whose squared norm overflows float64 name the objective
+    big = [[torch.ones(4, dtype=torch.float64)], [torch.full((4,), 1e200, dtype=torch.float64)]]
+    with pytest.raises(
+        MoalignError, match=r"^gradient of objective 1 is too large: its squared norm overflows"
+    ):
+        gram_matrix(big)
+    with pytest.raises(
+        MoalignError, match=r"^grads must be a sequence with one entry per objective \(a list"
+    ):
+        gram_matrix(torch.zeros(2, 3))
+    with pytest.raises(
+        MoalignError, match=r"^grads must be a sequence with one entry per objective, got <class 'int'>"
+    ):
+        gram_matrix(3)
+    with pytest.raises(
+        MoalignError, match=r"^need at least one objective \(K >= 1\), got an empty list of gradients"
+    ):
+        gram_matrix([])
+
+
+def test_gram_and_gradient_checks_name_the_problem():
+    cases = [
+        ("x", r"^Gram matrix must be a K x K matrix of numbers, got <class 'str'>$"),
+        (np.zeros((2, 3)), r"^Gram matrix must be square K x K, got shape \(2, 3\)$"),
+        (np.zeros((0, 0)), r"^need at least one objective \(K >= 1\), got an empty Gram matrix$"),
+        (np.array([[1.0, np.nan], [np.nan, 1.0]]), r"^Gram matrix has non-finite entries \(NaN/inf\)"),
+        (np.array([[1.0, 0.5], [0.0, 1.0]]), r"^Gram matrix is not symmetric$"),
+        (np.array([[-1.0, 0.0], [0.0, 1.0]]), r"^Gram matrix has a negative diagonal entry \(squared norm\)"),
+        (np.array([[1.0, 2.0], [2.0, 1.0]]), r"^Gram matrix is not positive semidefinite$"),
+    ]
+    for gram, msg in cases:
+        with pytest.raises(MoalignError, match=msg):
+            min_norm_weights(gram)
+    # the tolerances are relative to the largest entry: round-off at a large scale is accepted
+    s = 1e4
+    min_norm_weights(np.array([[s, 1.0], [1.0 + 1e-3, s]]))  # asymmetry 1e-7 of the scale
+    min_norm_weights(np.array([[s, 0.0, 0.0], [0.0, s, 0.0], [0.0, 0.0, -1e-5]]))  # squared norm -1e-9 of it
+    m = np.array([[s, s], [s, s - 1e-3]])  # smallest eigenvalue about -5e-4: -5e-8 of the scale
+    min_norm_weights(m)
+    grads = random_grads(2, seed=38)
+    bad = [
+        ([grads[0], None], r"^gradient of objective 1 must be a tensor or a list of tensors, got None$"),
+        ([grads[0], 3], r"^gradient of objective 1 must be a tensor or a list of tensors, got <class 'int'>$"),
+        ([grads[0], [1, *grads[1][1:]]], r"^gradient of objective 1, parameter 0: expected a tensor, got <class 'int'>$"),
+        ([[], []], r"^gradient of objective 0 has no parameters$"),
+        ([[torch.zeros(2)], [torch.zeros(3)]], r"^parameter 0: gradient of objective 1 has shape \(3,\) but objective 0 has shape \(2,\)$"),
+        ([[None, torch.zeros(2)], [torch.zeros(1), torch.zeros(3)]], r"^parameter 1: gradient of objective 1 has shape \(3,\) but objective 0"),
+        ([[torch.zeros(2)], [torch.zeros(2, dtype=torch.int64)]], r"^parameter 0: gradient of objective 1 is not a real floating tensor$"),
+        ([[torch.zeros(2, dtype=torch.complex64)], [torch.zeros(2)]], r"^parameter 0: gradient of objective 0 is not a real floating tensor$"),
+    ]  # fmt: skip
+    for g, msg in bad:
+        with pytest.raises(MoalignError, match=msg):
+            gram_matrix(g)
+    # a None first entry for a parameter: the shape check starts at the first objective that has one
+    with pytest.raises(
+        MoalignError, match=r"^parameter 0: gradient of objective 2 has shape \(3,\) but objective 1"
+    ):
+        gram_matrix([[None], [torch.zeros(2)], [torch.zeros(3)]])

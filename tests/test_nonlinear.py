@@ -155,6 +155,7 @@ def test_invariances_and_stability():
     g = torch.Generator().manual_seed(0)
     r = torch.randn(3, 7, generator=g, dtype=F64)
     perm = torch.randperm(7, generator=g)
+
     def centred(x):
         return x - x.mean(-1, keepdim=True)
 
@@ -431,7 +432,9 @@ def test_combined_reward_min_and_smooth_min():
     s = res.stats
     assert s["a/reward_mean"] == pytest.approx(a.mean().item())
     assert s["b/reward_mean"] == pytest.approx(b.mean().item())
-    assert s["a/transformed_mean"] == pytest.approx(bon_first_variation(a, 2, estimator="plugin").mean().item())
+    assert s["a/transformed_mean"] == pytest.approx(
+        bon_first_variation(a, 2, estimator="plugin").mean().item()
+    )
     assert s["b/transformed_mean"] == pytest.approx(0.0, abs=1e-12)  # tilting's estimate is group-centred
     assert s["a/weight"] == pytest.approx(grad[0].item()) and s["b/weight"] == pytest.approx(grad[1].item())
     assert s["a/value"] == pytest.approx(va) and s["aggregate"] == pytest.approx(res.aggregate)
@@ -686,3 +689,75 @@ def test_tilt_effective_sample_size():
     assert float(tilt_ess(u, 0.1).median()) < 2.5
     stats = nonlinear_rewards(u[:4, :, None], "a:tilt:0.1").stats
     assert stats["a/ess_min"] <= stats["a/ess_mean"] < 8
+
+
+def test_min_aggregator_batched_ties_and_tolerance():
+    """``min`` weights per row of a batch of objective values: 1/k on the k criteria tied at the row's lowest
+    value, ties judged with a relative tolerance of 1e-9 (absolute below |R| = 1)."""
+    from moalign.training.nonlinear import aggregator_weights, parse_aggregator
+
+    spec = parse_aggregator("min")
+    v = torch.tensor([[1.0, 2.0, 3.0], [3.0, 1.0, 1.0]])
+    torch.testing.assert_close(
+        aggregator_weights(v, spec), torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]], dtype=torch.float64)
+    )
+    # relative at large values: 5e-7 apart at 1000 is a tie (tolerance 1e-6)
+    assert aggregator_weights(torch.tensor([1000.0, 1000.0 + 5e-7], dtype=torch.float64), spec).tolist() == [
+        0.5,
+        0.5,
+    ]
+    # absolute below 1: 1.5e-9 apart at 0.5 is not a tie (tolerance 1e-9)
+    assert aggregator_weights(torch.tensor([0.5, 0.5 + 1.5e-9], dtype=torch.float64), spec).tolist() == [
+        1.0,
+        0.0,
+    ]
+
+
+def test_tilt_functions_name_themselves_in_errors():
+    from moalign.training.nonlinear import tilt_ess, tilt_value
+
+    r = torch.tensor([[0.1, 0.5, 0.9]])
+    with pytest.raises(MoalignError, match=r"^tilt_ess: tilting needs a finite temperature tau > 0, got 0"):
+        tilt_ess(r, 0)
+    with pytest.raises(
+        MoalignError, match=r"^tilt_value: tilting needs a finite temperature tau > 0, got -1"
+    ):
+        tilt_value(r, -1)
+
+
+def test_transform_outputs_keep_the_input_dtype_and_inputs_are_named():
+    from moalign.training.nonlinear import tilt_first_variation, tilt_value
+
+    r = torch.tensor([[0.1, 0.5, 0.9, 0.2]], dtype=torch.float32)
+    assert tilt_first_variation(r, 0.5).dtype == torch.float32 and tilt_value(r, 0.5).dtype == torch.float32
+    assert tilt_first_variation(r.double(), 0.5).dtype == torch.float64
+    with pytest.raises(MoalignError, match=r"^tilt_first_variation: tilting needs a finite temperature"):
+        tilt_first_variation(r, float("inf"))
+    with pytest.raises(MoalignError, match=r"^aggregator must be an AggregatorSpec or a string, got int$"):
+        nonlinear_rewards(torch.zeros(1, 4, 1), ["a:bon:2"], 3)
+    with pytest.raises(MoalignError, match=r"^rewards must be a torch tensor \[B, M, C\], got list$"):
+        nonlinear_rewards([[[0.0]]], ["a:bon:2"], "sum")
+
+
+def test_nonlinear_rewards_checks_shapes_and_uses_probs_for_values():
+    ok = torch.rand(2, 4, 1)
+    for bad, msg in [
+        (torch.rand(2, 0, 1), r"^rewards must have shape \[B, M, C\] with B, M >= 1, got \(2, 0, 1\)$"),
+        (torch.rand(0, 4, 1), r"^rewards must have shape \[B, M, C\] with B, M >= 1, got \(0, 4, 1\)$"),
+        (torch.rand(2, 4), r"^rewards must have shape \[B, M, C\] with B, M >= 1, got \(2, 4\)$"),
+        (torch.rand(2, 4, 2), r"^rewards have 2 criterion columns but 1 criteria were given$"),
+    ]:
+        with pytest.raises(MoalignError, match=msg):
+            nonlinear_rewards(bad, ["a:bon:2"], "sum")
+    with pytest.raises(
+        MoalignError, match=r"^probs must be a tensor of shape \(2, 4\) \[B, M\], got \(2, 3\)$"
+    ):
+        nonlinear_rewards(ok, ["a:bon:2"], "sum", probs=torch.full((2, 3), 1 / 3))
+    with pytest.raises(MoalignError, match=r"^probs must be a tensor of shape \(2, 4\) \[B, M\], got list$"):
+        nonlinear_rewards(ok, ["a:bon:2"], "sum", probs=[[0.25] * 4] * 2)
+    # with probs the objective value is the exact one on that finite space: best-of-1 = the mean under probs
+    r = torch.tensor([[[0.0], [1.0], [2.0], [3.0]]], dtype=torch.float32)
+    p = torch.tensor([[0.1, 0.2, 0.3, 0.4]], dtype=torch.float32)
+    res = nonlinear_rewards(r, ["a:bon:1"], "sum", probs=p)
+    assert res.values.dtype == torch.float64
+    assert float(res.values[0]) == pytest.approx(0.2 + 0.6 + 1.2, rel=1e-6)
