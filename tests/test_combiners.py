@@ -913,3 +913,21 @@ def test_gram_and_gradient_checks_name_the_problem():
         MoalignError, match=r"^parameter 0: gradient of objective 2 has shape \(3,\) but objective 1"
     ):
         gram_matrix([[None], [torch.zeros(2)], [torch.zeros(3)]])
+
+
+def test_apply_weights_keeps_parameters_after_one_nobody_has():
+    grads = [[torch.ones(2), None, torch.ones(3)], [torch.ones(2), None, 2 * torch.ones(3)]]
+    d = apply_weights([0.5, 0.5], grads)
+    assert len(d) == 3 and d[1] is None
+    assert d[2].tolist() == [1.5, 1.5, 1.5]
+
+
+def test_min_norm_combiners_pass_their_settings_to_the_solver(monkeypatch):
+    import moalign.training.combiners.min_norm as mn
+
+    seen = []
+    real = mn.min_norm_weights
+    monkeypatch.setattr(mn, "min_norm_weights", lambda g, **kw: seen.append(kw) or real(g, **kw))
+    for name in ("mgda", "mgda-decoupled", "mgda-normalized"):
+        get_combiner(name, tol=1e-6, method="frank-wolfe").weights([1.0, 2.0], np.eye(2))
+    assert seen == [{"tol": 1e-6, "method": "frank-wolfe"}] * 3
