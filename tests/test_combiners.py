@@ -931,3 +931,10 @@ def test_min_norm_combiners_pass_their_settings_to_the_solver(monkeypatch):
     for name in ("mgda", "mgda-decoupled", "mgda-normalized"):
         get_combiner(name, tol=1e-6, method="frank-wolfe").weights([1.0, 2.0], np.eye(2))
     assert seen == [{"tol": 1e-6, "method": "frank-wolfe"}] * 3
+
+
+def test_missing_weights_and_single_tensor_gradients_are_named():
+    with pytest.raises(MoalignError, match=r"^this combiner needs the per-objective weights, got None$"):
+        apply_weights(None, random_grads(2, seed=39))
+    with pytest.raises(MoalignError, match=r"one flat tensor each\), not a single tensor$"):
+        gram_matrix(torch.zeros(2, 3))
