@@ -559,3 +559,12 @@ def test_write_combined_gradient_adds_into_grads_and_empties_the_buffers():
     assert params[0].grad.dtype == torch.float16 and float(params[0].grad.abs().max()) == 0.0
     assert torch.allclose(params[1].grad, 1.0 + 0.5 * (grads[0][1] + grads[1][1]), atol=1e-6)
     assert params[2].grad is None  # no objective had a gradient there
+
+
+def test_write_combined_gradient_goes_on_after_a_parameter_nobody_has():
+    from moalign.training.dpo import write_combined_gradient
+
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))]
+    acc = [[torch.ones(2), None, torch.ones(2)], [torch.ones(2), None, 3 * torch.ones(2)]]
+    write_combined_gradient(acc, torch.tensor([1.0, 1.0]), params, get_combiner("linear"))
+    assert params[1].grad is None and params[2].grad.tolist() == [2.0, 2.0]

@@ -761,3 +761,20 @@ def test_nonlinear_rewards_checks_shapes_and_uses_probs_for_values():
     res = nonlinear_rewards(r, ["a:bon:1"], "sum", probs=p)
     assert res.values.dtype == torch.float64
     assert float(res.values[0]) == pytest.approx(0.2 + 0.6 + 1.2, rel=1e-6)
+
+
+def test_best_of_n_functions_name_themselves_and_keep_the_dtype():
+    from moalign.training.nonlinear import bon_first_variation, bon_value
+
+    r = torch.tensor([[0.1, 0.5, 0.9, 0.2]], dtype=torch.float32)
+    for fn in (bon_first_variation, bon_value):
+        name = fn.__name__
+        with pytest.raises(MoalignError, match=rf"^{name}: best-of-N needs an integer N >= 1, got 0$"):
+            fn(r, 0)
+        with pytest.raises(MoalignError, match=rf"^{name}: best-of-8 needs at least 8 completions per group"):
+            fn(r, 8)
+        for est in ("unbiased", "plugin"):
+            assert fn(r, 2, estimator=est).dtype == torch.float32
+    # a group of one completion is a valid group for best-of-1
+    res = nonlinear_rewards(torch.rand(2, 1, 1), ["a:bon:1"], "sum")
+    assert res.rewards.shape == (2, 1)
