@@ -93,12 +93,16 @@ def _frank_wolfe(g: np.ndarray, x: np.ndarray, tol: float, max_iter: int) -> tup
     """Frank-Wolfe with away steps and exact line search (Sener & Koltun's solver, plus away steps so that
     it converges linearly on degenerate problems). Stops when the duality gap
     ``2 (x^T G x - min_i (G x)_i)`` -- an upper bound on ``f(x) - f*`` -- is <= ``tol``. Returns (x, gap)."""
-    gap = math.inf
-    for _ in range(max_iter):
+
+    def duality_gap(x: np.ndarray) -> tuple[np.ndarray, float, int, float]:
         grad = g @ x  # half the gradient of f(x) = x^T G x
         f = float(x @ grad)
         s = int(np.argmin(grad))
-        gap = 2.0 * (f - grad[s])
+        return grad, f, s, 2.0 * (f - float(grad[s]))
+
+    gap = math.inf
+    for _ in range(max_iter):
+        grad, f, s, gap = duality_gap(x)
         if gap <= tol:
             break
         support = np.flatnonzero(x > 0.0)
@@ -123,8 +127,7 @@ def _frank_wolfe(g: np.ndarray, x: np.ndarray, tol: float, max_iter: int) -> tup
         x = np.clip(x, 0.0, None)
         x /= x.sum()
     else:  # the budget ran out: report the gap at the point returned
-        grad = g @ x
-        gap = 2.0 * (float(x @ grad) - float(grad.min()))
+        gap = duality_gap(x)[3]
     return x, gap
 
 
