@@ -23,7 +23,6 @@ for every combiner (each objective's graph is freed after its backward pass).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -32,10 +31,10 @@ import time
 from pathlib import Path
 
 import torch
-from _common import ROOT, SHARED_DATA, environment
+from harness import ROOT, SHARED_DATA, environment, parser, start
 
 from moalign.data.pairs import load_pairs, split_pairs
-from moalign.training.dpo import MODPOConfig, build_trainer
+from moalign.training.dpo import MultiObjectiveDPOConfig, build_trainer
 from moalign.training.mo_data import tokenize_pair
 
 DATA = SHARED_DATA
@@ -78,18 +77,16 @@ class RSSPeak:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__.split("\n")[0], seed=None, threads=1)
     ap.add_argument("--policy", default="smollm2-135m-instruct")
     ap.add_argument("--ks", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--steps", type=int, default=5, help="measured steps (after one warm-up step)")
     ap.add_argument("--batch", type=int, default=1, help="pairs per objective")
     ap.add_argument("--max-length", type=int, default=96)
     ap.add_argument("--max-prompt-length", type=int, default=48)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "combiner_step_time.json"))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = start(ap.parse_args())
 
     from moalign.policies import load_policy
 
@@ -116,7 +113,7 @@ def main() -> None:
         }
         trainers, model = {}, None
         for v in VARIANTS:
-            cfg = MODPOConfig(
+            cfg = MultiObjectiveDPOConfig(
                 objective=[f"{n}=unused" for n in names], combiner=v.replace("-fused", ""), output_dir=f"/tmp/cst-{k}-{v}",
                 per_device_train_batch_size=args.batch, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                 optim="sgd", learning_rate=1e-30, lr_scheduler_type="constant", per_objective_grads=(v != "linear-fused"),

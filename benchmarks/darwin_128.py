@@ -19,15 +19,27 @@ PROXY and JUDGE, on all prompts and on the prompts whose mutation succeeded (iss
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 import numpy as np
 from _common import RESULTS, write_result
 from darwin_mtbench import load_prompt_set
-from harness import dump, fmt, load_variants, markdown_table, parser, prompt_arrays, run_variants, summary_row
+from harness import (
+    best_of_n_at,
+    best_of_n_points,
+    dump,
+    fmt,
+    iv_list,
+    load_variants,
+    markdown_table,
+    parser,
+    prompt_arrays,
+    run_variants,
+    start,
+    summary_row,
+)
 
-from moalign.evaluation import paired_diff_ci, paired_win_ci
+from moalign.evaluation import mean_ci, paired_diff_ci, paired_win_ci
 
 OUT = RESULTS / "darwin_128"
 OBJ = ["helpful", "harmless"]
@@ -57,8 +69,7 @@ def _whole_response_tokens(prompts: list[str], responses: list[str]) -> np.ndarr
 def _score_texts(prompts: list[str], responses: list[str], judges: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Raw proxy and judge scores of (prompt, response) pairs (the best-so-far responses of earlier cycles)."""
     from moalign.decoding.values import ObjectiveScorer
-    from moalign.evaluation.evaluate import parse_judges
-    from moalign.evaluation.judges import ensure_judges, judge_specs
+    from moalign.evaluation import ensure_judges, judge_specs, parse_judges
     from moalign.objectives.base import resolve_objectives
 
     proxy = ObjectiveScorer(resolve_objectives(OBJ)).raw(prompts, responses).double().numpy()
@@ -96,7 +107,7 @@ def mc_points(records: list[dict], order: list[str], judges: list[str], pnorm, j
 def analyse(args, out_dir: Path) -> dict:
     import json
 
-    from moalign.evaluation.metrics import fit_norm_stats
+    from moalign.evaluation import fit_norm_stats
     from moalign.objectives.normalize import NormStats
     from moalign.records import meta_path
 
@@ -115,28 +126,7 @@ def analyse(args, out_dir: Path) -> dict:
         a = prompt_arrays(recs, OBJ, judges, pnorm, jnorm)
         a["scorer_tokens"] = _whole_response_tokens([r["prompt"] for r in recs], [r["response"] for r in recs])
         per_prompt.append(a)
-    bon = {}
-    for n in (1, 2, 4, 8, 16, 32):
-        rows = []
-        for a in per_prompt:
-            picks = [g * n + int(np.argmax(a["proxy_wc"][g * n : (g + 1) * n])) for g in range(SAMPLES // n)]
-            row = {k: v[picks].mean(0) for k, v in a.items() if not k.endswith("_tokens")}
-            row["policy_tokens"], row["scorer_tokens"] = a["policy_tokens"][:n].sum(), a["scorer_tokens"][:n].sum()
-            row["total_tokens"] = row["policy_tokens"] + row["scorer_tokens"]
-            rows.append(row)
-        bon[n] = {k: np.array([r[k] for r in rows]) for k in rows[0]}
-
-    def bon_at(total: float):
-        ns = sorted(bon)
-        costs = [float(bon[n]["total_tokens"].mean()) for n in ns]
-        if total >= costs[-1]:
-            return bon[ns[-1]], f"best-of-{ns[-1]} (less compute)"
-        if total <= costs[0]:
-            return bon[ns[0]], "best-of-1 (more compute)"
-        j = max(i for i, c in enumerate(costs) if c <= total)
-        w = (math.log(total) - math.log(costs[j])) / (math.log(costs[j + 1]) - math.log(costs[j]))
-        n_eff = math.exp((1 - w) * math.log(ns[j]) + w * math.log(ns[j + 1]))
-        return {k: (1 - w) * bon[ns[j]][k] + w * bon[ns[j + 1]][k] for k in bon[ns[j]]}, f"best-of-N≈{n_eff:.1f}"
+    bon = best_of_n_points(per_prompt, SAMPLES)
 
     result: dict = {"n_prompts": len(order), "judges": judges, "methods": {}}
     md = [f"Darwin at {args.max_new_tokens} new tokens on {len(order)} MT-Bench + Vicuna first turns against best-of-N "
@@ -150,7 +140,7 @@ def analyse(args, out_dir: Path) -> dict:
         ok = mcs[1]["mutation_ok"]
         rows, table = {}, []
         for c, pt in mcs.items():
-            bpt, bname = bon_at(float(pt["total_tokens"].mean()))
+            bpt, bname = best_of_n_at(bon, float(pt["total_tokens"].mean()))
             for subset, mask in (("all", np.ones(len(order), bool)), ("mutation succeeded", ok)):
                 if method != "darwin" and subset != "all":
                     continue
@@ -160,8 +150,8 @@ def analyse(args, out_dir: Path) -> dict:
                 b = {k: v[mask] for k, v in bpt.items()}
                 row = summary_row(a, None)
                 row["vs_best_of_n"] = {"matched": bname, **{side: {
-                    "diff": list(_iv(paired_diff_ci(a[f"{side}_wc"], b[f"{side}_wc"]))),
-                    "win_rate": list(_iv(paired_win_ci(a[f"{side}_wc"], b[f"{side}_wc"])))}
+                    "diff": list(iv_list(paired_diff_ci(a[f"{side}_wc"], b[f"{side}_wc"]))),
+                    "win_rate": list(iv_list(paired_win_ci(a[f"{side}_wc"], b[f"{side}_wc"])))}
                     for side in ("proxy", "judge")}}  # fmt: skip
                 rows[f"MC{c} {subset}"] = row
                 v = row["vs_best_of_n"]
@@ -177,31 +167,24 @@ def analyse(args, out_dir: Path) -> dict:
                                "policy + scorer tokens", "best-of-N at that compute", "PROXY diff vs it",
                                "JUDGE diff vs it", "JUDGE win rate vs it"], table)]  # fmt: skip
     md += ["", "best-of-N from the samples (all prompts): " + "; ".join(
-        f"N={n}: PROXY {fmt(_iv_list(bon[n]['proxy_wc']), True)}, JUDGE {fmt(_iv_list(bon[n]['judge_wc']), True)}, "
+        f"N={n}: PROXY {fmt(_mean_iv(bon[n]['proxy_wc']), True)}, JUDGE {fmt(_mean_iv(bon[n]['judge_wc']), True)}, "
         f"{bon[n]['total_tokens'].mean():.0f} tokens" for n in sorted(bon))]  # fmt: skip
     (RESULTS / "darwin_128.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return result
 
 
-def _iv(iv) -> tuple[float, float, float]:
-    return round(float(iv.estimate), 4), round(float(iv.low), 4), round(float(iv.high), 4)
 
-
-def _iv_list(x) -> tuple[float, float, float]:
-    from moalign.evaluation import mean_ci
-
-    return _iv(mean_ci(x))
+def _mean_iv(x) -> list[float]:
+    return iv_list(mean_ci(x))
 
 
 def main() -> None:
-    ap = parser(__doc__.splitlines()[0], prompts=0, out_dir=OUT)
+    ap = parser(__doc__.splitlines()[0], prompts=0, out_dir=OUT, batch_size=8)
     ap.add_argument("--per-source", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     args = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
+    start(args)
     out = Path(args.out_dir)
     if not args.analyse_only:
         run_variants(variants(args), load_prompt_set(args.per_source), out, objectives="helpful,harmless")

@@ -17,15 +17,14 @@ Runs are resumable JSONL files in ``benchmarks/results/darwin_mtbench/``; the su
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, SHARED_DATA, write_result
+from harness import RESULTS, SHARED_DATA, ci, fmt, parser, save_plot, start, write_result
 
-OUT = RESULTS / "darwin_mtbench"  # --out changes it
+OUT = RESULTS / "darwin_mtbench"  # --out-dir changes it
 JUDGES = RESULTS / "judges"
 SETTINGS = {"helpful": "helpful", "worst": "worst-case"}
 CYCLES = 3
@@ -45,20 +44,18 @@ def load_prompt_set(per_source: int):
 
 def ensure_judges() -> dict[str, str]:
     """The two judges, trained on first use by the shared helper (CC-BY-NC PKU data: never shipped)."""
-    from moalign.evaluation.judges import ensure_judges as _ensure
+    from moalign.evaluation import ensure_judges as _ensure
 
     return {name: str(path) for name, path in _ensure(JUDGES, SHARED_DATA).items()}
 
 
 def run_generation(args) -> None:
-    import torch
-
     from moalign.config import GenerateConfig
     from moalign.generate import generate
     from moalign.objectives.base import resolve_objectives
     from moalign.policies import load_policy
 
-    torch.set_num_threads(args.threads)
+    start(args)
     prompts = load_prompt_set(args.per_source)
     policy = load_policy()
     objectives = resolve_objectives("helpful,harmless")
@@ -146,7 +143,7 @@ def _variants(setting: str, runs: dict[str, list[dict]]) -> dict[str, dict[str, 
 
 
 def analyse(args) -> None:
-    from moalign.evaluation.metrics import bootstrap_ci, fit_norm_stats
+    from moalign.evaluation import fit_norm_stats
     from moalign.objectives.base import resolve_objectives
     from moalign.objectives.normalize import shipped_norm_stats
     from moalign.records import read_records
@@ -195,7 +192,7 @@ def analyse(args) -> None:
             cols = {"proxy_helpful_raw": S[:, 0], "proxy_harmless_raw": S[:, 1], "proxy_scalarised_z": proxy,
                     "judge_helpful_raw": S[:, 2], "judge_harmless_raw": S[:, 3], "judge_scalarised_z": judge,
                     "judge_relevant": S[:, 4], "words": words, "forward_tokens": fwd, "seconds": sec}  # fmt: skip
-            rows[name] = {k: bootstrap_ci(np.mean, v, n_boot=2000, seed=0) for k, v in cols.items()}
+            rows[name] = {k: ci(np.mean, v) for k, v in cols.items()}
             rows[name]["_proxy"], rows[name]["_judge"] = proxy, judge
         paired = {}
         for c in range(1, CYCLES + 1):
@@ -203,7 +200,7 @@ def analyse(args) -> None:
                 a, b = f"{m} MC{c}", f"best-of-{5 * c}"
                 if a in rows and b in rows:
                     paired[f"{a} − {b}"] = {
-                        k: bootstrap_ci(lambda x, y: float(np.mean(x - y)), rows[a][k], rows[b][k], n_boot=2000, seed=0)
+                        k: ci(lambda x, y: float(np.mean(x - y)), rows[a][k], rows[b][k])
                         for k in ("_proxy", "_judge")
                     }  # fmt: skip
         report["settings"][setting] = {
@@ -222,11 +219,6 @@ def analyse(args) -> None:
     write_result("darwin_mtbench", report, summary)
 
 
-def _fmt(iv) -> str:
-    e, lo, hi = iv
-    return f"{e:.3f} [{lo:.3f}, {hi:.3f}]"
-
-
 def _table(setting: str, n: int, rows: dict, paired: dict) -> list[str]:
     what = "helpful z" if setting == "helpful" else "worst case of helpful, harmless z"
     out = [f"### Setting `{setting}`: decoding maximises {what} ({n} prompts; 95% bootstrap CIs)", "",
@@ -235,14 +227,14 @@ def _table(setting: str, n: int, rows: dict, paired: dict) -> list[str]:
            "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in rows.items():
         out.append(
-            f"| {name} | {_fmt(r['proxy_scalarised_z'])} | {r['proxy_helpful_raw'][0]:.3f} | {r['proxy_harmless_raw'][0]:.3f} "
-            f"| {_fmt(r['judge_scalarised_z'])} | {r['judge_helpful_raw'][0]:.3f} | {r['judge_harmless_raw'][0]:.3f} "
+            f"| {name} | {fmt(r['proxy_scalarised_z'])} | {r['proxy_helpful_raw'][0]:.3f} | {r['proxy_harmless_raw'][0]:.3f} "
+            f"| {fmt(r['judge_scalarised_z'])} | {r['judge_helpful_raw'][0]:.3f} | {r['judge_harmless_raw'][0]:.3f} "
             f"| {r['judge_relevant'][0]:.3f} | {r['words'][0]:.1f} | {r['forward_tokens'][0]:.0f} | {r['seconds'][0]:.1f} |"
         )  # fmt: skip
     out += ["", "Paired by prompt, against best-of-N at the matched number of beams (5 per cycle):", "",
             "| comparison | PROXY diff | JUDGE diff |", "|---|---|---|"]  # fmt: skip
     for k, v in paired.items():
-        out.append(f"| {k} | {_fmt(v['_proxy'])} | {_fmt(v['_judge'])} |")
+        out.append(f"| {k} | {fmt(v['_proxy'])} | {fmt(v['_judge'])} |")
     return out + [""]
 
 
@@ -293,26 +285,22 @@ def _plot(report: dict, path: Path) -> None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_plot(fig, path, dpi=110)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    global OUT
+    ap = parser(__doc__.splitlines()[0], out_dir=OUT, out_alias="--out", batch_size=4, seed=None, threads=2)
     ap.add_argument(
         "--per-source", type=int, default=80, help="first N prompts of MT-Bench and of Vicuna each"
     )
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--replace-every", type=int, default=16)
     ap.add_argument("--mutation-tokens", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--settings", nargs="+", default=["helpful", "worst"], choices=list(SETTINGS))
     ap.add_argument("--only", nargs="*", help="run only these labels (e.g. sample15 darwin-worst)")
-    ap.add_argument("--analyse-only", action="store_true")
-    ap.add_argument("--out", default=None, help="folder of the run files (default: results/darwin_mtbench)")
     args = ap.parse_args()
-    global OUT
-    OUT = Path(args.out) if args.out else OUT
+    OUT = Path(args.out_dir)
     if not args.analyse_only:
         run_generation(args)
     analyse(args)

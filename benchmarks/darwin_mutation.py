@@ -13,15 +13,13 @@ rule, ``darwin_mutation_sample.md``: 50 random replies of ``one`` mode with the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
 from collections import Counter
 
 import numpy as np
-import torch
-from _common import RESULTS, SHARED_DATA, write_result
+from harness import RESULTS, SHARED_DATA, ci, parser, start, write_result
 
 from moalign.config import GenerateConfig
 from moalign.data.prompts import load_prompts
@@ -29,20 +27,18 @@ from moalign.decoding.darwin import DarwinDecoder
 from moalign.decoding.in_process import TransformersBackend
 from moalign.decoding.registry import MethodContext
 from moalign.decoding.values import ObjectiveScorer
-from moalign.evaluation.metrics import bootstrap_ci
 from moalign.objectives.base import CallableObjective
 from moalign.policies import load_policy
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__.splitlines()[0], seed=0, threads=2)
     ap.add_argument("--per-source", type=int, default=80)
     ap.add_argument("--mutations", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--modes", default="one,list", help="mutation modes to measure")
     ap.add_argument("--sample-seed", type=int, default=0, help="seed of the 50 replies drawn for the hand check")
-    args = ap.parse_args()
+    args = start(ap.parse_args())
     prompts = load_prompts(str(SHARED_DATA / "mt-bench-questions.jsonl"), limit=args.per_source) + load_prompts(
         str(SHARED_DATA / "vicuna-bench-questions.jsonl"), limit=args.per_source
     )
@@ -57,9 +53,9 @@ def main() -> None:
                                 replace=True)  # fmt: skip
         shares, tokens, verdicts = [], [], Counter()
         t0 = time.perf_counter()
-        for start in range(0, len(prompts), args.batch):
-            batch = prompts[start : start + args.batch]
-            _, info = decoder._mutate(batch, seed=args.seed + start)
+        for first in range(0, len(prompts), args.batch):
+            batch = prompts[first : first + args.batch]
+            _, info = decoder._mutate(batch, seed=args.seed + first)
             for p, i in zip(batch, info):
                 shares.append(i["parsed"] / args.mutations)
                 tokens.append(i["forward_tokens"])
@@ -68,9 +64,9 @@ def main() -> None:
                     replies_one += [(p.messages[-1]["content"], r, v) for r, v in zip(i["replies"], i["verdicts"])]
                 else:
                     verdicts.update([f"{i['parsed']} items"])
-            print(mode, start + len(batch), f"{np.mean(shares):.3f}", flush=True)
+            print(mode, first + len(batch), f"{np.mean(shares):.3f}", flush=True)
         shares_a = np.asarray(shares)
-        est, lo, hi = bootstrap_ci(np.mean, shares_a, n_boot=2000, seed=0)
+        est, lo, hi = ci(np.mean, shares_a)
         out[mode] = {
             "usable_share": [float(est), float(lo), float(hi)],
             "all_n": float(np.mean(shares_a == 1.0)),
@@ -102,5 +98,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
     main()

@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 
-from _common import SHARED_DATA, write_result
+from harness import SHARED_DATA, parser, start, write_result
 
 VARIANTS = {
     "best-of-5": dict(method="best-of-n", n=5),
@@ -46,7 +46,7 @@ def child(args) -> None:
     from moalign.objectives.base import resolve_objectives
     from moalign.policies import load_policy
 
-    torch.set_num_threads(args.threads)
+    start(args)
     policy = load_policy()
     objectives = resolve_objectives("helpful,harmless")
     prompts = load_prompts(str(SHARED_DATA / "mt-bench-questions.jsonl"), limit=args.prompts)
@@ -81,12 +81,9 @@ def child(args) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=8)
+    ap = parser(__doc__.splitlines()[0], prompts=8, seed=0, threads=2)
     ap.add_argument("--max-new-tokens", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--child", choices=list(VARIANTS))
     ap.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()

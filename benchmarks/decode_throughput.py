@@ -17,7 +17,6 @@ Where the time went (profiled on 4 HH prompts, before the two changes that broug
 
 from __future__ import annotations
 
-import argparse
 import resource
 import statistics
 import subprocess
@@ -25,7 +24,7 @@ import sys
 import time
 
 import torch
-from _common import SHARED_DATA, write_result
+from harness import SHARED_DATA, parser, write_result
 
 from moalign.data.prompts import load_prompts
 from moalign.decoding.backend import BlockStep, SamplingConfig, Selection
@@ -34,8 +33,7 @@ from moalign.policies import load_policy
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=4)
+    ap = parser(__doc__.splitlines()[0], prompts=4, seed=None, threads=None)  # torch's default threads
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=128)

@@ -26,7 +26,6 @@ Writes ``OUT/gpu_check.json`` (default OUT: ``benchmarks/results/gpu_check``) an
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -134,11 +133,15 @@ class Skip(Exception):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from harness import (
+        parser,  # the benchmarks' shared arguments (this folder is on sys.path as the script's own)
+    )
+
+    ap = parser(__doc__.splitlines()[0], out_dir=ROOT / "benchmarks" / "results" / "gpu_check", out_alias="--out",
+                seed=None, threads=None, analyse_only=False)  # fmt: skip
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     ap.add_argument("--small", action="store_true", help="a 2-layer policy and short outputs (the CPU test)")
     ap.add_argument("--assets", default=None, help="folder written by --prepare (default: prepared here)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check"))
     ap.add_argument("--prepare", default=None, metavar="DIR", help="only write the assets to DIR and exit")
     args = ap.parse_args(argv)
     if args.prepare:
@@ -150,7 +153,7 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; use --device cpu --small", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     assets = Path(args.assets) if args.assets else out / "assets"
     if not (assets / "config.json").exists():

@@ -12,35 +12,105 @@ A benchmark script declares its variants (``label -> GenerateConfig``) and its a
   (:func:`load_variants`, :func:`prompt_arrays`);
 - summarises them with the library's own statistics (:func:`moalign.evaluation.mean_ci`,
   :func:`~moalign.evaluation.paired_diff_ci`, :func:`~moalign.evaluation.paired_win_ci`) into markdown tables
-  and a JSON result with a one-line summary (:func:`markdown_table`, :func:`_common.write_result`).
+  and a JSON result with a one-line summary (:func:`markdown_table`, :func:`write_result`), and saves plots
+  beside them (:func:`save_plot`).
+
+Scripts that time or train rather than compare decoded variants use the same parser (:func:`parser` with only
+the arguments they take), :func:`start` (threads), :func:`ci` for bootstrap intervals and :func:`write_result`.
+Every interval is the library's :func:`moalign.evaluation.bootstrap_ci` (2000 replicates, seed 0 unless given).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, SHARED_DATA
+from _common import RESULTS, ROOT, SHARED_DATA, environment, write_result
 
-from moalign.evaluation import mean_ci, paired_diff_ci, paired_win_ci
+from moalign.evaluation import bootstrap_ci, mean_ci, paired_diff_ci, paired_win_ci
 
-__all__ = ["fmt", "load_variants", "markdown_table", "parser", "prompt_arrays", "run_variants", "summary_row"]
+__all__ = [
+    "RESULTS", "ROOT", "SHARED_DATA", "best_of_n_at", "best_of_n_points", "ci", "environment", "fmt", "iv_list", "load_variants", "markdown_table", "mean_cis", "parser",
+    "prompt_arrays", "run_variants", "save_plot", "start", "summary_row", "tie_wins", "worst_of_means",
+    "write_result",
+]  # fmt: skip
 
+def parser(description: str, *, prompts: int | None = None, out_dir: Path | str | None = None,
+           batch_size: int | None = None, seed: int | None = 0, threads: int | None = 2,
+           analyse_only: bool | None = None, out_alias: str | None = None) -> argparse.ArgumentParser:  # fmt: skip
+    """An argument parser with the arguments the experiments share (add the script's own to it).
 
-def parser(description: str, *, prompts: int, out_dir: Path) -> argparse.ArgumentParser:
-    """An argument parser with the arguments every experiment takes (add the script's own to it)."""
+    ``--seed`` and ``--threads`` (torch intra-op threads; :func:`start` applies them) unless ``None``; with a
+    value, ``--prompts``, ``--out-dir`` (also spelled ``out_alias``, e.g. ``--out``, where a script always
+    took that), ``--batch-size``; ``--analyse-only`` comes with ``--out-dir`` unless ``analyse_only=False``.
+    """
     ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--prompts", type=int, default=prompts, help="held-out prompts (a larger number appends)")
-    ap.add_argument("--out-dir", default=str(out_dir), help="where the runs are written and resumed")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads")
-    ap.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
-    ap.add_argument("--analyse-only", action="store_true", help="only analyse the runs there are")
+    if prompts is not None:
+        ap.add_argument("--prompts", type=int, default=prompts, help="held-out prompts (a larger number appends)")
+    if out_dir is not None:
+        names = ["--out-dir"] + ([out_alias] if out_alias else [])
+        ap.add_argument(*names, dest="out_dir", default=str(out_dir), help="where the runs are written and resumed")
+    if seed is not None:
+        ap.add_argument("--seed", type=int, default=seed)
+    if threads is not None:
+        ap.add_argument("--threads", type=int, default=threads, help="torch intra-op threads")
+    if batch_size is not None:
+        ap.add_argument("--batch-size", type=int, default=batch_size, help="prompts decoded together")
+    if analyse_only or (analyse_only is None and out_dir is not None):
+        ap.add_argument("--analyse-only", action="store_true", help="only analyse the runs there are")
     return ap
+
+
+def start(args: argparse.Namespace) -> argparse.Namespace:
+    """Apply the common arguments: torch's intra-op threads (``--threads``)."""
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def ci(stat_fn, *arrays, digits: int | None = None, n_boot: int = 2000, seed: int = 0) -> list[float]:
+    """``[estimate, low, high]`` of ``stat_fn(*arrays)``: the library's paired percentile bootstrap (95%),
+    rounded to ``digits`` when given."""
+    vals = bootstrap_ci(stat_fn, *arrays, n_boot=n_boot, seed=seed)
+    return [round(float(v), digits) if digits is not None else float(v) for v in vals]
+
+
+def mean_cis(x, n_boot: int = 2000) -> list:
+    """Column means of ``x`` ([n] or [n, d]) with 95% bootstrap CIs, one resampling for all columns, rounded to 4
+    digits: ``[estimate, low, high]`` for [n], a list of them for [n, d]."""
+    est, lo, hi = bootstrap_ci(lambda a: np.mean(a, axis=0), np.asarray(x, float), n_boot=n_boot, seed=0)
+    return np.round(np.stack([est, lo, hi], -1), 4).tolist()
+
+
+def worst_of_means(*arrays) -> float:
+    """The lower of the arrays' means: the worst case of per-objective means."""
+    return float(min(np.mean(a) for a in arrays))
+
+
+def tie_wins(a, b) -> np.ndarray:
+    """1 where ``a > b``, 0.5 on a tie, 0 otherwise (a win rate's per-item indicator)."""
+    a, b = np.asarray(a), np.asarray(b)
+    return (a > b).astype(float) + 0.5 * (a == b)
+
+
+def save_plot(fig, name: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as ``RESULTS/NAME.png`` (or at ``name`` when it is a path) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(name)
+    if path.suffix != ".png":
+        path = RESULTS / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def run_variants(variants: Mapping[str, object], prompts: Sequence, out_dir: Path, *, objectives: str,
@@ -89,8 +159,7 @@ def load_variants(out_dir: Path, labels: Iterable[str], *, samples: Mapping[str,
     runs = {lab: [r for r in recs if r["prompt_id"] in common] for lab, recs in runs.items()}
     names: list[str] = []
     if judges:
-        from moalign.evaluation.evaluate import parse_judges, score_judges
-        from moalign.evaluation.judges import ensure_judges, judge_specs
+        from moalign.evaluation import ensure_judges, judge_specs, parse_judges, score_judges
 
         specs = parse_judges(judge_specs(ensure_judges(RESULTS / "judges", SHARED_DATA)))
         for lab, recs in runs.items():
@@ -117,8 +186,48 @@ def prompt_arrays(records: Sequence[dict], objectives: Sequence[str], judges: Se
     return out
 
 
-def _iv(iv) -> list[float]:
-    return [round(float(iv.estimate), 4), round(float(iv.low), 4), round(float(iv.high), 4)]
+def best_of_n_points(per_prompt: Sequence[Mapping[str, np.ndarray]], n_samples: int,
+                     ns: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)) -> dict[int, dict[str, np.ndarray]]:  # fmt: skip
+    """Best-of-N (worst-case pick on the proxy) for every N in ``ns`` that divides into ``n_samples``, from each
+    prompt's :func:`prompt_arrays` of its plain samples (in sample order, with ``scorer_tokens`` of the whole
+    responses): the ``n_samples // N`` disjoint groups of N are averaged (the distribution of one best-of-N,
+    less noise); compute is what one best-of-N costs, the first N samples' policy and scorer tokens.
+    Returns ``N -> per-prompt arrays``."""
+    bon = {}
+    for n in [m for m in ns if m <= n_samples]:
+        rows = []
+        for a in per_prompt:
+            picks = [g * n + int(np.argmax(a["proxy_wc"][g * n : (g + 1) * n])) for g in range(n_samples // n)]
+            row = {k: v[picks].mean(0) for k, v in a.items() if not k.endswith("_tokens")}
+            row["policy_tokens"] = a["policy_tokens"][:n].sum()
+            row["scorer_tokens"] = a["scorer_tokens"][:n].sum()
+            row["total_tokens"] = row["policy_tokens"] + row["scorer_tokens"]
+            rows.append(row)
+        bon[n] = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+    return bon
+
+
+def best_of_n_at(bon: Mapping[int, Mapping[str, np.ndarray]], total: float) -> tuple[dict, str]:
+    """Best-of-N at a mean total compute ``total`` (policy + scorer tokens per prompt): per-prompt arrays
+    interpolated linearly in log compute between the two N that bracket it, and a name (``best-of-N@matched
+    (N≈x)``); beyond the largest or below the smallest N, that N, named with its compute."""
+    ns = sorted(bon)
+    costs = [float(bon[n]["total_tokens"].mean()) for n in ns]
+    if total >= costs[-1]:
+        return dict(bon[ns[-1]]), f"best-of-{ns[-1]} (less compute: {costs[-1]:.0f})"
+    if total <= costs[0]:
+        return dict(bon[ns[0]]), f"best-of-{ns[0]} (more compute: {costs[0]:.0f})"
+    j = max(i for i, c in enumerate(costs) if c <= total)
+    lo, hi = ns[j], ns[j + 1]
+    w = (math.log(total) - math.log(costs[j])) / (math.log(costs[j + 1]) - math.log(costs[j]))
+    pt = {k: (1 - w) * bon[lo][k] + w * bon[hi][k] for k in bon[lo]}
+    n_eff = math.exp((1 - w) * math.log(lo) + w * math.log(hi))
+    return pt, f"best-of-N@matched (N≈{n_eff:.1f})"
+
+
+def iv_list(iv, digits: int = 4) -> list[float]:
+    """An :class:`~moalign.evaluation.Interval` as ``[estimate, low, high]`` rounded to ``digits``."""
+    return [round(float(iv.estimate), digits), round(float(iv.low), digits), round(float(iv.high), digits)]
 
 
 def summary_row(point: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray] | None = None,
@@ -128,13 +237,13 @@ def summary_row(point: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray] |
     row: dict = {"n_prompts": int(len(point["proxy_wc"]))}
     for side in sides:
         if f"{side}_wc" in point:
-            row[f"{side}_worst_case_z"] = _iv(mean_ci(point[f"{side}_wc"]))
+            row[f"{side}_worst_case_z"] = iv_list(mean_ci(point[f"{side}_wc"]))
             raw = point[f"{side}_raw"]
-            row[f"{side}_means_raw"] = [_iv(mean_ci(raw[:, j])) for j in range(raw.shape[1])]
+            row[f"{side}_means_raw"] = [iv_list(mean_ci(raw[:, j])) for j in range(raw.shape[1])]
             if ref is not None:
-                row[f"{side}_worst_case_diff"] = _iv(paired_diff_ci(point[f"{side}_wc"], ref[f"{side}_wc"]))
-                row[f"{side}_win_rate"] = _iv(paired_win_ci(point[f"{side}_wc"], ref[f"{side}_wc"]))
-    row["words"] = _iv(mean_ci(point["words"]))
+                row[f"{side}_worst_case_diff"] = iv_list(paired_diff_ci(point[f"{side}_wc"], ref[f"{side}_wc"]))
+                row[f"{side}_win_rate"] = iv_list(paired_win_ci(point[f"{side}_wc"], ref[f"{side}_wc"]))
+    row["words"] = iv_list(mean_ci(point["words"]))
     for k in ("policy_tokens", "scorer_tokens", "total_tokens"):
         row[k] = round(float(np.mean(point[k])), 1)
     return row

@@ -16,16 +16,14 @@ Writes benchmarks/results/iama_hh.{json,md,png}; runs go to benchmarks/results/i
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, SHARED_DATA, write_result  # noqa: E402
+from harness import RESULTS, SHARED_DATA, ci, parser, save_plot, start, write_result  # noqa: E402
 
 FILES = ("hh-helpful-base-test.jsonl.gz", "hh-harmless-base-test-2000.jsonl.gz")
 JUDGES = {"helpful": RESULTS / "judges" / "judge_helpful", "harmless": RESULTS / "judges" / "judge_harmless"}
@@ -49,28 +47,17 @@ def split_prompts(out: Path, n_train: int, n_eval: int) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def boot_ci(x: np.ndarray, seed: int = 0, n: int = 2000) -> list[float]:
-    """``[mean, low, high]``: the project's percentile bootstrap over prompts (95%)."""
-    from moalign.evaluation.metrics import bootstrap_ci
-
-    return [float(v) for v in bootstrap_ci(np.mean, x, n_boot=n, seed=seed)]
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # --out-dir: the runs folder; its name also names the results files (default iama_hh)
+    ap = parser(__doc__.splitlines()[0], out_dir=RESULTS / "iama_hh", analyse_only=False, seed=0, threads=1)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prompts-per-step", type=int, default=2)
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--eval-prompts", type=int, default=40)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out-dir", default=str(RESULTS / "iama_hh"),
-                    help="runs folder; its name also names the results files (default iama_hh)")
-    args = ap.parse_args()
+    args = start(ap.parse_args())
     tag = Path(args.out_dir).name
-    torch.set_num_threads(args.threads)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_prompts, eval_prompts = split_prompts(out, args.steps * args.prompts_per_step, args.eval_prompts)
@@ -152,7 +139,7 @@ def main() -> None:
         if jh is not None and js is not None:
             objective[name]["judge"] = (bh[:, jh] + bs[:, js]) / 2
         table[name] = {
-            k: {**{label[n]: boot_ci(np.array(v)[:, i], seed=args.seed) for i, n in enumerate(names)},
+            k: {**{label[n]: ci(np.mean, np.array(v)[:, i], seed=args.seed) for i, n in enumerate(names)},
                 "words": float(np.mean(words[k])), "prompts": len(v)}
             for k, v in rows.items()
         }  # fmt: skip
@@ -160,8 +147,8 @@ def main() -> None:
     paired = {}
     for a, b in (("iama-sum", "grpo"), ("iama-min", "grpo"), ("iama-sum", "base"), ("iama-min", "base"),
                  ("grpo", "base")):  # fmt: skip
-        paired[f"{a} - {b}"] = {k: boot_ci(objective[a][k] - objective[b][k], seed=args.seed) for k in objective[a]}
-    objective_ci = {n: {k: boot_ci(v, seed=args.seed) for k, v in o.items()} for n, o in objective.items()}
+        paired[f"{a} - {b}"] = {k: ci(np.mean, objective[a][k] - objective[b][k], seed=args.seed) for k in objective[a]}
+    objective_ci = {n: {k: ci(np.mean, v, seed=args.seed) for k, v in o.items()} for n, o in objective.items()}
 
     lines = ["| policy | selection | " + " | ".join(label[n] for n in names) + " | words |",
              "|---" * (len(names) + 3) + "|"]  # fmt: skip
@@ -199,7 +186,7 @@ def main() -> None:
         ax.set_title(f"{kind.upper()}: o = sampling, * = best-of-4 by each criterion")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{tag}.png", dpi=120)
+    save_plot(fig, tag)
 
     def bon(name, crit, kind="proxy"):
         return table[name][f"bon4-{crit}"][f"{kind} {crit}"][0]

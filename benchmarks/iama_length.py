@@ -15,7 +15,6 @@ to benchmarks/results/iama_length/ (resumes: a finished stage is not redone).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, SHARED_DATA, write_result  # noqa: E402
+from harness import RESULTS, SHARED_DATA, parser, save_plot, start, write_result  # noqa: E402
 
 from moalign.objectives.base import Objective, register_objective  # noqa: E402
 
@@ -92,7 +91,7 @@ def summarise(groups: list[list[int]], targets, tol: int, seed: int = 0) -> dict
         out["std"] = float(x.std())
         return out
 
-    from moalign.evaluation.metrics import bootstrap_ci
+    from moalign.evaluation import bootstrap_ci  # a vector of statistics, one resampling
 
     keys = list(stats(L))
     est, low, high = bootstrap_ci(lambda x: np.array([stats(torch.from_numpy(x))[k] for k in keys]), L.numpy(),
@@ -105,7 +104,8 @@ def summarise(groups: list[list[int]], targets, tol: int, seed: int = 0) -> dict
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # --out-dir: the runs folder; its name also names the results files (default iama_length)
+    ap = parser(__doc__.splitlines()[0], out_dir=RESULTS / "iama_length", analyse_only=False, seed=0, threads=1)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--targets", default="4,28", help="two target lengths in tokens")
     ap.add_argument("--max-tokens", type=int, default=32, help="completion cap L_max (tokens)")
@@ -114,13 +114,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--eval-prompts", type=int, default=32)
     ap.add_argument("--eval-samples", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out-dir", default=str(RESULTS / "iama_length"),
-                    help="runs folder; its name also names the results files (default iama_length)")
-    args = ap.parse_args()
+    args = start(ap.parse_args())
     tag = Path(args.out_dir).name
-    torch.set_num_threads(args.threads)
     global L_MAX
     L_MAX = args.max_tokens
     targets = [int(x) for x in args.targets.split(",")]
@@ -184,8 +179,7 @@ def main() -> None:
     ax.set_title(f"length targets {targets}, best-of-4 each; {args.steps} GRPO steps")
     ax.legend()
     fig.tight_layout()
-    png = RESULTS / f"{tag}.png"
-    fig.savefig(png, dpi=120)
+    png = save_plot(fig, tag)
 
     def frac(name, L):
         return results[name][f"within_8_of_{L}"][0]

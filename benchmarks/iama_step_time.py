@@ -22,13 +22,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, write_result  # noqa: E402
+from harness import SHARED_DATA, parser, start, write_result  # noqa: E402
 
 
 def worker(args) -> None:
-    import torch
-
-    torch.set_num_threads(args.threads)
+    start(args)
     from moalign.training.grpo import IAMAConfig, IAMATrainer, train_grpo
 
     spent: list[float] = []
@@ -56,11 +54,10 @@ def worker(args) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__.splitlines()[0], seed=None, threads=1)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variant", choices=["on", "off"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -20,7 +20,6 @@ z-scored pair (proxies z-scored with the shipped statistics, judges on these sam
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import warnings
@@ -28,11 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import RESULTS, SHARED_DATA, write_result
+from harness import RESULTS, SHARED_DATA, ci, parser, start, tie_wins, write_result
 
 from moalign.data.pairs import load_pairs, split_pairs
-from moalign.evaluation.judges import ensure_judges, rank_agreement
-from moalign.evaluation.metrics import bootstrap_ci
+from moalign.evaluation import ensure_judges, rank_agreement
 from moalign.objectives.bradley_terry import BradleyTerryObjective, MiniLMBackbone
 
 JUDGE_DIR = RESULTS / "judges"
@@ -76,14 +74,13 @@ def features(name: str, pairs, cache: Path) -> tuple[torch.Tensor, torch.Tensor]
 def accuracy_ci(obj: BradleyTerryObjective, xc, xr, groups) -> list[float]:
     with torch.no_grad():
         d = (obj.head(xc) - obj.head(xr)).numpy()
-    correct = (d > 0) + 0.5 * (d == 0)
+    correct = tie_wins(d, 0.0)
     # bootstrap over prompts (pairs of one prompt move together)
     keys = list(dict.fromkeys(groups))
     idx = {k: i for i, k in enumerate(keys)}
     g = np.array([idx[k] for k in groups])
     sums, counts = np.bincount(g, correct, len(keys)), np.bincount(g, minlength=len(keys)).astype(float)
-    est, lo, hi = bootstrap_ci(lambda s, c: float(s.sum() / c.sum()), sums, counts, n_boot=2000, seed=0)
-    return [round(est, 4), round(lo, 4), round(hi, 4)]
+    return ci(lambda s, c: float(s.sum() / c.sum()), sums, counts, digits=4)
 
 
 def cross_table(models: dict[str, BradleyTerryObjective]) -> dict:
@@ -99,8 +96,7 @@ def cross_table(models: dict[str, BradleyTerryObjective]) -> dict:
 
 
 def agreement(models: dict[str, BradleyTerryObjective], run: Path, judges: dict[str, Path]) -> dict:
-    from moalign.evaluation.evaluate import parse_judges, score_judges
-    from moalign.evaluation.metrics import fit_norm_stats
+    from moalign.evaluation import fit_norm_stats, parse_judges, score_judges
     from moalign.objectives.normalize import shipped_norm_stats
     from moalign.records import read_records
 
@@ -155,11 +151,9 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__.splitlines()[0], seed=None, threads=1)
     ap.add_argument("--samples", default=None, help="a run of policy samples for the rank agreement")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = start(ap.parse_args(argv))
     t0 = time.time()
     judges = ensure_judges(JUDGE_DIR, SHARED_DATA)
     models = {"helpful": BradleyTerryObjective.load(_shipped("helpful")),

@@ -24,17 +24,14 @@ settings).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from _common import ROOT, SHARED_DATA
+from harness import ROOT, SHARED_DATA, ci, environment, parser, start, worst_of_means
 
 from moalign.data.pairs import load_pairs, split_pairs
-from moalign.evaluation.metrics import bootstrap_ci
 from moalign.training.dpo import (
     MultiObjectiveDPOConfig,
     build_trainer,
@@ -50,16 +47,14 @@ ALL = ["linear", "mgda-decoupled", "mgda", "mgda-normalized", "groupdro", "pcgra
 
 
 def _ci(fn, *arrays, seed=0):
-    est, lo, hi = bootstrap_ci(fn, *arrays, n_boot=2000, seed=seed)
-    return {"estimate": est, "low": lo, "high": hi}
+    return dict(zip(("estimate", "low", "high"), ci(fn, *arrays, seed=seed)))
 
 
 def _mean(a):
     return float(np.mean(a))
 
 
-def _worst(*arrays):
-    return float(min(np.mean(a) for a in arrays))
+_worst = worst_of_means
 
 
 def generate(model, tok, prompts, max_new_tokens, seed, batch=8):
@@ -85,7 +80,8 @@ def generate(model, tok, prompts, max_new_tokens, seed, batch=8):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__.split("\n")[0], out_dir=ROOT / "benchmarks" / "results" / "modpo_hh", out_alias="--out",
+                analyse_only=False, seed=0, threads=1)  # fmt: skip
     ap.add_argument("--combiners", nargs="+", default=ALL)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=2, help="pairs per objective per step")
@@ -97,15 +93,11 @@ def main() -> None:
     ap.add_argument("--heldout-pairs", type=int, default=100)
     ap.add_argument("--winrate-prompts", type=int, default=40)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "modpo_hh"))
     ap.add_argument(
         "--report-only", action="store_true", help="only (re)score saved generations and write tables"
     )
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    args = start(ap.parse_args())
+    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     from moalign.policies import load_policy
@@ -211,7 +203,7 @@ def report(args, out: Path, data, held, wr_prompts) -> None:
         for n in names:
             ps = held[n][: args.winrate_prompts]
             chosen_scores[n] = judges[n].score([p.prompt.text for p in ps], [p.chosen for p in ps]).numpy()
-    results = {"config": vars(args), "combiners": {}}
+    results = {"config": vars(args), "environment": environment(), "combiners": {}}
     wins, accs = {}, {}
     for c in ["base", *ALL]:  # every finished combiner in this folder, not only this invocation's
         d = out / c

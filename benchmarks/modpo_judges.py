@@ -19,18 +19,16 @@ against ``linear``, the held-out implicit-reward accuracy saved by ``modpo_hh.py
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, SHARED_DATA, write_result
+from harness import RESULTS, SHARED_DATA, ci, fmt, parser, tie_wins, worst_of_means, write_result
 
 from moalign.data.pairs import load_pairs, split_pairs
-from moalign.evaluation.judges import ensure_judges, judge_specs
-from moalign.evaluation.metrics import bootstrap_ci
+from moalign.evaluation import ensure_judges, judge_specs
 from moalign.objectives.base import resolve_objectives
 
 FILES = {"helpful": "hh-helpful-base-test.jsonl.gz", "harmless": "hh-harmless-base-test-2000.jsonl.gz"}
@@ -51,24 +49,16 @@ def heldout_prompt_pairs(name: str, n: int) -> list:
     return uniq[:n]
 
 
-def _ci(fn, *arrays) -> list[float]:
-    return [round(float(v), 4) for v in bootstrap_ci(fn, *arrays, n_boot=2000, seed=0)]
-
-
-def _wins(gen: np.ndarray, chosen: np.ndarray) -> np.ndarray:
-    return (gen > chosen).astype(float) + 0.5 * (gen == chosen)
-
-
-def _worst(a, b) -> float:
-    return float(min(np.mean(a), np.mean(b)))
+_worst = worst_of_means
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(RESULTS / "modpo_hh"), help="modpo_hh.py's --out folder")
+    # --out-dir (or --out): modpo_hh.py's runs folder
+    ap = parser(__doc__.splitlines()[0], out_dir=RESULTS / "modpo_hh", out_alias="--out", analyse_only=False,
+                seed=None, threads=None)  # fmt: skip
     ap.add_argument("--winrate-prompts", type=int, default=40)
     args = ap.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out_dir)
     held = {n: heldout_prompt_pairs(n, args.winrate_prompts) for n in FILES}
     judges = ensure_judges(RESULTS / "judges", SHARED_DATA)
     scorers = {"PROXY": dict(zip(FILES, resolve_objectives(list(FILES)))),
@@ -90,15 +80,15 @@ def main(argv=None) -> int:
             for n in FILES:
                 g = gens[n][: len(held[n])]
                 sc = s[n].score([p.prompt.text for p in held[n]], g).numpy()
-                wins[c][side][n] = _wins(sc, chosen[side][n])
-                row["winrate"].setdefault(side, {})[n] = _ci(np.mean, wins[c][side][n])
-            row["winrate_worst"][side] = _ci(_worst, wins[c][side]["helpful"], wins[c][side]["harmless"])
+                wins[c][side][n] = tie_wins(sc, chosen[side][n])
+                row["winrate"].setdefault(side, {})[n] = ci(np.mean, wins[c][side][n], digits=4)
+            row["winrate_worst"][side] = ci(_worst, wins[c][side]["helpful"], wins[c][side]["harmless"], digits=4)
         for n in FILES:
-            row["words"][n] = _ci(np.mean, np.array([len(x.split()) for x in gens[n][: len(held[n])]], float))
+            row["words"][n] = ci(np.mean, np.array([len(x.split()) for x in gens[n][: len(held[n])]], float), digits=4)
         summ = out / c / "summary.json"
         if summ.exists():
             s = json.loads(summ.read_text())
-            row["heldout_accuracy"] = {n: _ci(np.mean, np.array(s["heldout_correct"][n])) for n in FILES}
+            row["heldout_accuracy"] = {n: ci(np.mean, np.array(s["heldout_correct"][n]), digits=4) for n in FILES}
             row["mean_alpha"] = s.get("mean_alpha")
             row["steps"] = s.get("steps")
         rows[c] = row
@@ -106,8 +96,8 @@ def main(argv=None) -> int:
         if c in ("base", "linear") or "linear" not in wins:
             continue
         rows[c]["worst_minus_linear"] = {
-            side: _ci(lambda a, b, x, y: _worst(a, b) - _worst(x, y), wins[c][side]["helpful"],
-                      wins[c][side]["harmless"], wins["linear"][side]["helpful"], wins["linear"][side]["harmless"])
+            side: ci(lambda a, b, x, y: _worst(a, b) - _worst(x, y), wins[c][side]["helpful"],
+                      wins[c][side]["harmless"], wins["linear"][side]["helpful"], wins["linear"][side]["harmless"], digits=4)
             for side in scorers
         }  # fmt: skip
     chosen_words = {n: round(float(np.mean([len(p.chosen.split()) for p in held[n]])), 1) for n in FILES}
@@ -119,11 +109,6 @@ def main(argv=None) -> int:
     write_result(f"{out.name}_judges", {"args": vars(args), "combiners": rows, "chosen_words": chosen_words},
                  f"{out.name}_judges ({args.winrate_prompts} prompts/objective): " + "; ".join(parts))  # fmt: skip
     return 0
-
-
-def _f(iv, signed: bool = False) -> str:
-    s = "+" if signed else ""
-    return f"{iv[0]:{s}.3f} [{iv[1]:{s}.3f}, {iv[2]:{s}.3f}]"
 
 
 def markdown(rows: dict, n: int, chosen_words: dict) -> str:
@@ -138,16 +123,16 @@ def markdown(rows: dict, n: int, chosen_words: dict) -> str:
         w = r["winrate"]
         acc = r.get("heldout_accuracy")
         accw = f"{min(acc['helpful'][0], acc['harmless'][0]):.3f}" if acc else "-"
-        lines.append(f"| {c} | {_f(w['PROXY']['helpful'])} | {_f(w['PROXY']['harmless'])} | "
-                     f"{_f(r['winrate_worst']['PROXY'])} | {_f(w['JUDGE']['helpful'])} | {_f(w['JUDGE']['harmless'])} | "
-                     f"{_f(r['winrate_worst']['JUDGE'])} | {r['words']['helpful'][0]:.1f} / "
+        lines.append(f"| {c} | {fmt(w['PROXY']['helpful'])} | {fmt(w['PROXY']['harmless'])} | "
+                     f"{fmt(r['winrate_worst']['PROXY'])} | {fmt(w['JUDGE']['helpful'])} | {fmt(w['JUDGE']['harmless'])} | "
+                     f"{fmt(r['winrate_worst']['JUDGE'])} | {r['words']['helpful'][0]:.1f} / "
                      f"{r['words']['harmless'][0]:.1f} | {accw} |")  # fmt: skip
     diffs = [(c, r["worst_minus_linear"]) for c, r in rows.items() if "worst_minus_linear" in r]
     if diffs:
         lines += ["", "Worst-objective win rate minus `linear` (paired bootstrap):", "",
                   "| combiner | PROXY | JUDGE |", "|---|---|---|"]  # fmt: skip
         for c, d in diffs:
-            lines.append(f"| {c} − linear | {_f(d['PROXY'], True)} | {_f(d['JUDGE'], True)} |")
+            lines.append(f"| {c} − linear | {fmt(d['PROXY'], True)} | {fmt(d['JUDGE'], True)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -30,14 +30,13 @@ and judge worst case against the KL estimate, with proxy gain vs judge gain and 
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, write_result
+from harness import RESULTS, fmt, parser, save_plot, start, write_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rmod_hh  # noqa: E402
@@ -58,21 +57,14 @@ BON_N = (1, 2, 4, 8, 16)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=48)
+    ap = parser(__doc__.splitlines()[0], prompts=48, out_dir=rmod_hh.OUT_DIR, batch_size=8, seed=0, threads=1,
+                analyse_only=False)  # analysis only unless --generate  # fmt: skip
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", nargs="*", default=RUNS)
     ap.add_argument("--generate", action="store_true", help="generate / resume the runs first")
     ap.add_argument("--stages", type=int, nargs="*", default=[16, 32, 48], help="prompt counts to stop at")
-    ap.add_argument("--out-dir", default=str(rmod_hh.OUT_DIR))
-    args = ap.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(args.threads)
+    args = start(ap.parse_args(argv))
     out_dir = Path(args.out_dir)
     if args.generate:  # in stages of prompts, every run at each stage: a run cut short leaves all runs paired
         target = args.prompts
@@ -148,14 +140,14 @@ def analyse(args, out_dir: Path) -> int:
           "| words | forward tokens |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         md.append(f"| {r['family']} | {r['pressure_name']}={r['pressure']} | {r['kl']:.2f} | "
-                  f"{rmod_hh._f(r['proxy_worst_case_z'], True)} | {rmod_hh._f(r['judge_worst_case_z'], True)} | "
-                  f"{rmod_hh._f(r['proxy_worst_case_diff'], True)} | {rmod_hh._f(r['judge_worst_case_diff'], True)} | "
+                  f"{fmt(r['proxy_worst_case_z'], True)} | {fmt(r['judge_worst_case_z'], True)} | "
+                  f"{fmt(r['proxy_worst_case_diff'], True)} | {fmt(r['judge_worst_case_diff'], True)} | "
                   f"{r['words'][0]:.1f} | {r['forward_tokens']:.0f} |")  # fmt: skip
     contrasts = paired_contrasts(data)
     md += ["", "Paired contrasts (same prompts; worst case, z):", "", "| contrast | PROXY diff | JUDGE diff |",
            "|---|---|---|"]  # fmt: skip
     md += [
-        f"| {k} | {rmod_hh._f(v['proxy'], True)} | {rmod_hh._f(v['judge'], True)} |"
+        f"| {k} | {fmt(v['proxy'], True)} | {fmt(v['judge'], True)} |"
         for k, v in contrasts.items()
     ]
     (RESULTS / "overoptimisation.md").write_text("\n".join(md) + "\n")
@@ -164,7 +156,7 @@ def analyse(args, out_dir: Path) -> int:
     bon = {r["pressure"]: r for r in rows if r["family"] == "best-of-N (worst-case pick)"}
     top = max(bon)
     summary = (f"overoptimisation ({n} prompts): best-of-{top} (worst-case pick) − sample: PROXY "
-               f"{rmod_hh._f(bon[top]['proxy_worst_case_diff'], True)}, JUDGE {rmod_hh._f(bon[top]['judge_worst_case_diff'], True)}; "
+               f"{fmt(bon[top]['proxy_worst_case_diff'], True)}, JUDGE {fmt(bon[top]['judge_worst_case_diff'], True)}; "
                f"judge-best point: {max(rows, key=lambda r: r['judge_worst_case_z'][0])['label']}")  # fmt: skip
     write_result("overoptimisation", {"args": vars(args), "n_prompts": n, "points": rows, "contrasts": contrasts,
                                       "judge_norm": data["judge_norm"].to_dict(), "runs": sorted(data["runs"])},
@@ -217,8 +209,7 @@ def plot(rows: list[dict], path: Path, n: int) -> None:
     ax.grid(alpha=0.3)
     fig.suptitle(f"Selection pressure on {n} held-out HH prompts: proxy vs judge (95% CIs)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Writes JSON to ``benchmarks/results/reward_models.json`` and prints a one-line s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -34,7 +33,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _common import ROOT, SHARED_DATA
+from harness import ROOT, SHARED_DATA, ci, environment, parser, start
 
 from moalign.data.pairs import heldout_score, load_pairs, split_pairs
 from moalign.objectives import get_objective
@@ -237,7 +236,6 @@ def try_proxies(folds: int = 5) -> dict:
     grouped CV on the training prompts only (never the held-out pairs, never the judges); the CV-best is then
     trained on all training pairs and compared with the shipped model on the held-out pairs (paired bootstrap
     over prompts). MiniLM features are cached in ``benchmarks/results/reward_models/``."""
-    from moalign.evaluation.metrics import bootstrap_ci
     from moalign.objectives.bradley_terry import BradleyTerryObjective
     from moalign.training.reward import fit_head
 
@@ -268,13 +266,12 @@ def try_proxies(folds: int = 5) -> dict:
         g = np.array([keys[p.prompt.text] for p in held])
         sn, so = np.bincount(g, c_new, len(keys)), np.bincount(g, c_old, len(keys))
         cnt = np.bincount(g, minlength=len(keys)).astype(float)
-        ci = lambda *a: [round(float(v), 4) for v in bootstrap_ci(*a, n_boot=2000, seed=0)]  # noqa: E731
         out["objectives"][obj] = {
             "n_train": len(train), "n_heldout": len(held), "cv_accuracy": cv, "cv_best": best,
             "cv_shipped": cv["pq | mlp64 wd30 (shipped)"],
-            "heldout_shipped": ci(lambda s, c: float(s.sum() / c.sum()), so, cnt),
-            "heldout_cv_best": ci(lambda s, c: float(s.sum() / c.sum()), sn, cnt),
-            "heldout_best_minus_shipped": ci(lambda a, b, c: float((a.sum() - b.sum()) / c.sum()), sn, so, cnt),
+            "heldout_shipped": ci(lambda s, c: float(s.sum() / c.sum()), so, cnt, digits=4),
+            "heldout_cv_best": ci(lambda s, c: float(s.sum() / c.sum()), sn, cnt, digits=4),
+            "heldout_best_minus_shipped": ci(lambda a, b, c: float((a.sum() - b.sum()) / c.sum()), sn, so, cnt, digits=4),
         }  # fmt: skip
         print(
             obj,
@@ -285,7 +282,7 @@ def try_proxies(folds: int = 5) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__.splitlines()[0], seed=0, threads=None)
     ap.add_argument("--limit", type=int, default=None, help="held-out pairs per set (default: all)")
     ap.add_argument("--compare-backbones", action="store_true", help="also run the backbone comparison")
     ap.add_argument("--subset", type=int, default=300, help="pairs per objective for --compare-backbones")
@@ -294,12 +291,13 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--try-proxies", action="store_true", help="only the better-proxy search (CV on train)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reward_models.json"))
-    args = ap.parse_args(argv)
-    torch.manual_seed(0)
+    args = start(ap.parse_args(argv))
+    torch.manual_seed(args.seed)
     t0 = time.time()
     if args.try_proxies:
         res = try_proxies()
         res["seconds"] = round(time.time() - t0, 1)
+        res["environment"] = environment()
         path = ROOT / "benchmarks" / "results" / "better_proxies.json"
         path.write_text(json.dumps(res, indent=2) + "\n")
         for o, r in res["objectives"].items():
@@ -316,6 +314,7 @@ def main(argv=None) -> int:
     if args.compare_backbones:
         result["backbones"] = compare_backbones(args.subset)
     result["seconds"] = round(time.time() - t0, 1)
+    result["environment"] = environment()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     a = result["accuracy"]

@@ -25,13 +25,25 @@ what exists (prompts every present run has answered).
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from _common import RESULTS, write_result
-from harness import dump, fmt, load_variants, markdown_table, parser, prompt_arrays, run_variants, summary_row
+from harness import (
+    best_of_n_at,
+    best_of_n_points,
+    dump,
+    fmt,
+    iv_list,
+    load_variants,
+    markdown_table,
+    parser,
+    prompt_arrays,
+    run_variants,
+    start,
+    summary_row,
+)
 from rmod_hh import heldout_prompts
 
 from moalign.evaluation import paired_diff_ci, paired_win_ci
@@ -66,7 +78,7 @@ def scorer_tokens_of_whole_responses(records: list[dict]) -> np.ndarray:
 
 
 def analyse(args, out_dir: Path) -> dict:
-    from moalign.evaluation.metrics import fit_norm_stats
+    from moalign.evaluation import fit_norm_stats
     from moalign.objectives.normalize import NormStats
     from moalign.records import meta_path
 
@@ -97,18 +109,7 @@ def analyse(args, out_dir: Path) -> dict:
         a = arrays(recs)
         a["scorer_tokens"] = scorer_tokens_of_whole_responses(recs)
         per_prompt.append(a)
-    bon = {}
-    for n in [m for m in (1, 2, 4, 8, 16, 32, 64) if m <= n_samples]:
-        rows = []
-        for a in per_prompt:
-            picks = [g * n + int(np.argmax(a["proxy_wc"][g * n : (g + 1) * n])) for g in range(n_samples // n)]
-            row = {k: v[picks].mean(0) for k, v in a.items() if k not in ("policy_tokens", "scorer_tokens",
-                                                                          "total_tokens")}  # fmt: skip
-            row["policy_tokens"] = a["policy_tokens"][:n].sum()
-            row["scorer_tokens"] = a["scorer_tokens"][:n].sum()
-            row["total_tokens"] = row["policy_tokens"] + row["scorer_tokens"]
-            rows.append(row)
-        bon[n] = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+    bon = best_of_n_points(per_prompt, n_samples)
     sample_pt = {k: np.array([a[k].mean(0) for a in per_prompt]) for k in per_prompt[0]}
     sample_pt["scorer_tokens"] = np.zeros(len(order))
     sample_pt["total_tokens"] = sample_pt["policy_tokens"]
@@ -116,18 +117,6 @@ def analyse(args, out_dir: Path) -> dict:
     def single(label):
         index = {r["prompt_id"]: r for r in runs[label]}
         return arrays([index[p] for p in order])
-
-    def bon_at(total: float) -> tuple[dict, str]:
-        ns = sorted(bon)
-        costs = [float(bon[n]["total_tokens"].mean()) for n in ns]
-        if total >= costs[-1]:
-            return bon[ns[-1]], f"best-of-{ns[-1]} (less compute: {costs[-1]:.0f})"
-        j = max(i for i, c in enumerate(costs) if c <= total)
-        lo, hi = ns[j], ns[j + 1]
-        w = (math.log(total) - math.log(costs[j])) / (math.log(costs[j + 1]) - math.log(costs[j]))
-        pt = {k: (1 - w) * bon[lo][k] + w * bon[hi][k] for k in bon[lo]}
-        n_eff = math.exp((1 - w) * math.log(lo) + w * math.log(hi))
-        return pt, f"best-of-N@matched (N≈{n_eff:.1f})"
 
     result: dict = {"n_prompts": len(order), "judges": judges, "by_k": {},
                     "best_of_n": {n: summary_row(bon[n], sample_pt) for n in bon}}  # fmt: skip
@@ -140,25 +129,25 @@ def analyse(args, out_dir: Path) -> dict:
           "what 'matched compute' holds equal)."]  # fmt: skip
     for k in args.ks:
         cd = f"cd-k{k}"
-        rms = [f"rmod-k{k}-lam{lam:g}" for lam in args.lams]
-        if cd not in runs or not all(r in runs for r in rms):
+        lams = [lam for lam in args.lams if f"rmod-k{k}-lam{lam:g}" in runs]  # the λ that have run at this K
+        if cd not in runs or not lams:
             continue
         pts = {"sample": sample_pt, f"CD-Uniform K={k}": single(cd)}
-        for lam, lab in zip(args.lams, rms):
-            pts[f"RMOD K={k} λ={lam:g}"] = single(lab)
-        total = float(np.mean([pts[f"RMOD K={k} λ={lam:g}"]["total_tokens"].mean() for lam in args.lams]))
-        bpt, bname = bon_at(total)
+        for lam in lams:
+            pts[f"RMOD K={k} λ={lam:g}"] = single(f"rmod-k{k}-lam{lam:g}")
+        total = float(np.mean([pts[f"RMOD K={k} λ={lam:g}"]["total_tokens"].mean() for lam in lams]))
+        bpt, bname = best_of_n_at(bon, total)
         pts[bname] = bpt
         rows = {name: summary_row(pt, sample_pt if name != "sample" else None) for name, pt in pts.items()}
         comps = {}
-        for lam in args.lams:
+        for lam in lams:
             r = pts[f"RMOD K={k} λ={lam:g}"]
             for other_name in (f"CD-Uniform K={k}", bname):
                 o = pts[other_name]
                 key = f"RMOD λ={lam:g} − {other_name.split(' (')[0]}"
-                comps[key] = {side: {"diff": list(_iv(paired_diff_ci(r[f"{side}_wc"], o[f"{side}_wc"]))),
-                                     "win_rate": list(_iv(paired_win_ci(r[f"{side}_wc"], o[f"{side}_wc"]))),
-                                     "per_objective": [list(_iv(paired_diff_ci(r[f"{side}_z"][:, j], o[f"{side}_z"][:, j])))
+                comps[key] = {side: {"diff": list(iv_list(paired_diff_ci(r[f"{side}_wc"], o[f"{side}_wc"]))),
+                                     "win_rate": list(iv_list(paired_win_ci(r[f"{side}_wc"], o[f"{side}_wc"]))),
+                                     "per_objective": [list(iv_list(paired_diff_ci(r[f"{side}_z"][:, j], o[f"{side}_z"][:, j])))
                                                        for j in range(2)]}
                               for side in ("proxy", "judge")}  # fmt: skip
         decides = {name: [float(np.mean(pt["judge_z"].argmin(1) == j)) for j in range(2)] for name, pt in pts.items()
@@ -185,12 +174,9 @@ def analyse(args, out_dir: Path) -> dict:
     return result
 
 
-def _iv(iv) -> tuple[float, float, float]:
-    return round(float(iv.estimate), 4), round(float(iv.low), 4), round(float(iv.high), 4)
-
 
 def main() -> None:
-    ap = parser(__doc__.splitlines()[0], prompts=200, out_dir=OUT)
+    ap = parser(__doc__.splitlines()[0], prompts=200, out_dir=OUT, batch_size=8)
     ap.add_argument("--ks", default="8,4,16", help="candidates per block, the first run first")
     ap.add_argument("--lams", default="0.5,5")
     ap.add_argument("--samples", type=int, default=SAMPLES, help="plain samples per prompt (best-of-N, judge z)")
@@ -199,9 +185,7 @@ def main() -> None:
     args = ap.parse_args()
     args.ks = [int(x) for x in args.ks.split(",")]
     args.lams = [float(x) for x in args.lams.split(",")]
-    import torch
-
-    torch.set_num_threads(args.threads)
+    start(args)
     out = Path(args.out_dir)
     if not args.analyse_only:
         run_variants(variants(args), heldout_prompts(args.prompts, offset=args.offset), out,

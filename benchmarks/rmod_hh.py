@@ -18,18 +18,18 @@ proxy-only version of this benchmark is not part of the re-measure.)
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, SHARED_DATA, write_result
+from harness import RESULTS, SHARED_DATA, fmt, iv_list, mean_cis, parser, start, write_result
 
 from moalign.config import GenerateConfig
 from moalign.data.pairs import load_pairs, split_pairs
 from moalign.data.prompts import Prompt
+from moalign.evaluation import paired_diff_ci, paired_win_ci
 
 OUT_DIR = RESULTS / "overopt"  # runs shared with benchmarks/overoptimisation.py (gitignored)
 
@@ -92,9 +92,7 @@ def load_judged(out_dir: Path, labels: list[str], judge_dir: Path | None = None)
     ``RUN.judges.jsonl``). Returns ``{"runs": {label: records}, "prompts": [ids], "judges": [names],
     "proxy_norm": NormStats, "judge_norm": NormStats}``; judge z-scores are fitted on ``sample16`` (all the
     policy's samples on these prompts), proxy z-scores are the runs' own (shipped) statistics."""
-    from moalign.evaluation.evaluate import parse_judges, score_judges
-    from moalign.evaluation.judges import ensure_judges, judge_specs
-    from moalign.evaluation.metrics import fit_norm_stats
+    from moalign.evaluation import ensure_judges, fit_norm_stats, judge_specs, parse_judges, score_judges
     from moalign.objectives.normalize import NormStats
     from moalign.records import meta_path, read_records
 
@@ -180,42 +178,26 @@ def sample_mean_point(data: dict) -> dict:
     return out
 
 
-def ci(x, n_boot: int = 2000) -> list[float]:
-    from moalign.evaluation.metrics import bootstrap_ci
-
-    est, lo, hi = bootstrap_ci(lambda a: np.mean(a, axis=0), np.asarray(x, float), n_boot=n_boot, seed=0)
-    return np.round(np.stack([est, lo, hi], -1), 4).tolist()
+def paired(a, b) -> list[float]:
+    """Paired mean difference ``a - b`` over prompts with its bootstrap CI."""
+    return iv_list(paired_diff_ci(np.asarray(a, float), np.asarray(b, float)))
 
 
-def paired(a, b, n_boot: int = 2000) -> list[float]:
-    from moalign.evaluation.metrics import bootstrap_ci
-
-    return [round(float(v), 4) for v in bootstrap_ci(lambda x, y: float(np.mean(x - y)), np.asarray(a, float),
-                                                     np.asarray(b, float), n_boot=n_boot, seed=0)]  # fmt: skip
-
-
-def win(a, b, n_boot: int = 2000) -> list[float]:
+def win(a, b) -> list[float]:
     """Share of prompts where ``a`` beats ``b`` (ties 1/2), with a bootstrap CI."""
-    ind = (np.asarray(a) > np.asarray(b)) + 0.5 * (np.asarray(a) == np.asarray(b))
-    return ci(ind.astype(float), n_boot)
+    return iv_list(paired_win_ci(np.asarray(a, float), np.asarray(b, float)))
 
 
 def summarise(point: dict, ref: dict | None = None) -> dict:
-    row = {"n_prompts": len(point["proxy_wc"]), "proxy_worst_case_z": ci(point["proxy_wc"]),
-           "judge_worst_case_z": ci(point["judge_wc"]), "proxy_means_raw": ci(point["proxy_raw"]),
-           "judge_means_raw": ci(point["judge_raw"]), "words": ci(point["words"]),
+    row = {"n_prompts": len(point["proxy_wc"]), "proxy_worst_case_z": mean_cis(point["proxy_wc"]),
+           "judge_worst_case_z": mean_cis(point["judge_wc"]), "proxy_means_raw": mean_cis(point["proxy_raw"]),
+           "judge_means_raw": mean_cis(point["judge_raw"]), "words": mean_cis(point["words"]),
            "forward_tokens": round(float(point["forward_tokens"].mean()), 1)}  # fmt: skip
     if ref is not None:
         for side in ("proxy", "judge"):
             row[f"{side}_worst_case_diff"] = paired(point[f"{side}_wc"], ref[f"{side}_wc"])
             row[f"{side}_win_rate"] = win(point[f"{side}_wc"], ref[f"{side}_wc"])
     return row
-
-
-def _f(iv, signed: bool = False) -> str:
-    e, lo, hi = iv
-    s = "+" if signed else ""
-    return f"{e:{s}.3f} [{lo:{s}.3f}, {hi:{s}.3f}]"
 
 
 def analyse(args, out_dir: Path) -> dict:
@@ -247,8 +229,8 @@ def analyse(args, out_dir: Path) -> dict:
           "JUDGE harmless (raw) | JUDGE worst case (z) | words |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in rows.items():
         pm, jm = r["proxy_means_raw"], r["judge_means_raw"]
-        md.append(f"| {name} | {pm[0][0]:+.3f} | {pm[1][0]:+.3f} | {_f(r['proxy_worst_case_z'], True)} | "
-                  f"{jm[0][0]:+.3f} | {jm[1][0]:+.3f} | {_f(r['judge_worst_case_z'], True)} | "
+        md.append(f"| {name} | {pm[0][0]:+.3f} | {pm[1][0]:+.3f} | {fmt(r['proxy_worst_case_z'], True)} | "
+                  f"{jm[0][0]:+.3f} | {jm[1][0]:+.3f} | {fmt(r['judge_worst_case_z'], True)} | "
                   f"{r['words'][0]:.1f} [{r['words'][1]:.1f}, {r['words'][2]:.1f}] |")  # fmt: skip
     md += ["", "Paired by prompt against CD-Uniform (worst case, z; win rate: share of prompts with a higher worst "
            "case, ties 1/2):", "", "| method | PROXY diff | PROXY win rate | JUDGE diff | JUDGE win rate |",
@@ -256,8 +238,8 @@ def analyse(args, out_dir: Path) -> dict:
     for name, r in rows.items():
         if "vs_cd_uniform" in r:
             v = r["vs_cd_uniform"]
-            md.append(f"| {name} − CD-Uniform | {_f(v['proxy']['diff'], True)} | {_f(v['proxy']['win_rate'])} | "
-                      f"{_f(v['judge']['diff'], True)} | {_f(v['judge']['win_rate'])} |")  # fmt: skip
+            md.append(f"| {name} − CD-Uniform | {fmt(v['proxy']['diff'], True)} | {fmt(v['proxy']['win_rate'])} | "
+                      f"{fmt(v['judge']['diff'], True)} | {fmt(v['judge']['win_rate'])} |")  # fmt: skip
     (RESULTS / "rmod_hh.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return {"n_prompts": n, "rows": rows, "judge_norm": data["judge_norm"].to_dict(),
@@ -265,20 +247,11 @@ def analyse(args, out_dir: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=200)
+    ap = parser(__doc__.splitlines()[0], prompts=200, out_dir=OUT_DIR, batch_size=8, seed=0, threads=1)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--lams", default="0.1,1,5")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--out-dir", default=str(OUT_DIR))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    ap.add_argument("--analyse-only", action="store_true", help="only analyse the runs there are")
-    args = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
+    args = start(ap.parse_args())
     out = Path(args.out_dir)
     labels = ["sample16", "cd-k8"] + [f"rmod-k8-lam{float(x):g}" for x in args.lams.split(",")]
     if not args.analyse_only:
@@ -291,8 +264,8 @@ def main() -> None:
     summary = f"rmod_hh: {res['n_prompts']} prompts"
     if best and "vs_cd_uniform" in r[best]:
         v = r[best]["vs_cd_uniform"]
-        summary += (f"; {best} − CD-Uniform worst case: PROXY {_f(v['proxy']['diff'], True)}, "
-                    f"JUDGE {_f(v['judge']['diff'], True)}")  # fmt: skip
+        summary += (f"; {best} − CD-Uniform worst case: PROXY {fmt(v['proxy']['diff'], True)}, "
+                    f"JUDGE {fmt(v['judge']['diff'], True)}")  # fmt: skip
     write_result("rmod_hh", {"args": vars(args), **res}, summary)
 
 

@@ -9,12 +9,11 @@ weights versus the worst-case weights solved every block. Same seeds, so both sa
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from dataclasses import replace
 
-from _common import SHARED_DATA, write_result
+from harness import SHARED_DATA, parser, write_result
 
 from moalign.config import GenerateConfig
 from moalign.data.prompts import load_prompts
@@ -24,8 +23,7 @@ from moalign.policies import load_policy
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=8)
+    ap = parser(__doc__.splitlines()[0], prompts=8, seed=None, threads=None)  # torch's default threads
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=48)

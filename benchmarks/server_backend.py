@@ -20,7 +20,6 @@ prompt tokens it was sent (what its prefix cache may save). Policy load and serv
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from dataclasses import replace
@@ -30,7 +29,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from _common import write_result  # noqa: E402
+from harness import parser, start, write_result  # noqa: E402
 from llama_server import LlamaServer, NativeLlamaServer  # noqa: E402  (scripts/, on the path through _common)
 
 from moalign.config import GenerateConfig  # noqa: E402
@@ -110,15 +109,13 @@ def _installed_native() -> str | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=4)
+    ap = parser(__doc__.splitlines()[0], prompts=4, seed=None, threads=1)  # the engine's process: 1 thread
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--max-concurrency", type=int, default=8)
     ap.add_argument("--native", default=None, help="llama.cpp's llama-server binary (default: the installed one)")
     ap.add_argument("--parallel", type=int, default=32, help="llama.cpp's slots (--parallel): every row of the batch at once")
-    args = ap.parse_args()
+    args = start(ap.parse_args())
     native = args.native or _installed_native()
-    torch.set_num_threads(1)
     prompts = load_prompts(demo_prompts_path(), limit=args.prompts)
     objectives = resolve_objectives("helpful,harmless")
     scorer = ObjectiveScorer(objectives, shipped_norm_stats(DEFAULT_POLICY).subset(["helpful", "harmless"]))

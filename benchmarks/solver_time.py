@@ -12,7 +12,6 @@ Writes ``benchmarks/results/solver_time.json`` and prints one summary line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import environment, parser
 
 from moalign.decoding.weights import solve_worst_case_weights
 
@@ -54,16 +54,12 @@ def _time_solver(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--candidates", type=int, default=16)
-    parser.add_argument("--objectives", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "solver_time.json"
-    )
-    args = parser.parse_args()
+    ap = parser(__doc__.splitlines()[0], prompts=8, seed=0, threads=None)  # threads: both 1 and torch's default
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--candidates", type=int, default=16)
+    ap.add_argument("--objectives", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "solver_time.json")
+    args = ap.parse_args()
     p, k, g = args.prompts, args.candidates, args.objectives
 
     default_threads = torch.get_num_threads()
@@ -89,6 +85,7 @@ def main() -> None:
             "statistic": "median wall time of one batched solve",
         },
         "environment": {
+            **environment(),
             "torch": torch.__version__,
             "python": platform.python_version(),
             "platform": platform.platform(),

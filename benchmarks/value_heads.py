@@ -9,12 +9,11 @@ is the complete response) and the time a decode-time value call takes for K cand
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
-from _common import write_result
+from harness import parser, write_result
 
 from moalign.cli import add_dataclass_flags, config_from_args
 from moalign.decoding.value_heads import load_value_function
@@ -22,9 +21,9 @@ from moalign.training.values import TrainValuesConfig, format_report, train_valu
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_flags(parser, TrainValuesConfig)
-    args = parser.parse_args()
+    ap = parser(__doc__.splitlines()[0], seed=None, threads=None)  # TrainValuesConfig's own flags (--seed among them)
+    add_dataclass_flags(ap, TrainValuesConfig)
+    args = ap.parse_args()
     cfg = config_from_args(TrainValuesConfig, args, output_dir="runs/value_heads")
     res = train_values(cfg)
     print(json.dumps({k: res[k] for k in ("data", "fit", "seconds")}, default=str))

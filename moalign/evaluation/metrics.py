@@ -62,6 +62,7 @@ __all__ = [
     "paired_diff_ci",
     "paired_win_ci",
     "per_objective_mean",
+    "response_words",
     "worst_case",
     "worst_case_win_indicator",
     "worst_case_win_rate",
