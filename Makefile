@@ -3,6 +3,9 @@
 # only what the main job needs, the tests also the test tools and the local llama.cpp server.
 PYTHON ?= python3
 export HF_HUB_OFFLINE ?= 1
+# test processes (pytest-xdist; each runs torch with one intra-op thread, tests/conftest.py): two on the 2-core
+# machine this project is tested on; `make test WORKERS=1` runs the suite in one process
+WORKERS ?= 2
 
 .PHONY: setup setup-demo demo test lint mutation
 
@@ -17,7 +20,7 @@ demo: setup-demo
 
 test: setup
 	ruff check .
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -p no:benchmark $(if $(filter-out 1,$(WORKERS)),-n $(WORKERS) --dist worksteal)
 
 lint: setup
 	ruff check .
