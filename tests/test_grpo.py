@@ -173,10 +173,16 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(tiny_policy_dir, tmp_
 
 @pytest.mark.real
 def test_real_policy_and_shipped_reward_models_one_lora_step(shared_data, tmp_path):
+    from moalign.data.prompts import load_prompts
     from moalign.training.grpo import train_grpo
 
-    cfg = _cfg(tmp_path, shared_data / "hh-helpful-base-test.jsonl.gz", criterion=["helpful:bon:2", "harmless:bon:2"],
-               limit=2, skip_invalid=True, use_lora=True, lora_r=4, max_completion_length=8)  # fmt: skip
+    # the two shortest of the first 60 real HH prompts: the step's forward and backward cost scales with length
+    real = load_prompts(str(shared_data / "hh-helpful-base-test.jsonl.gz"), limit=60, skip_invalid=True)
+    short = sorted(real, key=lambda p: len(p.text))[:2]
+    prompts = tmp_path / "short.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in short))
+    cfg = _cfg(tmp_path, prompts, criterion=["helpful:bon:2", "harmless:bon:2"], use_lora=True, lora_r=4,
+               max_completion_length=8)  # fmt: skip
     res = train_grpo(cfg)
     assert res["steps"] == 1 and res["kind"] == "lora"
     assert res["normalisation"] is not None  # z-scored with the statistics shipped for the bundled policy
