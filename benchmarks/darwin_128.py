@@ -27,6 +27,7 @@ from darwin_mtbench import load_prompt_set
 from harness import (
     best_of_n_at,
     best_of_n_points,
+    ci,
     dump,
     fmt,
     iv_list,
@@ -104,6 +105,31 @@ def mc_points(records: list[dict], order: list[str], judges: list[str], pnorm, j
     return out
 
 
+def mutation_stats(records: list[dict], sample: int = 50, seed: int = 1) -> dict:
+    """Usable rewrites per mutation (share of the n beams, by cycle; cycle 1 mutates the original instruction),
+    the verdicts of the judged replies, and ``sample`` replies drawn at random for a hand check of the rule."""
+    import random
+    from collections import Counter
+
+    shares: dict[int, list[float]] = {}
+    replies = []
+    for r in records:
+        for e in r["trace"]:
+            m = e.get("mutation")
+            if not m:
+                continue
+            shares.setdefault(e["cycle"], []).append(m["parsed"] / BEAMS)
+            replies += [{"prompt_id": r["prompt_id"], "cycle": e["cycle"], "instruction": e["parent"], "reply": rep,
+                         "verdict": v} for rep, v in zip(m.get("replies", []), m.get("verdicts", []))
+                        if v != "enough rewrites"]  # fmt: skip
+    every = [s for c in sorted(shares) for s in shares[c]]
+    rows = {f"cycle {c}": shares[c] for c in sorted(shares)} | {"all cycles": every}
+    return {"usable_share": {k: {"mutations": len(v), "share": ci(np.mean, np.array(v), digits=3),
+                                 "all_n": round(float(np.mean(np.array(v) == 1.0)), 3)} for k, v in rows.items() if v},
+            "verdicts": dict(Counter(x["verdict"] for x in replies).most_common()),
+            "sample": random.Random(seed).sample(replies, min(sample, len(replies)))}  # fmt: skip
+
+
 def analyse(args, out_dir: Path) -> dict:
     import json
 
@@ -166,6 +192,14 @@ def analyse(args, out_dir: Path) -> dict:
                markdown_table(["method", "prompts", "n", "PROXY worst case (z)", "JUDGE worst case (z)", "words",
                                "policy + scorer tokens", "best-of-N at that compute", "PROXY diff vs it",
                                "JUDGE diff vs it", "JUDGE win rate vs it"], table)]  # fmt: skip
+        if method == "darwin":
+            mut = mutation_stats(runs[method])
+            result["mutation"] = {k: v for k, v in mut.items() if k != "sample"}
+            dump(RESULTS / "darwin_128_mutation_sample.json", mut["sample"])
+            md += ["", "Usable rewrites per mutation (share of the 5 beams; the rule `parse_rewrite`; cycle 1 mutates "
+                   "the original instruction): " + "; ".join(f"{k} {fmt(v['share'])} ({v['mutations']} mutations, "
+                   f"all 5: {v['all_n']:.2f})" for k, v in mut["usable_share"].items())
+                   + ". Verdicts of the judged replies: " + ", ".join(f"{k} {n}" for k, n in mut["verdicts"].items())]  # fmt: skip
     md += ["", "best-of-N from the samples (all prompts): " + "; ".join(
         f"N={n}: PROXY {fmt(_mean_iv(bon[n]['proxy_wc']), True)}, JUDGE {fmt(_mean_iv(bon[n]['judge_wc']), True)}, "
         f"{bon[n]['total_tokens'].mean():.0f} tokens" for n in sorted(bon))]  # fmt: skip
