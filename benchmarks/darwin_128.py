@@ -33,6 +33,7 @@ from harness import (
     iv_list,
     load_variants,
     markdown_table,
+    mean_cis,
     parser,
     prompt_arrays,
     run_variants,
@@ -40,7 +41,7 @@ from harness import (
     summary_row,
 )
 
-from moalign.evaluation import mean_ci, paired_diff_ci, paired_win_ci
+from moalign.evaluation import paired_diff_ci, paired_win_ci
 
 OUT = RESULTS / "darwin_128"
 OBJ = ["helpful", "harmless"]
@@ -201,16 +202,13 @@ def analyse(args, out_dir: Path) -> dict:
                    f"all 5: {v['all_n']:.2f})" for k, v in mut["usable_share"].items())
                    + ". Verdicts of the judged replies: " + ", ".join(f"{k} {n}" for k, n in mut["verdicts"].items())]  # fmt: skip
     md += ["", "best-of-N from the samples (all prompts): " + "; ".join(
-        f"N={n}: PROXY {fmt(_mean_iv(bon[n]['proxy_wc']), True)}, JUDGE {fmt(_mean_iv(bon[n]['judge_wc']), True)}, "
+        f"N={n}: PROXY {fmt(mean_cis(bon[n]['proxy_wc']), True)}, JUDGE {fmt(mean_cis(bon[n]['judge_wc']), True)}, "
         f"{bon[n]['total_tokens'].mean():.0f} tokens" for n in sorted(bon))]  # fmt: skip
     (RESULTS / "darwin_128.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return result
 
 
-
-def _mean_iv(x) -> list[float]:
-    return iv_list(mean_ci(x))
 
 
 def main() -> None:

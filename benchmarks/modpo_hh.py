@@ -54,9 +54,6 @@ def _mean(a):
     return float(np.mean(a))
 
 
-_worst = worst_of_means
-
-
 def generate(model, tok, prompts, max_new_tokens, seed, batch=8):
     from moalign.decoding.backend import SamplingConfig
     from moalign.decoding.in_process import TransformersBackend
@@ -226,7 +223,7 @@ def report(args, out: Path, data, held, wr_prompts) -> None:
                 }
             )
             r["heldout_accuracy"] = {n: _ci(_mean, accs[c][n]) for n in names}
-            r["heldout_accuracy_worst"] = _ci(_worst, *[accs[c][n] for n in names])
+            r["heldout_accuracy_worst"] = _ci(worst_of_means, *[accs[c][n] for n in names])
         if judges:
             gens = json.loads((d / "generations.json").read_text())
             wins[c] = {}
@@ -235,7 +232,7 @@ def report(args, out: Path, data, held, wr_prompts) -> None:
                 s_gen = judges[n].score([p.prompt.text for p in ps], gens[n]).numpy()
                 wins[c][n] = (s_gen > chosen_scores[n]).astype(float) + 0.5 * (s_gen == chosen_scores[n])
             r["winrate"] = {n: _ci(_mean, wins[c][n]) for n in names}
-            r["winrate_worst"] = _ci(_worst, *[wins[c][n] for n in names])
+            r["winrate_worst"] = _ci(worst_of_means, *[wins[c][n] for n in names])
         results["combiners"][c] = r
     # paired differences vs linear (same held-out pairs / prompts for every combiner)
     for c in results["combiners"]:
@@ -244,10 +241,10 @@ def report(args, out: Path, data, held, wr_prompts) -> None:
         r = results["combiners"][c]
         if c in accs and "linear" in accs:
             arr = [accs[c][n] for n in names] + [accs["linear"][n] for n in names]
-            r["heldout_worst_minus_linear"] = _ci(lambda *a: _worst(*a[:2]) - _worst(*a[2:]), *arr)
+            r["heldout_worst_minus_linear"] = _ci(lambda *a: worst_of_means(*a[:2]) - worst_of_means(*a[2:]), *arr)
         if c in wins and "linear" in wins:
             arr = [wins[c][n] for n in names] + [wins["linear"][n] for n in names]
-            r["winrate_worst_minus_linear"] = _ci(lambda *a: _worst(*a[:2]) - _worst(*a[2:]), *arr)
+            r["winrate_worst_minus_linear"] = _ci(lambda *a: worst_of_means(*a[:2]) - worst_of_means(*a[2:]), *arr)
     (out.parent / f"{out.name}.json").write_text(json.dumps(results, indent=2))
 
     def f(ci):

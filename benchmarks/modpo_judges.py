@@ -49,9 +49,6 @@ def heldout_prompt_pairs(name: str, n: int) -> list:
     return uniq[:n]
 
 
-_worst = worst_of_means
-
-
 def main(argv=None) -> int:
     # --out-dir (or --out): modpo_hh.py's runs folder
     ap = parser(__doc__.splitlines()[0], out_dir=RESULTS / "modpo_hh", out_alias="--out", analyse_only=False,
@@ -82,7 +79,7 @@ def main(argv=None) -> int:
                 sc = s[n].score([p.prompt.text for p in held[n]], g).numpy()
                 wins[c][side][n] = tie_wins(sc, chosen[side][n])
                 row["winrate"].setdefault(side, {})[n] = ci(np.mean, wins[c][side][n], digits=4)
-            row["winrate_worst"][side] = ci(_worst, wins[c][side]["helpful"], wins[c][side]["harmless"], digits=4)
+            row["winrate_worst"][side] = ci(worst_of_means, wins[c][side]["helpful"], wins[c][side]["harmless"], digits=4)
         for n in FILES:
             row["words"][n] = ci(np.mean, np.array([len(x.split()) for x in gens[n][: len(held[n])]], float), digits=4)
         summ = out / c / "summary.json"
@@ -96,7 +93,7 @@ def main(argv=None) -> int:
         if c in ("base", "linear") or "linear" not in wins:
             continue
         rows[c]["worst_minus_linear"] = {
-            side: ci(lambda a, b, x, y: _worst(a, b) - _worst(x, y), wins[c][side]["helpful"],
+            side: ci(lambda a, b, x, y: worst_of_means(a, b) - worst_of_means(x, y), wins[c][side]["helpful"],
                       wins[c][side]["harmless"], wins["linear"][side]["helpful"], wins["linear"][side]["harmless"], digits=4)
             for side in scorers
         }  # fmt: skip
