@@ -265,6 +265,7 @@ def test_one_line_errors_with_a_running_server(llama_server, run_cli, prompts_fi
 
 
 @pytest.mark.real
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python[server] is not installed: bash scripts/install_server.sh")
 def test_api_key_from_the_environment(run_cli, prompts_file, tmp_path, monkeypatch):
     with LlamaServer(n_batch=1, extra=["--api_key", "sekret"], log=tmp_path / "server.log") as srv:
         base = ["generate", "--backend", "server", "--base-url", srv.base_url, "--prompts", prompts_file,
