@@ -2,7 +2,8 @@
 plots.
 
 The metrics import with numpy only; the judge helpers (:func:`ensure_judges`, :func:`judge_specs`,
-:func:`parse_judges`, :func:`score_judges`, :func:`rank_agreement`) load on first use.
+:func:`parse_judges`, :func:`score_judges`, :func:`rank_agreement`) and :func:`sampled_kl` (a policy's KL to its
+reference) load on first use.
 """
 
 from moalign.evaluation.metrics import (
@@ -31,6 +32,7 @@ _LAZY = {
     "judge_specs": "moalign.evaluation.judges",
     "parse_judges": "moalign.evaluation.evaluate",
     "rank_agreement": "moalign.evaluation.judges",
+    "sampled_kl": "moalign.evaluation.kl",
     "score_judges": "moalign.evaluation.evaluate",
 }
 
@@ -61,6 +63,7 @@ __all__ = [
     "per_objective_mean",
     "rank_agreement",
     "response_words",
+    "sampled_kl",
     "score_judges",
     "worst_case",
     "worst_case_win_indicator",
