@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--modes", default="one,list", help="mutation modes to measure")
     ap.add_argument("--sample-seed", type=int, default=0, help="seed of the 50 replies drawn for the hand check")
+    ap.add_argument("--oversample", type=int, default=None, help="--mutation-oversample (default: the library's)")
+    ap.add_argument("--out-name", default="darwin_mutation", help="results file names (RESULTS/<name>{.json,.md,_sample.*})")
     args = start(ap.parse_args())
     prompts = load_prompts(str(SHARED_DATA / "mt-bench-questions.jsonl"), limit=args.per_source) + load_prompts(
         str(SHARED_DATA / "vicuna-bench-questions.jsonl"), limit=args.per_source
@@ -48,7 +50,8 @@ def main() -> None:
     out: dict = {}
     replies_one: list[tuple[str, str, str]] = []
     for mode in args.modes.split(","):
-        cfg = GenerateConfig(method="darwin", mutations=args.mutations, mutation_mode=mode, normalize="none")
+        extra = {} if args.oversample is None else {"mutation_oversample": args.oversample}
+        cfg = GenerateConfig(method="darwin", mutations=args.mutations, mutation_mode=mode, normalize="none", **extra)
         decoder = DarwinDecoder(MethodContext(cfg, policy, backend, scorer), cfg.method_args(), mutate=True,
                                 replace=True)  # fmt: skip
         shares, tokens, verdicts = [], [], Counter()
@@ -61,7 +64,8 @@ def main() -> None:
                 tokens.append(i["forward_tokens"])
                 if mode == "one":
                     verdicts.update(i["verdicts"])
-                    replies_one += [(p.messages[-1]["content"], r, v) for r, v in zip(i["replies"], i["verdicts"])]
+                    replies_one += [(p.messages[-1]["content"], r, v) for r, v in zip(i["replies"], i["verdicts"])
+                                    if v != "enough rewrites"]  # rows cut once n were usable: not replies
                 else:
                     verdicts.update([f"{i['parsed']} items"])
             print(mode, first + len(batch), f"{np.mean(shares):.3f}", flush=True)
@@ -82,19 +86,19 @@ def main() -> None:
     for j, (ins, rep, v) in enumerate(sample, 1):
         cell = lambda t: t.replace("|", "\\|").replace("\n", " ⏎ ")[:220]  # noqa: E731
         lines.append(f"| {j} | {cell(ins)} | {cell(rep)} | {v} |")
-    (RESULTS / "darwin_mutation_sample.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "darwin_mutation_sample.json").write_text(json.dumps(sample, indent=1))
+    (RESULTS / f"{args.out_name}_sample.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.out_name}_sample.json").write_text(json.dumps(sample, indent=1))
     md = ["| mode | usable rewrites per prompt (share of n) | prompts with all n | with none | policy tokens / prompt | s / prompt |",
           "|---|---|---|---|---|---|"]  # fmt: skip
     for mode, r in out.items():
         e, lo, hi = r["usable_share"]
         md.append(f"| {mode} | {e:.3f} [{lo:.3f}, {hi:.3f}] | {r['all_n']:.3f} | {r['none']:.3f} | "
                   f"{r['policy_tokens_per_prompt']:.0f} | {r['seconds_per_prompt']:.2f} |")  # fmt: skip
-    (RESULTS / "darwin_mutation.md").write_text("\n".join(md) + "\n")
-    summary = (f"darwin_mutation: usable rewrites per prompt, {len(prompts)} MT-Bench+Vicuna prompts, n={args.mutations}: "
+    (RESULTS / f"{args.out_name}.md").write_text("\n".join(md) + "\n")
+    summary = (f"{args.out_name}: usable rewrites per prompt, {len(prompts)} MT-Bench+Vicuna prompts, n={args.mutations}: "
                + ", ".join(f"{m} {r['usable_share'][0]:.3f} [{r['usable_share'][1]:.3f}, {r['usable_share'][2]:.3f}]"
                            for m, r in out.items()))  # fmt: skip
-    write_result("darwin_mutation", {"config": vars(args), "prompts": len(prompts), "results": out}, summary)
+    write_result(args.out_name, {"config": vars(args), "prompts": len(prompts), "results": out}, summary)
 
 
 if __name__ == "__main__":

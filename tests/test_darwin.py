@@ -223,6 +223,26 @@ def test_parse_rewrite_tells_rewrites_from_answers(reply, finished, verdict):
         assert "\n" not in text
 
 
+@pytest.mark.parametrize(
+    "reply, verdict",
+    [
+        ("Write a post about a recent trip to Hawaii, highlighting its culture.", "ok"),
+        ("Can you write a blog post on your trip to Hawaii and its sights?", "ok"),  # a question that still asks for it
+        ("How would you write a blog post about a trip to Hawaii?", "ok"),  # names the making verb
+        ("What is the purpose of a blog post about a recent trip to Hawaii?", "different request"),
+        ("Why do people write blog posts about Hawaii?", "ok"),  # names 'write': left to the other checks
+        ("Rewrite this instruction as a short blog post about Hawaii.", "meta"),  # the request echoed
+    ],
+)
+def test_parse_rewrite_keeps_the_kind_of_request(reply, verdict):
+    from moalign.decoding.darwin import parse_rewrite
+
+    instruction = "Write a blog post about a recent trip to Hawaii that highlights cultural experiences."
+    assert parse_rewrite(reply, instruction)[1] == verdict
+    # the same wh-question rewrites an instruction that asks a question or to explain
+    assert parse_rewrite("What makes Hawaii's culture worth a visit?", "Explain what makes Hawaii's culture special.")[1] == "ok"
+
+
 def test_rewrite_request_is_few_shot_or_the_users_template(tmp_path):
     from moalign.decoding.darwin import REWRITE_EXAMPLES, rewrite_request
 

@@ -77,6 +77,14 @@ _ANSWER_OPENERS = ("sure", "certainly", "of course", "here is", "here's", "here 
 _WH = {"what", "where", "when", "why", "how", "which", "who", "whose", "whom"}
 #: first words a statement shares with many instructions, which say nothing about the reply's form
 _NOT_REQUEST_WORDS = {"the", "a", "an", "this", "that", "these", "those", "it", "i", "you", "we", "they", "in", "if"}
+#: verbs that ask for something to be made or played (a text, a plan, a role): an instruction opening with one is
+#: not rewritten by a wh-question that names none of them ("Write a blog post about Hawaii" -> "What is the
+#: purpose of a blog post about Hawaii?" asks something else)
+_PRODUCE_VERBS = {
+    "write", "draft", "craft", "compose", "create", "generate", "design", "develop", "imagine", "pretend", "act",
+    "plan", "prepare", "produce", "build", "construct", "edit", "translate", "rewrite", "outline", "summarize",
+    "summarise", "brainstorm", "invent", "devise", "formulate", "code", "implement",
+}  # fmt: skip
 _STOPWORDS = {"the", "and", "for", "with", "that", "this", "your", "you", "what", "how", "are", "can", "about",
               "from", "into", "some", "there", "their", "have", "will", "would", "could", "should", "please"}  # fmt: skip
 
@@ -177,7 +185,10 @@ def parse_rewrite(reply: str, instruction: str, finished: bool = True) -> tuple[
     - on the instruction's topic: it shares a content word with it ("off-topic"), and has none of the worked
       examples' words that the instruction lacks ("example leak");
     - not much longer than the instruction (3x its words + 10: "too long"), and not the instruction itself
-      ("copy").
+      ("copy");
+    - not the request echoed ("Rewrite this instruction ...": "meta"), and not a wh-question in place of an
+      instruction to make or play something ("Write a blog post about X" -> "What is the purpose of a blog post
+      about X?": "different request"; a question that names a making verb, "How would you write ...", stays).
     """
     if not finished:
         return None, "truncated"
@@ -203,6 +214,12 @@ def parse_rewrite(reply: str, instruction: str, finished: bool = True) -> tuple[
             return None, "answer"
     if "the answer" in low.split("?", 1)[-1] and "?" in text:
         return None, "answer"
+    if "instruction" in low and "instruction" not in instruction.lower():
+        return None, "meta"  # "Rewrite this instruction with ...": the request echoed, not rewritten
+    instr_words = re.findall(r"[a-z']+", instruction.lower())
+    if (first in _WH and not low.startswith(("how to ", "what to write")) and instr_words
+            and instr_words[0] in _PRODUCE_VERBS and not set(re.findall(r"[a-z']+", low)) & _PRODUCE_VERBS):
+        return None, "different request"
     words, instr = _content_words(text), _content_words(instruction)
     if not words & instr:
         return None, "off-topic"
