@@ -34,6 +34,7 @@ from moalign.policies import load_policy
 def main() -> None:
     ap = parser(__doc__.splitlines()[0], seed=0, threads=2)
     ap.add_argument("--per-source", type=int, default=80)
+    ap.add_argument("--offset", type=int, default=0, help="questions skipped per source (unseen prompts for a hand check)")
     ap.add_argument("--mutations", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--modes", default="one,list", help="mutation modes to measure")
@@ -41,9 +42,9 @@ def main() -> None:
     ap.add_argument("--oversample", type=int, default=None, help="--mutation-oversample (default: the library's)")
     ap.add_argument("--out-name", default="darwin_mutation", help="results file names (RESULTS/<name>{.json,.md,_sample.*})")
     args = start(ap.parse_args())
-    prompts = load_prompts(str(SHARED_DATA / "mt-bench-questions.jsonl"), limit=args.per_source) + load_prompts(
-        str(SHARED_DATA / "vicuna-bench-questions.jsonl"), limit=args.per_source
-    )
+    lim, off = args.offset + args.per_source, args.offset
+    prompts = (load_prompts(str(SHARED_DATA / "mt-bench-questions.jsonl"), limit=lim)[off:]
+               + load_prompts(str(SHARED_DATA / "vicuna-bench-questions.jsonl"), limit=lim)[off:])  # fmt: skip
     policy = load_policy()
     backend = TransformersBackend(policy)
     scorer = ObjectiveScorer([CallableObjective("none", lambda p, r: [0.0] * len(p))])

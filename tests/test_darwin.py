@@ -243,6 +243,29 @@ def test_parse_rewrite_keeps_the_kind_of_request(reply, verdict):
     assert parse_rewrite("What makes Hawaii's culture worth a visit?", "Explain what makes Hawaii's culture special.")[1] == "ok"
 
 
+@pytest.mark.parametrize(
+    "instruction, reply, verdict",
+    [
+        ("David has three sisters. Each of them has one brother. How many brothers does David have?",
+         "How many brothers does David have?", "premise dropped"),  # the set-up the question needs is gone
+        ("David has three sisters. Each of them has one brother. How many brothers does David have?",
+         "If David has three sisters, each with one brother, how many brothers does David have?", "ok"),
+        ("Given that f(x) = 4x^3 - 9x - 14, find the value of f(2).", "What is the value of f(2)?", "premise dropped"),
+        ("Given that f(x) = 4x^3 - 9x - 14, find the value of f(2).", "Compute f(2) for f(x) = 4x^3 - 9x - 14.", "ok"),
+        ("Explain what a language model is to a customer.", "What is a language model? It's a program that writes.",
+         "answer"),  # asks, then answers its own question
+        ("Explain what a language model is to a customer.", "What is a language model? Explain it simply to a customer.",
+         "ok"),
+        ("How would you introduce yourself as a knight at a royal banquet?",
+         "Introduce yourself as a knight at a royal banquet.", "ok"),  # an imperative request
+    ],
+)
+def test_parse_rewrite_keeps_what_the_question_needs(instruction, reply, verdict):
+    from moalign.decoding.darwin import parse_rewrite
+
+    assert parse_rewrite(reply, instruction)[1] == verdict
+
+
 def test_rewrite_request_is_few_shot_or_the_users_template(tmp_path):
     from moalign.decoding.darwin import REWRITE_EXAMPLES, rewrite_request
 

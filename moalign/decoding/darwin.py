@@ -71,6 +71,10 @@ _REQUEST_OPENERS = {
     "where", "which", "who", "is", "are", "do", "does", "should", "pretend", "act", "assume", "consider", "find",
     "calculate", "solve", "implement", "construct", "propose", "recommend", "offer", "detail", "elaborate",
     "brainstorm", "study", "review", "illustrate", "present", "put", "let's", "let", "try", "use", "build",
+    "introduce", "speak", "talk", "persuade", "convince", "motivate", "argue", "predict", "estimate", "determine",
+    "classify", "correct", "rephrase", "paraphrase", "respond", "reply", "answer", "express", "inspire",
+    "encourage", "address", "convert", "define", "note", "state", "compute", "simplify", "prove", "derive",
+    "check", "count",
 }  # fmt: skip
 _ANSWER_OPENERS = ("sure", "certainly", "of course", "here is", "here's", "here are", "i ", "i'm", "i'd", "as an",
                    "yes", "no,", "the answer", "in this", "this instruction", "the instruction", "rewritten")  # fmt: skip
@@ -85,6 +89,12 @@ _PRODUCE_VERBS = {
     "plan", "prepare", "produce", "build", "construct", "edit", "translate", "rewrite", "outline", "summarize",
     "summarise", "brainstorm", "invent", "devise", "formulate", "code", "implement",
 }  # fmt: skip
+#: number words that carry a problem's data ("one" is left out: it is as often a pronoun)
+_NUMBER_WORDS = {"two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+                 "twenty", "hundred", "thousand", "half", "twice", "double", "triple"}  # fmt: skip
+#: how a later sentence of a reply opens when the reply goes on to answer its own question
+_STATEMENT_OPENERS = {"it's", "it", "its", "i", "i'm", "i've", "i'd", "this", "that's", "there", "there's", "they",
+                      "yes", "no", "because", "well", "when", "the", "a", "an"}  # fmt: skip
 _STOPWORDS = {"the", "and", "for", "with", "that", "this", "your", "you", "what", "how", "are", "can", "about",
               "from", "into", "some", "there", "their", "have", "will", "would", "could", "should", "please"}  # fmt: skip
 
@@ -182,13 +192,18 @@ def parse_rewrite(reply: str, instruction: str, finished: bool = True) -> tuple[
       (an imperative verb such as "Write", "Explain", a request word such as "Can", "Please", "How to"), else
       "answer" — an answer states things ("The basics of quantum computing are ...", "Where photosynthesis
       takes place is ...", "Awkward. How do you cope? ..."); a question followed by "The answer is" is one too;
-    - on the instruction's topic: it shares a content word with it ("off-topic"), and has none of the worked
+    - on the instruction's topic: it shares a content word (or a number) with it ("off-topic"), and has none of the worked
       examples' words that the instruction lacks ("example leak");
     - not much longer than the instruction (3x its words + 10: "too long"), and not the instruction itself
       ("copy");
     - not the request echoed ("Rewrite this instruction ...": "meta"), and not a wh-question in place of an
       instruction to make or play something ("Write a blog post about X" -> "What is the purpose of a blog post
-      about X?": "different request"; a question that names a making verb, "How would you write ...", stays).
+      about X?": "different request"; a question that names a making verb, "How would you write ...", stays);
+    - not a question that goes on to answer itself ("What is a language model? It's a program ...": "answer");
+    - not missing what the question needs ("premise dropped"): every number of the instruction (digits, number
+      words from "two") is kept, and a rewrite of an instruction of several sentences (a set-up, a passage,
+      options, then the question) keeps at least 40% of its content words ("David has three sisters. ... How
+      many brothers does David have?" -> "How many brothers does David have?" is not a rewrite).
     """
     if not finished:
         return None, "truncated"
@@ -214,6 +229,11 @@ def parse_rewrite(reply: str, instruction: str, finished: bool = True) -> tuple[
             return None, "answer"
     if "the answer" in low.split("?", 1)[-1] and "?" in text:
         return None, "answer"
+    sentences = [x for x in re.split(r"(?<=[.!?])\s+", text) if x.strip()]
+    if "?" in first_sentence and len(sentences) > 1:
+        later = re.sub(r"[^a-z']", "", sentences[1].lower().split()[0])
+        if later in _STATEMENT_OPENERS:
+            return None, "answer"  # "What is a language model? It's a computer program ...": asks, then answers
     if "instruction" in low and "instruction" not in instruction.lower():
         return None, "meta"  # "Rewrite this instruction with ...": the request echoed, not rewritten
     instr_words = re.findall(r"[a-z']+", instruction.lower())
@@ -221,8 +241,8 @@ def parse_rewrite(reply: str, instruction: str, finished: bool = True) -> tuple[
             and instr_words[0] in _PRODUCE_VERBS and not set(re.findall(r"[a-z']+", low)) & _PRODUCE_VERBS):
         return None, "different request"
     words, instr = _content_words(text), _content_words(instruction)
-    if not words & instr:
-        return None, "off-topic"
+    if not words & instr and not set(re.findall(r"\d+", text)) & set(re.findall(r"\d+", instruction)):
+        return None, "off-topic"  # no content word in common (nor a number, for a problem stated in symbols)
     leak = {w[:5] for w in _EXAMPLE_WORDS} & words - instr
     if leak:
         return None, "example leak"
@@ -230,6 +250,11 @@ def parse_rewrite(reply: str, instruction: str, finished: bool = True) -> tuple[
         return None, "too long"
     if re.sub(r"\W", "", low) == re.sub(r"\W", "", instruction.lower()):
         return None, "copy"
+    data = set(re.findall(r"\d+(?:\.\d+)?", instruction)) | (set(instr_words) & _NUMBER_WORDS)
+    kept = set(re.findall(r"\d+(?:\.\d+)?", text)) | (set(re.findall(r"[a-z']+", low)) & _NUMBER_WORDS)
+    n_sentences = len([x for x in re.split(r"(?<=[.!?\n])\s+", instruction.strip()) if x.strip()])
+    if data - kept or (n_sentences > 1 and len(words & instr) < 0.4 * len(instr)):
+        return None, "premise dropped"  # the numbers, a passage or the set-up that the question needs are gone
     return text, "ok"
 
 
