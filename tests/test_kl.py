@@ -61,6 +61,19 @@ def test_sampled_kl_covers_the_exact_kl():
     assert half < 0.2 * exact  # and the interval is narrow enough to have been able to miss
 
 
+def test_batched_sampling_covers_each_prompts_exact_kl():
+    """Prompts of different lengths decoded together (left-padded): each prompt's estimate covers its own KL."""
+    p_model, q_model = tiny(1), tiny(2)
+    prompts = [[1, 2, 3], [4], [2, 2, 1, 4, 3]]
+    samples = sample_completions(p_model, prompts, n=1500, max_new_tokens=T, eos_ids=[EOS], pad_id=PAD, seed=1,
+                                 batch_prompts=3)  # fmt: skip
+    assert [len(s) for s in samples] == [1500] * 3
+    for prompt, rows in zip(prompts, samples):
+        lr = sequence_log_ratios(p_model, q_model, [prompt] * len(rows), rows, PAD, batch_size=256)
+        half = 3.29 * lr.std(ddof=1) / math.sqrt(len(lr))
+        assert abs(lr.mean() - exact_kl(p_model, q_model, prompt)) <= half
+
+
 def test_log_ratios_ignore_padding_and_batching():
     p_model, q_model = tiny(3), tiny(4)
     prompts = [[1, 2], [3, 1, 4, 2]]

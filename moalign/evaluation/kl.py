@@ -49,8 +49,12 @@ def sequence_log_ratios(model, ref_model, prompt_ids: Sequence[Sequence[int]],
 
 
 def sample_completions(model, prompt_ids: Sequence[Sequence[int]], n: int, max_new_tokens: int,
-                       eos_ids: Sequence[int], pad_id: int, seed: int = 0) -> list[list[list[int]]]:
-    """``n`` plain samples (temperature 1, no top-k/top-p) per prompt, each cut after its first end token."""
+                       eos_ids: Sequence[int], pad_id: int, seed: int = 0,
+                       batch_prompts: int = 8) -> list[list[list[int]]]:
+    """``n`` plain samples (temperature 1, no top-k/top-p) per prompt, each cut after its first end token.
+
+    ``batch_prompts`` prompts (``n`` rows each) are decoded together, left-padded (generate derives the
+    positions from the attention mask, so every row samples from its own prompt's distribution)."""
     from transformers import GenerationConfig
 
     gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
@@ -59,15 +63,18 @@ def sample_completions(model, prompt_ids: Sequence[Sequence[int]], n: int, max_n
     ends = set(int(e) for e in eos_ids)
     torch.manual_seed(seed)
     out = []
-    for p in prompt_ids:
-        ids = torch.tensor([list(p)] * n, dtype=torch.long, device=dev)
+    for i in range(0, len(prompt_ids), batch_prompts):
+        chunk = [list(p) for p in prompt_ids[i : i + batch_prompts] for _ in range(n)]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], dtype=torch.long, device=dev)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], dtype=torch.long, device=dev)
         with torch.no_grad():
-            seqs = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+            seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
         rows = []
-        for s in seqs[:, len(p) :].tolist():
+        for s in seqs[:, width:].tolist():
             cut = next((k + 1 for k, t in enumerate(s) if t in ends), len(s))
             rows.append(s[:cut])
-        out.append(rows)
+        out += [rows[j : j + n] for j in range(0, len(rows), n)]
     return out
 
 
