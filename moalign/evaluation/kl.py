@@ -31,15 +31,7 @@ def sequence_log_ratios(model, ref_model, prompt_ids: Sequence[Sequence[int]],
     out = []
     dev = next(model.parameters()).device
     for i in range(0, len(prompt_ids), batch_size):
-        rows = [list(p) + list(c) for p, c in zip(prompt_ids[i : i + batch_size], completion_ids[i : i + batch_size])]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        comp = torch.zeros_like(ids)
-        for j, (r, p) in enumerate(zip(rows, prompt_ids[i : i + batch_size])):
-            ids[j, : len(r)] = torch.tensor(r)
-            attn[j, : len(r)] = 1
-            comp[j, len(p) : len(r)] = 1
+        ids, attn, comp = _right_padded(prompt_ids[i : i + batch_size], completion_ids[i : i + batch_size], pad_id)
         ids, attn, comp = ids.to(dev), attn.to(dev), comp.to(dev)
         with torch.no_grad():
             lp = sequence_logps(model, ids, attn, comp).double()
@@ -49,33 +41,70 @@ def sequence_log_ratios(model, ref_model, prompt_ids: Sequence[Sequence[int]],
 
 
 def sample_completions(model, prompt_ids: Sequence[Sequence[int]], n: int, max_new_tokens: int,
-                       eos_ids: Sequence[int], pad_id: int, seed: int = 0,
-                       batch_prompts: int = 8) -> list[list[list[int]]]:
+                       eos_ids: Sequence[int], pad_id: int, seed: int = 0, batch_prompts: int = 8,
+                       return_logps: bool = False):
     """``n`` plain samples (temperature 1, no top-k/top-p) per prompt, each cut after its first end token.
 
     ``batch_prompts`` prompts (``n`` rows each) are decoded together, left-padded (generate derives the
-    positions from the attention mask, so every row samples from its own prompt's distribution)."""
+    positions from the attention mask, so every row samples from its own prompt's distribution). With
+    ``return_logps`` also each sample's log-probability under ``model``, summed from the very logits it was
+    sampled from (no second forward pass): ``(samples, logps)``, both ``[prompt][sample]``."""
     from transformers import GenerationConfig
 
     gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                           eos_token_id=list(eos_ids) or None, pad_token_id=pad_id)  # fmt: skip
+                           eos_token_id=list(eos_ids) or None, pad_token_id=pad_id, return_dict_in_generate=True,
+                           output_logits=return_logps)  # fmt: skip
     dev = next(model.parameters()).device
     ends = set(int(e) for e in eos_ids)
     torch.manual_seed(seed)
-    out = []
+    out, out_lp = [], []
     for i in range(0, len(prompt_ids), batch_prompts):
         chunk = [list(p) for p in prompt_ids[i : i + batch_prompts] for _ in range(n)]
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], dtype=torch.long, device=dev)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], dtype=torch.long, device=dev)
         with torch.no_grad():
-            seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
-        rows = []
-        for s in seqs[:, width:].tolist():
+            res = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+        new = res.sequences[:, width:]
+        rows, cuts = [], []
+        for s in new.tolist():
             cut = next((k + 1 for k, t in enumerate(s) if t in ends), len(s))
             rows.append(s[:cut])
+            cuts.append(cut)
         out += [rows[j : j + n] for j in range(0, len(rows), n)]
-    return out
+        if return_logps:
+            logits = torch.stack(res.logits, 1).double()  # [rows, steps, vocab], the raw (unprocessed) logits
+            tok = torch.gather(torch.log_softmax(logits, -1), 2, new[:, : logits.shape[1]].unsqueeze(-1)).squeeze(-1)
+            keep = torch.arange(tok.shape[1], device=tok.device)[None, :] < torch.tensor(cuts, device=tok.device)[:, None]
+            lp = (tok * keep).sum(1).cpu().tolist()
+            out_lp += [lp[j : j + n] for j in range(0, len(lp), n)]
+    return (out, out_lp) if return_logps else out
+
+
+def reference_logps(ref_model, prompt_ids, completion_ids, pad_id: int, batch_size: int = 8) -> np.ndarray:
+    """``log pi_ref(y | x)`` of each completion, right-padded batches (float64)."""
+    from moalign.training.logps import sequence_logps
+
+    out = []
+    dev = next(ref_model.parameters()).device
+    for i in range(0, len(prompt_ids), batch_size):
+        ids, attn, comp = _right_padded(prompt_ids[i : i + batch_size], completion_ids[i : i + batch_size], pad_id)
+        with torch.no_grad():
+            out.append(sequence_logps(ref_model, ids.to(dev), attn.to(dev), comp.to(dev)).double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _right_padded(prompts, completions, pad_id: int):
+    rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    comp = torch.zeros_like(ids)
+    for j, (r, p) in enumerate(zip(rows, prompts)):
+        ids[j, : len(r)] = torch.tensor(r)
+        attn[j, : len(r)] = 1
+        comp[j, len(p) : len(r)] = 1
+    return ids, attn, comp
 
 
 def sampled_kl(policy, reference, prompts, n: int = 4, max_new_tokens: int = 32, seed: int = 0,
@@ -96,10 +125,11 @@ def sampled_kl(policy, reference, prompts, n: int = 4, max_new_tokens: int = 32,
     if prompt_ids != ref_ids:
         raise MoalignError("the policy and the reference tokenize the prompts differently: no shared KL")
     eos = eos_token_ids(tok, policy.model)
-    samples = sample_completions(policy.model, prompt_ids, n, max_new_tokens, eos, tok.pad_token_id, seed)
+    samples, logps = sample_completions(policy.model, prompt_ids, n, max_new_tokens, eos, tok.pad_token_id, seed,
+                                        return_logps=True)  # fmt: skip
     flat_p = [p for p, rows in zip(prompt_ids, samples) for _ in rows]
     flat_c = [c for rows in samples for c in rows]
-    ratios = sequence_log_ratios(policy.model, reference.model, flat_p, flat_c, tok.pad_token_id, batch_size)
-    per = ratios.reshape(len(prompts), n)
+    ref = reference_logps(reference.model, flat_p, flat_c, tok.pad_token_id, batch_size)
+    per = (np.array(logps, dtype=np.float64).reshape(-1) - ref).reshape(len(prompts), n)
     return {"per_prompt": per.mean(1).tolist(), "mean": float(per.mean()), "log_ratios": per.tolist(),
             "tokens": float(np.mean([len(c) for c in flat_c]))}  # fmt: skip
