@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moalign.errors import MoalignError
-from moalign.evaluation.kl import reference_logps, sample_completions, sampled_kl, sequence_log_ratios
+from moalign.evaluation.kl import completion_logps, sample_completions, sampled_kl, sequence_log_ratios
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 V, T, EOS, PAD = 6, 3, 5, 0
@@ -72,7 +72,7 @@ def test_batched_sampling_covers_each_prompts_exact_kl():
         # the sampler's own log-probabilities are the sequences' exact ones (left padding changed nothing)
         for r, v in list(zip(rows, lp))[:5]:
             assert abs(v - log_prob(p_model, prompt, tuple(r))) < 1e-4
-        lr = np.array(lp) - reference_logps(q_model, [prompt] * len(rows), rows, PAD, batch_size=256)
+        lr = np.array(lp) - completion_logps(q_model, [prompt] * len(rows), rows, PAD, batch_size=256)
         half = 3.29 * lr.std(ddof=1) / math.sqrt(len(lr))
         assert abs(lr.mean() - exact_kl(p_model, q_model, prompt)) <= half
 

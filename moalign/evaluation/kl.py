@@ -24,20 +24,10 @@ def sequence_log_ratios(model, ref_model, prompt_ids: Sequence[Sequence[int]],
     """``log pi(y | x) - log pi_ref(y | x)`` summed over each completion's tokens, one value per row (float64).
 
     Rows are right-padded, so every token keeps its position and sees exactly its own prefix."""
-    from moalign.training.logps import sequence_logps
-
     if len(prompt_ids) != len(completion_ids):
         raise MoalignError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
-    out = []
-    dev = next(model.parameters()).device
-    for i in range(0, len(prompt_ids), batch_size):
-        ids, attn, comp = _right_padded(prompt_ids[i : i + batch_size], completion_ids[i : i + batch_size], pad_id)
-        ids, attn, comp = ids.to(dev), attn.to(dev), comp.to(dev)
-        with torch.no_grad():
-            lp = sequence_logps(model, ids, attn, comp).double()
-            lq = sequence_logps(ref_model, ids, attn, comp).double()
-        out.append((lp - lq).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+    return (completion_logps(model, prompt_ids, completion_ids, pad_id, batch_size)
+            - completion_logps(ref_model, prompt_ids, completion_ids, pad_id, batch_size))
 
 
 def sample_completions(model, prompt_ids: Sequence[Sequence[int]], n: int, max_new_tokens: int,
@@ -81,16 +71,16 @@ def sample_completions(model, prompt_ids: Sequence[Sequence[int]], n: int, max_n
     return (out, out_lp) if return_logps else out
 
 
-def reference_logps(ref_model, prompt_ids, completion_ids, pad_id: int, batch_size: int = 8) -> np.ndarray:
-    """``log pi_ref(y | x)`` of each completion, right-padded batches (float64)."""
+def completion_logps(model, prompt_ids, completion_ids, pad_id: int, batch_size: int = 8) -> np.ndarray:
+    """``log pi(y | x)`` of each completion under ``model``, in right-padded batches (float64)."""
     from moalign.training.logps import sequence_logps
 
     out = []
-    dev = next(ref_model.parameters()).device
+    dev = next(model.parameters()).device
     for i in range(0, len(prompt_ids), batch_size):
         ids, attn, comp = _right_padded(prompt_ids[i : i + batch_size], completion_ids[i : i + batch_size], pad_id)
         with torch.no_grad():
-            out.append(sequence_logps(ref_model, ids.to(dev), attn.to(dev), comp.to(dev)).double().cpu().numpy())
+            out.append(sequence_logps(model, ids.to(dev), attn.to(dev), comp.to(dev)).double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -129,7 +119,7 @@ def sampled_kl(policy, reference, prompts, n: int = 4, max_new_tokens: int = 32,
                                         return_logps=True)  # fmt: skip
     flat_p = [p for p, rows in zip(prompt_ids, samples) for _ in rows]
     flat_c = [c for rows in samples for c in rows]
-    ref = reference_logps(reference.model, flat_p, flat_c, tok.pad_token_id, batch_size)
+    ref = completion_logps(reference.model, flat_p, flat_c, tok.pad_token_id, batch_size)
     per = (np.array(logps, dtype=np.float64).reshape(-1) - ref).reshape(len(prompts), n)
     return {"per_prompt": per.mean(1).tolist(), "mean": float(per.mean()), "log_ratios": per.tolist(),
             "tokens": float(np.mean([len(c) for c in flat_c]))}  # fmt: skip
