@@ -84,6 +84,25 @@ def name_adapter_base(output_dir: str | Path, policy: str) -> None:
         ac.write_text(json.dumps(cfg, indent=2))
 
 
+def leave_process_group(trainer) -> None:
+    """End a run of several processes cleanly: every process waits for the others (the main one has written
+    its files), the distributed wrapper (DDP/FSDP, whose reducer holds the process group and the buffers of its
+    last collectives) and the accelerator's references are dropped and collected, then the process group is
+    destroyed, all while the interpreter is fully alive. A process that exits with the group or its pending
+    work alive can abort in gloo's threads at interpreter shutdown ("terminate called without an active
+    exception", pytorch/pytorch#179291) and fail the launch although training finished. One process: nothing."""
+    import gc
+
+    acc = trainer.accelerator
+    if acc.num_processes <= 1:
+        return
+    acc.wait_for_everyone()
+    trainer.model_wrapped = trainer.model
+    acc.free_memory()  # releases the prepared (wrapped) models, optimizers, schedulers and dataloaders
+    gc.collect()
+    acc.end_training()  # stops trackers and destroys the process group
+
+
 def write_run_record(path: str | Path, config: Any, **extra: Any) -> dict:
     """The one run record of every trainer: ``config`` (a dict, or an object with ``to_dict``), the seed, the
     library versions and ``extra``, as JSON (tensors as lists, enums as values). Returns the record."""

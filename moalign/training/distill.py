@@ -27,7 +27,12 @@ from trl import SFTConfig
 
 from moalign.errors import MoalignError
 from moalign.policies import render_chat
-from moalign.training.base import accelerator_available, name_adapter_base, write_run_record
+from moalign.training.base import (
+    accelerator_available,
+    leave_process_group,
+    name_adapter_base,
+    write_run_record,
+)
 from moalign.training.lora import LoraArguments, check_lora_args, lora_config, quiet_upstream_renames
 
 META_FILE = "distill_config.json"
@@ -278,6 +283,7 @@ def train_distill(cfg: DistillConfig) -> dict:
     }
     if main:
         write_run_record(out / META_FILE, cfg, **meta)
+    leave_process_group(trainer)
     return {
         "output_dir": str(out),
         **{k: meta[k] for k in ("kind", "steps", "train_loss", "data", "seconds")},

@@ -54,6 +54,7 @@ from moalign.configbase import json_default
 from moalign.errors import MoalignError
 from moalign.training.base import (
     RESUME_LAST,
+    leave_process_group,
     name_adapter_base,
     resolve_resume,
     write_run_record,
@@ -541,12 +542,7 @@ def train_dpo(cfg: MultiObjectiveDPOConfig) -> dict:
             torch_threads=torch.get_num_threads(),
         )  # fmt: skip
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
-    if trainer.accelerator.num_processes > 1:
-        # every process waits for the main one's files, then leaves the process group: a process that exits
-        # with the group alive can abort in its communication threads ("terminate called without an active
-        # exception") and fail the launch although training finished
-        trainer.accelerator.wait_for_everyone()
-        trainer.accelerator.end_training()
+    leave_process_group(trainer)
     return summary
 
 

@@ -40,7 +40,13 @@ from moalign.objectives.base import Objective, get_objective, move_objectives
 from moalign.objectives.normalize import NormStats, load_norm_stats, shipped_norm_stats
 from moalign.policies import DEFAULT_POLICY
 from moalign.registry import Choices
-from moalign.training.base import cpu_fallback, name_adapter_base, resolve_resume, write_run_record
+from moalign.training.base import (
+    cpu_fallback,
+    leave_process_group,
+    name_adapter_base,
+    resolve_resume,
+    write_run_record,
+)
 from moalign.training.lora import LoraArguments, check_lora_args, lora_config, quiet_upstream_renames
 from moalign.training.nonlinear import (
     AGGREGATORS,
@@ -463,7 +469,8 @@ def train_grpo(cfg: IAMAConfig, objectives: Sequence[Objective] | None = None) -
     with quiet_upstream_renames():
         trainer.train(resume_from_checkpoint=resolve_resume(cfg.resume_from_checkpoint, out))
     trainer.save_model(str(out))
-    name_adapter_base(out, cfg.policy)
+    if trainer.is_world_process_zero():
+        name_adapter_base(out, cfg.policy)
     stats = trainer.norm_stats
     history = trainer.state.log_history
     result = {
@@ -478,5 +485,9 @@ def train_grpo(cfg: IAMAConfig, objectives: Sequence[Objective] | None = None) -
         "normalisation": stats.to_dict() if stats is not None else None,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    write_run_record(out / "iama_run.json", cfg.given_dict(), result=result, policy=cfg.policy, log_history=history)
+    if trainer.is_world_process_zero():
+        write_run_record(
+            out / "iama_run.json", cfg.given_dict(), result=result, policy=cfg.policy, log_history=history
+        )
+    leave_process_group(trainer)
     return result
