@@ -202,7 +202,7 @@ def test_darwin_real_policy(tmp_path, real_policy, shared_data):
         ("Sure! Python is interpreted.", True, "answer"),
         ("Python and JavaScript are both popular languages with different uses.", True, "answer"),  # a statement
         ("What is the reason that cats purr?", True, "off-topic"),  # the worked example, not this instruction
-        ("Compare Python and JavaScript in a four-line poem.", True, "example leak"),
+        ("Compare Python and JavaScript as if on the Moon.", True, "example leak"),
         ("What are the main differences between Python and JavaScript programming languages?", True, "copy"),
         ("How do " + "Python and JavaScript differ " * 12 + "?", True, "too long"),
         ("", True, "empty"),
@@ -258,12 +258,55 @@ def test_parse_rewrite_keeps_the_kind_of_request(reply, verdict):
          "ok"),
         ("How would you introduce yourself as a knight at a royal banquet?",
          "Introduce yourself as a knight at a royal banquet.", "ok"),  # an imperative request
+        ("What if the Maya civilization had never mysteriously collapsed?",
+         "Could you explain what would happen to the Maya civilization if they vanished suddenly?", "negation dropped"),
+        ("What if the Maya civilization had never mysteriously collapsed?",
+         "Could you describe what would happen to the Maya civilization if they never collapsed?", "ok"),
+        ("Write a function to find the highest common ancestor (not LCA) of two nodes in a binary tree.",
+         "Could you write a function that finds the highest common ancestor (LCA) of two nodes in a binary tree?",
+         "negation dropped"),
+        ("What if Isaac Newton had focused on biology instead of physics?",
+         "Could you explain why Isaac Newton focused on biology instead of physics?", "condition dropped"),
+        ("What if Isaac Newton had focused on biology instead of physics?",
+         "Could you describe how science would differ if Isaac Newton had studied biology instead of physics?", "ok"),
     ],
 )
 def test_parse_rewrite_keeps_what_the_question_needs(instruction, reply, verdict):
     from moalign.decoding.darwin import parse_rewrite
 
     assert parse_rewrite(reply, instruction)[1] == verdict
+
+
+@pytest.mark.parametrize(
+    "instruction, request_, data",
+    [
+        ("Explain tides.", "Explain tides.", ""),
+        ("Extract the dates.\nJan 3: rain.\nFeb 9: snow.", "Extract the dates.", "Jan 3: rain.\nFeb 9: snow."),
+        ("Sort this list:\n\n3, 1, 2\n", "Sort this list:", "\n3, 1, 2"),  # inner lines kept as they are
+        ("\nWhy is the sky blue?\n", "\nWhy is the sky blue?\n", ""),  # one line between blank lines
+        ("Summarise:\n   ", "Summarise:\n   ", ""),  # nothing below the request
+    ],
+)
+def test_split_request_keeps_the_data_below_the_request(instruction, request_, data):
+    from moalign.decoding.darwin import join_request, split_request
+
+    assert split_request(instruction) == (request_, data)
+    if data:
+        assert join_request("Could you list the dates?", data) == "Could you list the dates?\n" + data
+        assert join_request(request_, data) == instruction.strip()
+
+
+def test_worked_examples_are_requests_the_rule_accepts():
+    """Every worked example's reply is itself a usable rewrite of its instruction by the rule (the examples
+    show the policy what the rule wants), and the rule calls a reply that copies one a leak elsewhere."""
+    from moalign.decoding.darwin import _EXAMPLE_WORDS, REWRITE_EXAMPLES, _content_words, parse_rewrite
+
+    for instruction, reply in REWRITE_EXAMPLES:
+        assert parse_rewrite(reply, instruction) == (reply, "ok"), instruction
+    for _, reply in REWRITE_EXAMPLES:
+        # each example has a word of its own in the leak list, so a copy of it is caught on another topic
+        assert {w[:5] for w in _EXAMPLE_WORDS} & _content_words(reply), reply
+        assert parse_rewrite(reply, "Explain how tides work in the Atlantic.")[0] is None
 
 
 def test_rewrite_request_is_few_shot_or_the_users_template(tmp_path):

@@ -53,15 +53,23 @@ _NUMBERED = re.compile(r"^\s*(?:\*\*)?\(?(\d{1,2})[.):]\)?(?:\*\*)?\s+(.*\S)\s*$
 
 #: ``--mutation-mode one``: the request for one rewrite, and worked examples given as earlier turns of the
 #: conversation. Zero-shot, the bundled 135M policy answered the instruction in most replies; one example in
-#: the same turn (the spec's prompt) made it copy the example. Separate turns on unrelated topics work.
+#: the same turn (the spec's prompt) made it copy the example. Separate turns on unrelated topics work, and the
+#: policy follows their form closely: with every example reply a "Could you ...?" request, its replies are
+#: requests too (rather than answers or verbatim copies; measured in benchmarks/darwin_mutation.py), and the
+#: example with a set-up (Tom's apples) shows that a rewrite keeps the data the question needs. (A haiku example
+#: was copied into a quarter of the rewrites of "What if ..." questions; a "What if" example replaced it.)
 REWRITE_ASK = "Rewrite this instruction in other words, without answering it: {instruction}"
 REWRITE_EXAMPLES = (
-    ("Give me a recipe for banana bread.", "Share a recipe I can follow to bake banana bread at home."),
-    ("Why do cats purr?", "What is the reason that cats purr?"),
-    ("Write a short poem about the sea, in four lines.", "Compose a four-line poem about the ocean."),
-)
+    ("Give me a recipe for banana bread.", "Could you share a recipe I can follow to bake banana bread at home?"),
+    ("Write a Python function that reverses a string.",
+     "Could you write a Python function that takes a string and returns it reversed?"),
+    ("Why do cats purr?", "Could you explain the reasons why cats purr?"),
+    ("Tom has 3 apples and buys 5 more. How many apples does he have now?",
+     "Could you work out how many apples Tom has if he starts with 3 and then buys 5 more?"),
+    ("What if the Moon disappeared?", "Could you describe what would happen on Earth if the Moon vanished?"),
+)  # fmt: skip
 #: words of the worked examples; a rewrite that has one the instruction lacks copied an example
-_EXAMPLE_WORDS = {"banana", "bread", "recipe", "cats", "purr", "poem", "ocean", "four-line", "four", "lines", "sea"}
+_EXAMPLE_WORDS = {"banana", "bread", "recipe", "cats", "purr", "reverses", "apples", "tom", "moon", "disappeared"}
 #: how a request starts when it is not a question: verbs and request phrases (lower case, first word)
 _REQUEST_OPENERS = {
     "write", "create", "compose", "draft", "describe", "explain", "give", "list", "tell", "share", "provide",
@@ -92,6 +100,10 @@ _PRODUCE_VERBS = {
 #: number words that carry a problem's data ("one" is left out: it is as often a pronoun)
 _NUMBER_WORDS = {"two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
                  "twenty", "hundred", "thousand", "half", "twice", "double", "triple"}  # fmt: skip
+#: words that turn a request around; a rewrite of a request that has one keeps one
+_NEGATIONS = {"not", "never", "no", "without", "nor", "neither", "cannot", "don't", "doesn't", "didn't", "hadn't",
+              "hasn't", "haven't", "isn't", "aren't", "wasn't", "weren't", "won't", "wouldn't", "can't", "couldn't",
+              "shouldn't", "instead"}  # fmt: skip
 #: how a later sentence of a reply opens when the reply goes on to answer its own question
 _STATEMENT_OPENERS = {"it's", "it", "its", "i", "i'm", "i've", "i'd", "this", "that's", "there", "there's", "they",
                       "yes", "no", "because", "well", "when", "the", "a", "an"}  # fmt: skip
@@ -203,7 +215,10 @@ def parse_rewrite(reply: str, instruction: str, finished: bool = True) -> tuple[
     - not missing what the question needs ("premise dropped"): every number of the instruction (digits, number
       words from "two") is kept, and a rewrite of an instruction of several sentences (a set-up, a passage,
       options, then the question) keeps at least 40% of its content words ("David has three sisters. ... How
-      many brothers does David have?" -> "How many brothers does David have?" is not a rewrite).
+      many brothers does David have?" -> "How many brothers does David have?" is not a rewrite);
+    - not turned around: an instruction with a negation ("not", "never", "without", "instead", ...) keeps one
+      ("negation dropped"), and a counterfactual ("What if ...") stays conditional ("if", "had", "were",
+      "would"; "condition dropped").
     """
     if not finished:
         return None, "truncated"
@@ -255,7 +270,28 @@ def parse_rewrite(reply: str, instruction: str, finished: bool = True) -> tuple[
     n_sentences = len([x for x in re.split(r"(?<=[.!?\n])\s+", instruction.strip()) if x.strip()])
     if data - kept or (n_sentences > 1 and len(words & instr) < 0.4 * len(instr)):
         return None, "premise dropped"  # the numbers, a passage or the set-up that the question needs are gone
+    said = set(re.findall(r"[a-z']+", low))
+    if set(instr_words) & _NEGATIONS and not said & _NEGATIONS:
+        return None, "negation dropped"  # "... had never collapsed" -> "... if they vanished", "(not LCA)" -> "(LCA)"
+    if instruction.lower().lstrip().startswith("what if") and not said & {"if", "had", "were", "would"}:
+        return None, "condition dropped"  # "What if Newton had studied biology?" -> "Why did Newton study biology?"
     return text, "ok"
+
+
+def split_request(instruction: str) -> tuple[str, str]:
+    """``(request, data)``: an instruction of several lines is its first line -- the request -- and the lines
+    below it -- a passage, a table, code, options -- which a rewrite keeps verbatim (the mutator rewrites the
+    request only: asked to rewrite it all, the bundled policy dropped the data in most replies). One line:
+    ``(instruction, "")``."""
+    head, sep, tail = instruction.strip().partition("\n")
+    if not sep or not head.strip() or not tail.strip():
+        return instruction, ""
+    return head.strip(), tail
+
+
+def join_request(request: str, data: str) -> str:
+    """The inverse of :func:`split_request`: a rewritten request above the instruction's own data."""
+    return f"{request}\n{data}" if data else request
 
 
 def rewrite_request(instruction: str, template: str | None = None) -> Prompt:
@@ -450,8 +486,10 @@ class DarwinDecoder:
         if self.args.mutation_mode == "list":
             return self._mutate_list(parents, seed)
         n, m = self.args.mutations, self.args.mutations * self.args.mutation_oversample
-        bases = [p.messages[-1]["content"] for p in parents]
-        # a rewrite is about as long as its instruction: a budget of 16 tokens + ~3 per word of the longest
+        whole = [p.messages[-1]["content"] for p in parents]
+        split = [split_request(w) for w in whole]  # the data below a request's first line is kept as it is
+        bases = [b for b, _ in split]
+        # a rewrite is about as long as its request: a budget of 16 tokens + ~3 per word of the longest
         budget = min(self.args.mutation_max_new_tokens, 16 + 3 * max(len(b.split()) for b in bases))
         stopped: set[tuple[int, int]] = set()
         res = self.mutator.decode(
@@ -459,14 +497,14 @@ class DarwinDecoder:
             seed=seed, selector=_stop_when_decided(bases, n, stopped), keep_all=True,
         )  # fmt: skip
         out, info = [], []
-        for i, (base, r) in enumerate(zip(bases, res)):
+        for i, ((base, data), r) in enumerate(zip(split, res)):
             verdicts = [(None, "enough rewrites") if (i, k) in stopped else
                         parse_rewrite(row.response, base, finished=row.finished) for k, row in enumerate(r.rows)]  # fmt: skip
             kept: list[str] = []
             for text, why in verdicts:
                 if why == "ok" and text not in kept and len(kept) < n:
                     kept.append(text)
-            out.append(kept + [base] * (n - len(kept)))
+            out.append([join_request(t, data) for t in kept] + [whole[i]] * (n - len(kept)))
             info.append({"mode": "one", "replies": [row.response for row in r.rows],
                          "verdicts": [why for _, why in verdicts], "parsed": len(kept),
                          "complete": len(kept) == n, "forward_tokens": r.forward_tokens})  # fmt: skip
