@@ -5,8 +5,9 @@ Exploration and exploitation are separate operators on the shared engine:
 - **mutation** (exploration): the policy (or ``--mutator``) rewrites the instruction into ``n`` variants;
   row j of the group decodes from variant j. Two modes (``--mutation-mode``): ``one`` (default) samples
   ``--mutation-oversample`` x n replies to a few-shot request for *one* rewrite each and keeps the first n
-  usable ones (:func:`parse_rewrite` says which are); ``list`` asks once for a numbered list of n rewrites
-  (the spec's operator). Slots left without a usable rewrite decode the parent instruction, and the run warns;
+  usable ones (:func:`parse_rewrite` says which are; of an instruction of several lines only the first line,
+  the request, is rewritten and the data below it is kept, :func:`split_request`); ``list`` asks once for a
+  numbered list of n rewrites (the spec's operator). Slots left without a usable rewrite decode the parent instruction, and the run warns;
 - **replacement** (exploitation): every ``m`` tokens all rows are scored against the ORIGINAL instruction;
   the top-k keep their state and every unfinished row outside them continues from a random top-k row's
   response, keeping its own instruction (the engine re-prefills it as its own prompt + the copied tokens).
