@@ -278,22 +278,30 @@ def test_parse_rewrite_keeps_what_the_question_needs(instruction, reply, verdict
 
 
 @pytest.mark.parametrize(
-    "instruction, request_, data",
+    "instruction, parts",
     [
-        ("Explain tides.", "Explain tides.", ""),
-        ("Extract the dates.\nJan 3: rain.\nFeb 9: snow.", "Extract the dates.", "Jan 3: rain.\nFeb 9: snow."),
-        ("Sort this list:\n\n3, 1, 2\n", "Sort this list:", "\n3, 1, 2"),  # inner lines kept as they are
-        ("\nWhy is the sky blue?\n", "\nWhy is the sky blue?\n", ""),  # one line between blank lines
-        ("Summarise:\n   ", "Summarise:\n   ", ""),  # nothing below the request
+        ("Explain tides.", ("Explain tides.", "", "", "")),
+        ("Extract the dates.\nJan 3: rain.\nFeb 9: snow.", ("Extract the dates.", "", "", "Jan 3: rain.\nFeb 9: snow.")),
+        ("Sort this list:\n\n3, 1, 2\n", ("Sort this list:", "", "", "\n3, 1, 2")),  # inner lines kept as they are
+        ("\nWhy is the sky blue?\n", ("\nWhy is the sky blue?\n", "", "", "")),  # one sentence: left alone
+        ("David has three sisters. Each of them has one brother. How many brothers does David have?",
+         ("How many brothers does David have?", "David has three sisters. Each of them has one brother.", "", "")),
+        ("How many atoms are in a grain of salt? Try to explain your answer. Go step by step.",
+         ("How many atoms are in a grain of salt?", "", "Try to explain your answer. Go step by step.", "")),
+        ("Act as a poet. Write about rain.\nStyle: haiku", ("Write about rain.", "Act as a poet.", "", "Style: haiku")),
     ],
 )
-def test_split_request_keeps_the_data_below_the_request(instruction, request_, data):
-    from moalign.decoding.darwin import join_request, split_request
+def test_split_request_rewrites_the_question_and_keeps_the_rest(instruction, parts):
+    from moalign.decoding.darwin import RequestParts, split_request
 
-    assert split_request(instruction) == (request_, data)
-    if data:
-        assert join_request("Could you list the dates?", data) == "Could you list the dates?\n" + data
-        assert join_request(request_, data) == instruction.strip()
+    got = split_request(instruction)
+    assert got == RequestParts(*parts)
+    if got.before or got.after or got.data:
+        assert got.join(got.request) == instruction.strip()  # nothing lost, nothing added
+        new = got.join("Could you ask it again?")
+        assert "Could you ask it again?" in new and got.request not in new
+        for kept in (got.before, got.after, got.data):
+            assert kept in new
 
 
 def test_worked_examples_are_requests_the_rule_accepts():

@@ -5,9 +5,9 @@ Exploration and exploitation are separate operators on the shared engine:
 - **mutation** (exploration): the policy (or ``--mutator``) rewrites the instruction into ``n`` variants;
   row j of the group decodes from variant j. Two modes (``--mutation-mode``): ``one`` (default) samples
   ``--mutation-oversample`` x n replies to a few-shot request for *one* rewrite each and keeps the first n
-  usable ones (:func:`parse_rewrite` says which are; of an instruction of several lines only the first line,
-  the request, is rewritten and the data below it is kept, :func:`split_request`); ``list`` asks once for a
-  numbered list of n rewrites (the spec's operator). Slots left without a usable rewrite decode the parent instruction, and the run warns;
+  usable ones (:func:`parse_rewrite` says which are; only the question of an instruction is rewritten, its
+  set-up and the data below it are kept, :func:`split_request`); ``list`` asks once for a numbered list of n
+  rewrites (the spec's operator). Slots left without a usable rewrite decode the parent instruction, and the run warns;
 - **replacement** (exploitation): every ``m`` tokens all rows are scored against the ORIGINAL instruction;
   the top-k keep their state and every unfinished row outside them continues from a random top-k row's
   response, keeping its own instruction (the engine re-prefills it as its own prompt + the copied tokens).
@@ -279,20 +279,39 @@ def parse_rewrite(reply: str, instruction: str, finished: bool = True) -> tuple[
     return text, "ok"
 
 
-def split_request(instruction: str) -> tuple[str, str]:
-    """``(request, data)``: an instruction of several lines is its first line -- the request -- and the lines
-    below it -- a passage, a table, code, options -- which a rewrite keeps verbatim (the mutator rewrites the
-    request only: asked to rewrite it all, the bundled policy dropped the data in most replies). One line:
-    ``(instruction, "")``."""
+@dataclass(frozen=True)
+class RequestParts:
+    """An instruction cut into the sentence the mutator rewrites and what a rewrite keeps verbatim: the
+    sentences of its first line before and after that sentence (a set-up, a detail) and the lines below it
+    (a passage, a table, code, options). ``join(request)`` puts a rewritten request back in its place."""
+
+    request: str
+    before: str = ""
+    after: str = ""
+    data: str = ""
+
+    def join(self, request: str) -> str:
+        line = " ".join(x for x in (self.before, request, self.after) if x)
+        return f"{line}\n{self.data}" if self.data else line
+
+
+def split_request(instruction: str) -> RequestParts:
+    """The part of ``instruction`` the mutator rewrites, and the rest, kept verbatim: the lines below the first
+    (a passage, a table, code, options), and, where the first line has several sentences, every sentence but
+    the question (the last one with "?", else the last one): "David has three sisters. Each of them has one
+    brother. How many brothers does David have?" is rewritten as the set-up + a rewrite of its question. Asked to
+    rewrite it all, the bundled 135M policy dropped the set-up or the data in most replies (measured in
+    benchmarks/darwin_mutation.py). One sentence: the whole instruction."""
     head, sep, tail = instruction.strip().partition("\n")
-    if not sep or not head.strip() or not tail.strip():
-        return instruction, ""
-    return head.strip(), tail
-
-
-def join_request(request: str, data: str) -> str:
-    """The inverse of :func:`split_request`: a rewritten request above the instruction's own data."""
-    return f"{request}\n{data}" if data else request
+    data = tail if sep and head.strip() and tail.strip() else ""
+    if not data:
+        head = instruction.strip() if instruction.strip() else instruction
+    sentences = [x for x in re.split(r"(?<=[.!?])\s+", head.strip()) if x.strip()]
+    if len(sentences) < 2:
+        return RequestParts(head if data else instruction, data=data)
+    asks = [i for i, x in enumerate(sentences) if "?" in x]
+    i = asks[-1] if asks else len(sentences) - 1
+    return RequestParts(sentences[i], " ".join(sentences[:i]), " ".join(sentences[i + 1 :]), data)
 
 
 def rewrite_request(instruction: str, template: str | None = None) -> Prompt:
@@ -488,8 +507,8 @@ class DarwinDecoder:
             return self._mutate_list(parents, seed)
         n, m = self.args.mutations, self.args.mutations * self.args.mutation_oversample
         whole = [p.messages[-1]["content"] for p in parents]
-        split = [split_request(w) for w in whole]  # the data below a request's first line is kept as it is
-        bases = [b for b, _ in split]
+        split = [split_request(w) for w in whole]  # the set-up and the data around the question are kept
+        bases = [parts.request for parts in split]
         # a rewrite is about as long as its request: a budget of 16 tokens + ~3 per word of the longest
         budget = min(self.args.mutation_max_new_tokens, 16 + 3 * max(len(b.split()) for b in bases))
         stopped: set[tuple[int, int]] = set()
@@ -498,14 +517,15 @@ class DarwinDecoder:
             seed=seed, selector=_stop_when_decided(bases, n, stopped), keep_all=True,
         )  # fmt: skip
         out, info = [], []
-        for i, ((base, data), r) in enumerate(zip(split, res)):
+        for i, (parts, r) in enumerate(zip(split, res)):
+            base = parts.request
             verdicts = [(None, "enough rewrites") if (i, k) in stopped else
                         parse_rewrite(row.response, base, finished=row.finished) for k, row in enumerate(r.rows)]  # fmt: skip
             kept: list[str] = []
             for text, why in verdicts:
                 if why == "ok" and text not in kept and len(kept) < n:
                     kept.append(text)
-            out.append([join_request(t, data) for t in kept] + [whole[i]] * (n - len(kept)))
+            out.append([parts.join(t) for t in kept] + [whole[i]] * (n - len(kept)))
             info.append({"mode": "one", "replies": [row.response for row in r.rows],
                          "verdicts": [why for _, why in verdicts], "parsed": len(kept),
                          "complete": len(kept) == n, "forward_tokens": r.forward_tokens})  # fmt: skip
