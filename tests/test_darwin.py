@@ -324,6 +324,10 @@ def test_rewrite_request_is_few_shot_or_the_users_template(tmp_path):
     roles = [m["role"] for m in p.messages]
     assert roles == ["user", "assistant"] * len(REWRITE_EXAMPLES) + ["user"]
     assert p.messages[-1]["content"].endswith("Explain tides.")
+    ctx = rewrite_request("How many brothers does David have?", context="David has three sisters.")
+    assert ctx.messages[:-1] == p.messages[:-1]  # the same worked examples
+    last = ctx.messages[-1]["content"]
+    assert "David has three sisters." in last and last.endswith("How many brothers does David have?")
     own = rewrite_request("Explain tides.", "Say it again: {instruction}")
     assert [m["content"] for m in own.messages] == ["Say it again: Explain tides."]
 

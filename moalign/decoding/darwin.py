@@ -60,6 +60,11 @@ _NUMBERED = re.compile(r"^\s*(?:\*\*)?\(?(\d{1,2})[.):]\)?(?:\*\*)?\s+(.*\S)\s*$
 #: example with a set-up (Tom's apples) shows that a rewrite keeps the data the question needs. (A haiku example
 #: was copied into a quarter of the rewrites of "What if ..." questions; a "What if" example replaced it.)
 REWRITE_ASK = "Rewrite this instruction in other words, without answering it: {instruction}"
+#: the set-up kept around a question (:func:`split_request`), shown above the request: without it the policy
+#: rewrote questions that depend on it into other ones ("Implement a function to find B_n." -> "a function that
+#: returns b multiplied by 2"); with it, 79% of the accepted rewrites of MT-Bench/Vicuna 1-40 were usable by hand
+#: against 65% (benchmarks/results/darwin_mutation_handcheck_2.md)
+REWRITE_CONTEXT = "Context (keep it as it is): {context}"
 REWRITE_EXAMPLES = (
     ("Give me a recipe for banana bread.", "Could you share a recipe I can follow to bake banana bread at home?"),
     ("Write a Python function that reverses a string.",
@@ -314,15 +319,19 @@ def split_request(instruction: str) -> RequestParts:
     return RequestParts(sentences[i], " ".join(sentences[:i]), " ".join(sentences[i + 1 :]), data)
 
 
-def rewrite_request(instruction: str, template: str | None = None) -> Prompt:
-    """The one-rewrite request: ``template`` (a user file) as one user turn, or the built-in few-shot turns."""
+def rewrite_request(instruction: str, template: str | None = None, context: str = "") -> Prompt:
+    """The one-rewrite request: ``template`` (a user file) as one user turn, or the built-in few-shot turns.
+    ``context`` (the set-up kept around the question, :func:`split_request`) is shown above the request."""
     if template is not None:
         return Prompt(({"role": "user", "content": mutation_prompt(template, instruction, 1)},))
     msgs: list[dict] = []
     for a, b in REWRITE_EXAMPLES:
         msgs += [{"role": "user", "content": REWRITE_ASK.replace("{instruction}", a)},
                  {"role": "assistant", "content": b}]  # fmt: skip
-    msgs.append({"role": "user", "content": REWRITE_ASK.replace("{instruction}", instruction)})
+    ask = REWRITE_ASK.replace("{instruction}", instruction)
+    if context:
+        ask = f"{REWRITE_CONTEXT.replace('{context}', context)}\n\n{ask}"
+    msgs.append({"role": "user", "content": ask})
     return Prompt(tuple(msgs))
 
 
@@ -513,7 +522,7 @@ class DarwinDecoder:
         budget = min(self.args.mutation_max_new_tokens, 16 + 3 * max(len(b.split()) for b in bases))
         stopped: set[tuple[int, int]] = set()
         res = self.mutator.decode(
-            [rewrite_request(b, self.template) for b in bases], k=m, block_size=8, max_new_tokens=budget,
+            [rewrite_request(pt.request, self.template, pt.before) for pt in split], k=m, block_size=8, max_new_tokens=budget,
             seed=seed, selector=_stop_when_decided(bases, n, stopped), keep_all=True,
         )  # fmt: skip
         out, info = [], []
