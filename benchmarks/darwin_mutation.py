@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--modes", default="one,list", help="mutation modes to measure")
     ap.add_argument("--sample-seed", type=int, default=0, help="seed of the 50 replies drawn for the hand check")
     ap.add_argument("--oversample", type=int, default=None, help="--mutation-oversample (default: the library's)")
+    ap.add_argument("--min-similarity", type=float, default=None,
+                    help="--mutation-min-similarity, the drift check (default: the library's; 0: off)")
     ap.add_argument("--out-name", default="darwin_mutation", help="results file names (RESULTS/<name>{.json,.md,_sample.*})")
     args = start(ap.parse_args())
     lim, off = args.offset + args.per_source, args.offset
@@ -49,24 +51,30 @@ def main() -> None:
     backend = TransformersBackend(policy)
     scorer = ObjectiveScorer([CallableObjective("none", lambda p, r: [0.0] * len(p))])
     out: dict = {}
-    replies_one: list[tuple[str, str, str]] = []
+    replies_one: list[tuple[str, str, str, float | None]] = []
+    beams_one: list[tuple[str, str, bool]] = []  # (instruction, the slot's instruction, a rewrite or the fallback)
     for mode in args.modes.split(","):
         extra = {} if args.oversample is None else {"mutation_oversample": args.oversample}
+        if args.min_similarity is not None:
+            extra["mutation_min_similarity"] = args.min_similarity
         cfg = GenerateConfig(method="darwin", mutations=args.mutations, mutation_mode=mode, normalize="none", **extra)
         decoder = DarwinDecoder(MethodContext(cfg, policy, backend, scorer), cfg.method_args(), mutate=True,
                                 replace=True)  # fmt: skip
-        shares, tokens, verdicts = [], [], Counter()
+        shares, tokens, scorer_tokens, verdicts = [], [], [], Counter()
         t0 = time.perf_counter()
         for first in range(0, len(prompts), args.batch):
             batch = prompts[first : first + args.batch]
-            _, info = decoder._mutate(batch, seed=args.seed + first)
-            for p, i in zip(batch, info):
+            instr, info = decoder._mutate(batch, seed=args.seed + first)
+            for p, i, slots in zip(batch, info, instr):
                 shares.append(i["parsed"] / args.mutations)
                 tokens.append(i["forward_tokens"])
+                scorer_tokens.append(i.get("scorer_tokens", 0))
                 if mode == "one":
                     verdicts.update(i["verdicts"])
-                    replies_one += [(p.messages[-1]["content"], r, v) for r, v in zip(i["replies"], i["verdicts"])
+                    sims = i.get("similarity") or [None] * len(i["replies"])
+                    replies_one += [(p.messages[-1]["content"], r, v, s) for r, v, s in zip(i["replies"], i["verdicts"], sims)
                                     if v != "enough rewrites"]  # rows cut once n were usable: not replies
+                    beams_one += [(p.messages[-1]["content"], t, j < i["parsed"]) for j, t in enumerate(slots)]
                 else:
                     verdicts.update([f"{i['parsed']} items"])
             print(mode, first + len(batch), f"{np.mean(shares):.3f}", flush=True)
@@ -77,24 +85,34 @@ def main() -> None:
             "all_n": float(np.mean(shares_a == 1.0)),
             "none": float(np.mean(shares_a == 0.0)),
             "policy_tokens_per_prompt": float(np.mean(tokens)),
+            "scorer_tokens_per_prompt": float(np.mean(scorer_tokens)),
             "seconds_per_prompt": (time.perf_counter() - t0) / len(prompts),
             "verdicts": dict(verdicts.most_common()),
         }
+    cell = lambda t: t.replace("|", "\\|").replace("\n", " ⏎ ")[:220]  # noqa: E731
     rng = random.Random(args.sample_seed)
     sample = rng.sample(replies_one, 50)
     lines = ["# 50 random replies of `--mutation-mode one` with the rule's verdict", "",
-             "| # | instruction | reply | rule |", "|---|---|---|---|"]  # fmt: skip
-    for j, (ins, rep, v) in enumerate(sample, 1):
-        cell = lambda t: t.replace("|", "\\|").replace("\n", " ⏎ ")[:220]  # noqa: E731
-        lines.append(f"| {j} | {cell(ins)} | {cell(rep)} | {v} |")
+             "| # | instruction | reply | rule | similarity |", "|---|---|---|---|---|"]  # fmt: skip
+    for j, (ins, rep, v, sim) in enumerate(sample, 1):
+        lines.append(f"| {j} | {cell(ins)} | {cell(rep)} | {v} | {'' if sim is None else f'{sim:.2f}'} |")
     (RESULTS / f"{args.out_name}_sample.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"{args.out_name}_sample.json").write_text(json.dumps(sample, indent=1))
-    md = ["| mode | usable rewrites per prompt (share of n) | prompts with all n | with none | policy tokens / prompt | s / prompt |",
-          "|---|---|---|---|---|---|"]  # fmt: skip
+    # 50 beams drawn uniformly from every prompt's n slots: the hand check of what Darwin decodes from (a slot
+    # left to the parent instruction is no rewrite)
+    beams = random.Random(args.sample_seed + 1).sample(beams_one, min(50, len(beams_one)))
+    lines = ["# 50 random beams (mutation slots) of `--mutation-mode one`", "",
+             "| # | instruction | the beam's instruction | rewrite |", "|---|---|---|---|"]  # fmt: skip
+    for j, (ins, slot, rewritten) in enumerate(beams, 1):
+        lines.append(f"| {j} | {cell(ins)} | {cell(slot) if rewritten else '(the parent instruction)'} | {rewritten} |")
+    (RESULTS / f"{args.out_name}_beams.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.out_name}_beams.json").write_text(json.dumps(beams, indent=1))
+    md = ["| mode | usable rewrites per prompt (share of n) | prompts with all n | with none | policy tokens / prompt | encoder tokens / prompt | s / prompt |",
+          "|---|---|---|---|---|---|---|"]  # fmt: skip
     for mode, r in out.items():
         e, lo, hi = r["usable_share"]
         md.append(f"| {mode} | {e:.3f} [{lo:.3f}, {hi:.3f}] | {r['all_n']:.3f} | {r['none']:.3f} | "
-                  f"{r['policy_tokens_per_prompt']:.0f} | {r['seconds_per_prompt']:.2f} |")  # fmt: skip
+                  f"{r['policy_tokens_per_prompt']:.0f} | {r['scorer_tokens_per_prompt']:.0f} | {r['seconds_per_prompt']:.2f} |")  # fmt: skip
     (RESULTS / f"{args.out_name}.md").write_text("\n".join(md) + "\n")
     summary = (f"{args.out_name}: usable rewrites per prompt, {len(prompts)} MT-Bench+Vicuna prompts, n={args.mutations}: "
                + ", ".join(f"{m} {r['usable_share'][0]:.3f} [{r['usable_share'][1]:.3f}, {r['usable_share'][2]:.3f}]"

@@ -173,6 +173,7 @@ def test_cli_darwin_and_bad_flag(tmp_path, tiny_policy_dir, capsys):
 @pytest.mark.real
 def test_darwin_real_policy(tmp_path, real_policy, shared_data):
     from moalign.data.prompts import load_prompts
+    from moalign.decoding.darwin import parse_rewrite, split_request
     from moalign.objectives.base import resolve_objectives
 
     prompts = load_prompts(str(shared_data / "mt-bench-questions.jsonl"), limit=2)
@@ -188,6 +189,21 @@ def test_darwin_real_policy(tmp_path, real_policy, shared_data):
         # at least one instruction parsed from the real policy's reply or an honest fallback to copies
         assert 0 <= cyc["mutation"]["parsed"] <= 3 and len(cyc["instructions"]) == 3
         assert rec["forward_tokens"] > 0
+        # the drift check: accepted rewrites clear the threshold, dropped ones do not, and the beams take the
+        # most faithful distinct ones, best first
+        m = cyc["mutation"]
+        sims = {}
+        for reply, verdict, sim in zip(m["replies"], m["verdicts"], m["similarity"]):
+            assert (sim is None) == (verdict not in ("ok", "drift"))
+            if verdict == "ok":
+                assert sim >= 0.7
+                sims[parse_rewrite(reply, split_request(cyc["parent"]).request)[0]] = sim
+            elif verdict == "drift":
+                assert sim < 0.7
+        best = sorted(sims, key=lambda t: -sims[t])[: m["parsed"]]
+        assert m["parsed"] == min(3, len(sims))
+        assert all(t in ins for t, ins in zip(best, cyc["instructions"]))
+        assert (m["scorer_tokens"] > 0) == any(s is not None for s in m["similarity"])
 
 
 @pytest.mark.parametrize(
@@ -269,6 +285,23 @@ def test_parse_rewrite_keeps_the_kind_of_request(reply, verdict):
          "Could you explain why Isaac Newton focused on biology instead of physics?", "condition dropped"),
         ("What if Isaac Newton had focused on biology instead of physics?",
          "Could you describe how science would differ if Isaac Newton had studied biology instead of physics?", "ok"),
+        # "instead of X" may become "over X" / "rather than X"; a plain negation may not
+        ("Why might someone shop at a small business instead of a chain store?",
+         "Could you explain why someone might shop at a small business over a chain store?", "ok"),
+        ("Why might someone shop at a small business instead of a chain store?",
+         "Could you explain why someone might shop at a small business rather than a chain store?", "ok"),
+        ("Why might someone shop at a small business instead of a chain store?",
+         "Could you explain why someone might shop at a small business?", "negation dropped"),
+        ("Why don't penguins fly?", "Could you explain why penguins fly rather than swim?", "negation dropped"),
+        # each number as often as the instruction has it; quoted formats and words kept to the letter
+        ("Given that f(x) = 5x^3 - 2x + 3, find the value of f(2).",
+         "Could you find the value of f(x) when given f(x) = 5x^3 - 2x + 3?", "premise dropped"),
+        ("Given that f(x) = 5x^3 - 2x + 3, find the value of f(2).",
+         "Could you calculate f(2) for f(x) = 5x^3 - 2x + 3?", "ok"),
+        ('Output in the format of "character, book, year", one book per line.',
+         'Could you output each book on its own line in the format "character, book, year"?', "ok"),
+        ('Output in the format of "character, book, year", one book per line.',
+         'Could you output it in the format of "character, year, book" with one book per line?', "quote dropped"),
     ],
 )
 def test_parse_rewrite_keeps_what_the_question_needs(instruction, reply, verdict):
@@ -289,6 +322,16 @@ def test_parse_rewrite_keeps_what_the_question_needs(instruction, reply, verdict
         ("How many atoms are in a grain of salt? Try to explain your answer. Go step by step.",
          ("How many atoms are in a grain of salt?", "", "Try to explain your answer. Go step by step.", "")),
         ("Act as a poet. Write about rain.\nStyle: haiku", ("Write about rain.", "Act as a poet.", "", "Style: haiku")),
+        # no question: the first order for the reply, not a trailing constraint, a role or a definition
+        ("Write a persuasive email to my friend. Use strong arguments. Please be concise.",
+         ("Write a persuasive email to my friend.", "", "Use strong arguments. Please be concise.", "")),
+        ("Please assume the role of a translator. Please correct my text.",
+         ("Please correct my text.", "Please assume the role of a translator.", "", "")),
+        ("Let B_n be the number of full binary trees with n vertices. Implement a function to find B_n.",
+         ("Implement a function to find B_n.", "Let B_n be the number of full binary trees with n vertices.", "", "")),
+        # a set-up line, then the question on a line of its own
+        ("Tom buys 3 books. Each costs $5.\nWhat did he pay?",
+         ("What did he pay?", "Tom buys 3 books. Each costs $5.", "", "", "\n")),
     ],
 )
 def test_split_request_rewrites_the_question_and_keeps_the_rest(instruction, parts):
@@ -350,10 +393,76 @@ def test_mutation_mode_one_keeps_usable_rewrites_and_counts_the_rest(tiny_policy
         assert len(i["replies"]) == len(i["verdicts"]) == 6  # oversampled 2x
         assert i["parsed"] == sum(t != p.messages[-1]["content"] for t in got)
         assert i["forward_tokens"] > 0
+        # the drift check reads only rewrites the rule accepted (and then their references): its count says so
+        assert len(i["similarity"]) == 6
+        assert (i["scorer_tokens"] > 0) == any(s is not None for s in i["similarity"])
     with pytest.warns(UserWarning, match="gave fewer than 3 usable rewrites"):
         dec._warn_failed(info)
     assert dec.report["mutations"] == 2 and dec.report["rewrites_wanted"] == 6
     assert dec.report["failed"] == sum(i["parsed"] < 3 for i in info)
+
+
+def test_faithfulness_is_the_best_cosine_over_the_references():
+    from moalign.decoding.darwin import faithfulness
+
+    g = torch.Generator().manual_seed(0)
+    rw = torch.nn.functional.normalize(torch.randn(5, 7, generator=g, dtype=torch.float64), dim=-1)
+    refs = torch.nn.functional.normalize(torch.randn(2, 7, generator=g, dtype=torch.float64), dim=-1)
+    want = [max(sum(float(a) * float(b) for a, b in zip(r, f)) for f in refs) for r in rw]  # plain loops
+    assert faithfulness(rw, refs).tolist() == pytest.approx(want, abs=1e-12)
+    assert faithfulness(rw, refs[:1]).tolist() == pytest.approx((rw @ refs[0]).tolist(), abs=1e-12)
+    with pytest.raises(MoalignError, match="references"):
+        faithfulness(rw, refs[:0])
+
+
+def test_drift_check_on_minilm_rejects_another_request_and_reads_each_text_once():
+    """The real encoder: a paraphrase passes, a rewrite that asks something else does not, a rewrite that folds
+    the set-up in is compared with the set-up + request; the encoder's reads are counted once per text."""
+    from moalign.decoding.darwin import DriftCheck, split_request
+    from moalign.objectives.embeddings import token_counts
+
+    parts = [split_request("How can I increase my productivity while working from home?"),
+             split_request("A binary tree is full if every vertex has zero or two children. Let B_n be the number "
+                           "of full binary trees with n vertices. Implement a function to find B_n.")]  # fmt: skip
+    check = DriftCheck(parts, 0.7)
+    items = [(0, "Could you suggest a way to boost my productivity while working from home?"),
+             (0, "Could you work on projects while working remotely?"),
+             (1, "Could you write a function that counts the full binary trees with n vertices?")]
+    sims = check.similarity(items)
+    assert sims[0] > 0.85 and sims[1] < 0.6  # measured 0.95 and 0.48 on the hand-checked replies
+    assert check.accepts(items) == [True, False, True]
+    alone = DriftCheck([split_request("Implement a function to find B_n.")], 0.7)
+    assert alone.similarity([(0, items[2][1])])[0] < sims[2]  # the set-up is what makes it faithful
+    read = [sum(token_counts(check.refs[0])) + sum(token_counts([items[0][1], items[1][1]])),
+            sum(token_counts(check.refs[1])) + token_counts([items[2][1]])[0]]
+    assert len(check.refs[1]) == 2 and check.tokens == read
+    check.similarity(items[::-1])
+    assert check.tokens == read  # seen texts are not read again
+    assert DriftCheck(parts, 0.0).accepts(items) == [True] * 3
+
+
+def test_rewrite_selector_cuts_a_group_at_n_usable_rewrites_unless_told_not_to():
+    from moalign.decoding.backend import BlockStep
+    from moalign.decoding.darwin import _stop_when_decided
+
+    instr = "How can I increase my productivity while working from home?"
+    rows = ["Could you suggest a way to boost my productivity while working from home?\nThat",
+            "Sure! Start early.", "Could you tell me how to be more productive when I work from home?\nThat",
+            "Could you"]  # fmt: skip
+    step = BlockStep(prompts=[to_prompt(instr)], prompt_indices=[0], texts=[rows],
+                     token_ids=torch.zeros(1, 4, 1, dtype=torch.long), done=torch.zeros(1, 4, dtype=torch.bool),
+                     block_index=0, final=False, rng=torch.Generator().manual_seed(0))  # fmt: skip
+    for n, cut in ((2, True), (3, False), (None, False)):
+        stopped: set = set()
+        sel = _stop_when_decided([instr], n, stopped)(step)
+        assert sel.finish[0].tolist() == [True, True, True, cut]  # rows 0-2 are decided; row 3 is still growing
+        assert stopped == ({(0, 3)} if cut else set())
+
+
+def test_mutation_min_similarity_is_checked():
+    with pytest.raises(MoalignError, match="--mutation-min-similarity"):
+        DarwinArgs(mutation_min_similarity=1.5).validate()
+    DarwinArgs(mutation_min_similarity=0.0).validate()
 
 
 def test_mutation_complete_waits_for_the_whole_last_item():

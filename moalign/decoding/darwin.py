@@ -4,9 +4,10 @@ Exploration and exploitation are separate operators on the shared engine:
 
 - **mutation** (exploration): the policy (or ``--mutator``) rewrites the instruction into ``n`` variants;
   row j of the group decodes from variant j. Two modes (``--mutation-mode``): ``one`` (default) samples
-  ``--mutation-oversample`` x n replies to a few-shot request for *one* rewrite each and keeps the first n
-  usable ones (:func:`parse_rewrite` says which are; only the question of an instruction is rewritten, its
-  set-up and the data below it are kept, :func:`split_request`); ``list`` asks once for a numbered list of n
+  ``--mutation-oversample`` x n replies to a few-shot request for *one* rewrite each and keeps the n usable ones
+  closest in meaning to the request (:func:`parse_rewrite` says which are usable by their form, :class:`DriftCheck`
+  drops those whose sentence embedding strays from the request; only the question of an instruction is
+  rewritten, its set-up and the data below it are kept, :func:`split_request`); ``list`` asks once for a numbered list of n
   rewrites (the spec's operator). Slots left without a usable rewrite decode the parent instruction, and the run warns;
 - **replacement** (exploitation): every ``m`` tokens all rows are scored against the ORIGINAL instruction;
   the top-k keep their state and every unfinished row outside them continues from a random top-k row's
@@ -27,6 +28,7 @@ from __future__ import annotations
 import re
 import warnings
 import zlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,7 @@ from moalign.decoding.registry import MethodContext, MethodSpec, register_method
 from moalign.decoding.scalarize import Scalarization
 from moalign.decoding.selection import ValueFn, rounded, values_for_active
 from moalign.errors import MoalignError
+from moalign.objectives.base import objective_device
 
 #: The default mutation prompt. Slots: ``{instruction}`` (required) and ``{n}``. The spec's prompt is
 #: one-shot; the bundled 135M policy copied a one-shot example's rewrites verbatim (rewrites about the
@@ -110,6 +113,12 @@ _NUMBER_WORDS = {"two", "three", "four", "five", "six", "seven", "eight", "nine"
 _NEGATIONS = {"not", "never", "no", "without", "nor", "neither", "cannot", "don't", "doesn't", "didn't", "hadn't",
               "hasn't", "haven't", "isn't", "aren't", "wasn't", "weren't", "won't", "wouldn't", "can't", "couldn't",
               "shouldn't", "instead"}  # fmt: skip
+#: how a rewrite may keep "instead of X" ("a small business instead of a chain store" -> "... over a chain store")
+_INSTEAD = {"instead", "over", "rather", "than", "versus", "vs"}
+#: verbs that set up a role or a scene rather than ask for the reply ("Act as a poet. Write about rain.")
+_ROLE_VERBS = {"act", "pretend", "imagine", "assume", "suppose", "picture", "embody", "embrace", "consider"}
+#: the start of the one-rewrite request, which the policy sometimes echoes before its rewrite
+_ECHO = re.compile(r"^\s*[\"*]*rewrite this instruction[^:\n]*:[ \t]*\n*", re.IGNORECASE)
 #: how a later sentence of a reply opens when the reply goes on to answer its own question
 _STATEMENT_OPENERS = {"it's", "it", "its", "i", "i'm", "i've", "i'd", "this", "that's", "there", "there's", "they",
                       "yes", "no", "because", "well", "when", "the", "a", "an"}  # fmt: skip
@@ -130,7 +139,14 @@ class DarwinArgs:
         choices=("one", "list"),
     )
     mutation_oversample: int = _f(
-        2, "darwin, --mutation-mode one: requests per wanted rewrite (the first n usable replies are kept)"
+        3,
+        "darwin, --mutation-mode one: requests per wanted rewrite (the n most faithful usable replies are kept; "
+        "the first n with --mutation-min-similarity 0)",
+    )
+    mutation_min_similarity: float = _f(
+        0.7,
+        "darwin, --mutation-mode one: a rewrite whose sentence embedding (MiniLM) has a cosine similarity below "
+        "this with its request (or the request with its set-up) is dropped as drift; 0 turns the check off",
     )
     mutation_template: str | None = _f(
         None,
@@ -156,6 +172,8 @@ class DarwinArgs:
             raise MoalignError(
                 f"--replace-top-k must be between 1 and --mutations ({self.mutations}), got {self.replace_top_k}"
             )
+        if not 0.0 <= self.mutation_min_similarity <= 1.0:
+            raise MoalignError(f"--mutation-min-similarity must be between 0 and 1, got {self.mutation_min_similarity}")
         if self.recache not in RECACHE:
             raise MoalignError(f"--recache must be one of {', '.join(RECACHE)}, got {self.recache!r}")
         if self.mutation_mode not in ("one", "list"):
@@ -226,6 +244,7 @@ def parse_rewrite(reply: str, instruction: str, finished: bool = True) -> tuple[
       ("negation dropped"), and a counterfactual ("What if ...") stays conditional ("if", "had", "were",
       "would"; "condition dropped").
     """
+    reply = _ECHO.sub("", reply, count=1)  # "Rewrite this instruction ...: <the rewrite>": the rewrite is what follows
     if not finished:
         return None, "truncated"
     lines = [ln.strip() for ln in reply.strip().splitlines() if ln.strip()]
@@ -271,13 +290,18 @@ def parse_rewrite(reply: str, instruction: str, finished: bool = True) -> tuple[
         return None, "too long"
     if re.sub(r"\W", "", low) == re.sub(r"\W", "", instruction.lower()):
         return None, "copy"
-    data = set(re.findall(r"\d+(?:\.\d+)?", instruction)) | (set(instr_words) & _NUMBER_WORDS)
-    kept = set(re.findall(r"\d+(?:\.\d+)?", text)) | (set(re.findall(r"[a-z']+", low)) & _NUMBER_WORDS)
+    # every number as often as the instruction has it ("f(x) = 5x^3 - 2x + 3, find f(2)" -> "find f(x)" keeps
+    # one 2 of two), every number word
+    data = Counter(re.findall(r"\d+(?:\.\d+)?", instruction)) + Counter(set(instr_words) & _NUMBER_WORDS)
+    kept = Counter(re.findall(r"\d+(?:\.\d+)?", text)) + Counter(set(re.findall(r"[a-z']+", low)) & _NUMBER_WORDS)
     n_sentences = len([x for x in re.split(r"(?<=[.!?\n])\s+", instruction.strip()) if x.strip()])
     if data - kept or (n_sentences > 1 and len(words & instr) < 0.4 * len(instr)):
         return None, "premise dropped"  # the numbers, a passage or the set-up that the question needs are gone
+    if any(q not in text for q in re.findall(r'"[^"\n]+"', instruction)):
+        return None, "quote dropped"  # a quoted format, name or word is the request's data: kept to the letter
     said = set(re.findall(r"[a-z']+", low))
-    if set(instr_words) & _NEGATIONS and not said & _NEGATIONS:
+    negations = set(instr_words) & _NEGATIONS
+    if negations and not said & _NEGATIONS and not (negations == {"instead"} and said & _INSTEAD):
         return None, "negation dropped"  # "... had never collapsed" -> "... if they vanished", "(not LCA)" -> "(LCA)"
     if instruction.lower().lstrip().startswith("what if") and not said & {"if", "had", "were", "would"}:
         return None, "condition dropped"  # "What if Newton had studied biology?" -> "Why did Newton study biology?"
@@ -294,19 +318,24 @@ class RequestParts:
     before: str = ""
     after: str = ""
     data: str = ""
+    sep: str = " "  #: between the set-up and the request ("\n" when the request is a line of its own)
 
     def join(self, request: str) -> str:
-        line = " ".join(x for x in (self.before, request, self.after) if x)
+        line = self.sep.join(x for x in (self.before, request) if x)
+        line = " ".join(x for x in (line, self.after) if x)
         return f"{line}\n{self.data}" if self.data else line
 
 
 def split_request(instruction: str) -> RequestParts:
     """The part of ``instruction`` the mutator rewrites, and the rest, kept verbatim: the lines below the first
     (a passage, a table, code, options), and, where the first line has several sentences, every sentence but
-    the question (the last one with "?", else the last one): "David has three sisters. Each of them has one
-    brother. How many brothers does David have?" is rewritten as the set-up + a rewrite of its question. Asked to
-    rewrite it all, the bundled 135M policy dropped the set-up or the data in most replies (measured in
-    benchmarks/darwin_mutation.py). One sentence: the whole instruction."""
+    the question (the last one with "?", else the first order for the reply, "Write ...", "Please describe ...",
+    else the last one): "David has three sisters. Each of them has one brother. How many brothers does David
+    have?" is rewritten as the set-up + a rewrite of its question, "Write a persuasive email ... Please be
+    concise." as a rewrite of its first sentence + the constraint. A first line that only sets up, followed by a
+    question on the last line, has that question rewritten. Asked to rewrite it all, the bundled 135M policy
+    dropped the set-up or the data in most replies (measured in benchmarks/darwin_mutation.py). One sentence:
+    the whole instruction."""
     head, sep, tail = instruction.strip().partition("\n")
     data = tail if sep and head.strip() and tail.strip() else ""
     if not data:
@@ -315,8 +344,73 @@ def split_request(instruction: str) -> RequestParts:
     if len(sentences) < 2:
         return RequestParts(head if data else instruction, data=data)
     asks = [i for i, x in enumerate(sentences) if "?" in x]
-    i = asks[-1] if asks else len(sentences) - 1
+    orders = [i for i, x in enumerate(sentences) if _asks_for_reply(x)]
+    lines = data.split("\n")
+    if data and not asks and not orders and "?" in lines[-1] and lines[-1].strip():
+        # a set-up of several sentences, then the question on a line of its own ("Benjamin went to a bookstore ...
+        # He bought ...\nWhat was the total cost of his purchases?"): the question is what is rewritten
+        return RequestParts(lines[-1].strip(), "\n".join([head.strip(), *lines[:-1]]), sep="\n")
+    i = asks[-1] if asks else orders[0] if orders else len(sentences) - 1
     return RequestParts(sentences[i], " ".join(sentences[:i]), " ".join(sentences[i + 1 :]), data)
+
+
+def faithfulness(rewrites: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """``rewrites [R, D]`` and ``references [F, D]``, unit-norm sentence embeddings -> ``[R]``: each rewrite's
+    highest cosine similarity with a reference (its request alone, and the request with its set-up)."""
+    if rewrites.ndim != 2 or references.ndim != 2 or references.shape[0] == 0:
+        raise MoalignError(f"faithfulness needs [R, D] rewrites and [F>0, D] references, got "
+                           f"{tuple(rewrites.shape)} and {tuple(references.shape)}")  # fmt: skip
+    return (rewrites @ references.T).amax(dim=-1)
+
+
+class DriftCheck:
+    """The meaning-drift check of one mutation call. A rewrite that passes :func:`parse_rewrite` can still ask
+    something else ("How can I increase my productivity while working from home?" -> "Could you work on projects
+    while working remotely?"); in 65 hand-labelled accepted rewrites, 8 of the 11 whose MiniLM cosine
+    similarity to their request was below 0.7 were not usable against 5 of the other 54
+    (benchmarks/results/darwin_mutation_drift.md). Group i's references are its request and, where the
+    instruction has a set-up, the set-up + request (a rewrite that folds the set-up in is not drift). Each text
+    is encoded once per group; ``tokens[i]`` counts the word pieces the encoder read for group i, its cost as
+    a scorer."""
+
+    def __init__(self, parts: Sequence[RequestParts], threshold: float, device: str | torch.device = "cpu"):
+        self.threshold, self.device = threshold, device
+        self.refs = [[p.request] + ([f"{p.before} {p.request}"] if p.before else []) for p in parts]
+        self.tokens = [0] * len(parts)
+        self._refs: dict[int, torch.Tensor] = {}
+        self._sim: dict[tuple[int, str], float] = {}
+
+    def similarity(self, items: Sequence[tuple[int, str]]) -> list[float]:
+        """Cosine similarity of each (group, rewrite) with the group's closest reference, encoding only the
+        texts not seen before, in one batch."""
+        from moalign.objectives import embeddings
+
+        new = list(dict.fromkeys(it for it in items if it not in self._sim))
+        for i in sorted({i for i, _ in new} - set(self._refs)):
+            self._refs[i] = embeddings.encode(self.refs[i], device=self.device)
+            self.tokens[i] += sum(embeddings.token_counts(self.refs[i], self.device))
+        if new:
+            texts = [t for _, t in new]
+            emb = embeddings.encode(texts, device=self.device)
+            for (i, t), e, c in zip(new, emb, embeddings.token_counts(texts, self.device)):
+                self._sim[(i, t)] = float(faithfulness(e[None], self._refs[i])[0])
+                self.tokens[i] += c
+        return [self._sim[it] for it in items]
+
+    def accepts(self, items: Sequence[tuple[int, str]]) -> list[bool]:
+        if self.threshold <= 0:
+            return [True] * len(items)
+        return [s >= self.threshold for s in self.similarity(items)]
+
+
+def _asks_for_reply(sentence: str) -> bool:
+    """Whether a sentence without "?" is an order for the reply ("Write a persuasive email ...", "Please
+    describe ..."), not a role or a scene ("Act as ...", "Please assume the role ...") nor a statement."""
+    words = [re.sub(r"[^a-z']", "", w) for w in sentence.lower().split()[:2]]
+    if words and words[0] == "please":
+        words = words[1:]
+    return bool(words) and words[0] in _REQUEST_OPENERS - _ROLE_VERBS - _WH - _NOT_REQUEST_WORDS - {
+        "is", "are", "do", "does", "should", "will", "would", "can", "could", "please", "let", "let's"}  # "Let B_n denote ..." defines
 
 
 def rewrite_request(instruction: str, template: str | None = None, context: str = "") -> Prompt:
@@ -339,6 +433,7 @@ def rewrite_decided(reply: str, instruction: str) -> bool:
     """Whether more tokens cannot change what :func:`parse_rewrite` makes of a reply: its first line is whole
     (a newline follows it), or it is already a list item, an answer's opener, a first sentence that states, or
     too long."""
+    reply = _ECHO.sub("", reply, count=1)
     if "\n" in reply.strip():
         return True
     text = reply.strip().strip('"').strip("*").strip()
@@ -351,10 +446,11 @@ def rewrite_decided(reply: str, instruction: str) -> bool:
     return m is not None and parse_rewrite(text[: m.start() + 1], instruction)[1] == "answer"
 
 
-def _stop_when_decided(instructions: list[str], n: int, stopped: set[tuple[int, int]]):
+def _stop_when_decided(instructions: list[str], n: int | None, stopped: set[tuple[int, int]]):
     """A selector for one-rewrite replies to ``instructions`` (one group each): a row stops once
     :func:`rewrite_decided` (mostly: once its first line is whole); a group's remaining rows stop once it holds
-    ``n`` distinct usable rewrites (recorded in ``stopped`` as (group, row): those rows are cut, not replies)."""
+    ``n`` distinct usable rewrites (recorded in ``stopped`` as (group, row): those rows are cut, not replies).
+    ``n=None``: no group is cut (every reply is wanted, e.g. to keep the n most faithful)."""
 
     def select(step: BlockStep) -> Selection:
         P, K = step.done.shape
@@ -369,7 +465,7 @@ def _stop_when_decided(instructions: list[str], n: int, stopped: set[tuple[int, 
                     text, why = parse_rewrite(t, instructions[i])
                     if why == "ok":
                         ok.add(text)
-            if len(ok) >= n:
+            if n is not None and len(ok) >= n:
                 for k in range(K):
                     if not finish[p, k] and not bool(step.done[p, k]):
                         finish[p, k] = True
@@ -507,6 +603,10 @@ class DarwinDecoder:
                 self.mutator = TransformersBackend(policy, sampling, system_prompt=None)
             else:  # the policy itself, on the run's backend (in-process or server)
                 self.mutator = ctx.engine_with(sampling)
+        #: where the drift check's sentence encoder runs: --objective-device, else the policy's device
+        spec = getattr(ctx.cfg, "objective_device", None)
+        policy_device = getattr(ctx.policy, "device", None)
+        self.encoder_device = objective_device(spec, policy_device) if spec else torch.device(policy_device or "cpu")
 
     # -------------------------------------------------------------------------------------------- parts
     def _mutate(self, parents: list[Prompt], seed: int) -> tuple[list[list[str]], list[dict]]:
@@ -521,23 +621,37 @@ class DarwinDecoder:
         # a rewrite is about as long as its request: a budget of 16 tokens + ~3 per word of the longest
         budget = min(self.args.mutation_max_new_tokens, 16 + 3 * max(len(b.split()) for b in bases))
         stopped: set[tuple[int, int]] = set()
+        drift = DriftCheck(split, self.args.mutation_min_similarity, self.encoder_device) \
+            if self.args.mutation_min_similarity > 0 else None  # fmt: skip
         res = self.mutator.decode(
             [rewrite_request(pt.request, self.template, pt.before) for pt in split], k=m, block_size=8, max_new_tokens=budget,
-            seed=seed, selector=_stop_when_decided(bases, n, stopped), keep_all=True,
+            seed=seed, selector=_stop_when_decided(bases, n if drift is None else None, stopped), keep_all=True,
         )  # fmt: skip
         out, info = [], []
         for i, (parts, r) in enumerate(zip(split, res)):
             base = parts.request
             verdicts = [(None, "enough rewrites") if (i, k) in stopped else
                         parse_rewrite(row.response, base, finished=row.finished) for k, row in enumerate(r.rows)]  # fmt: skip
+            similarity: list[float | None] = [None] * len(verdicts)
+            if drift is not None:
+                ok = [k for k, (_, why) in enumerate(verdicts) if why == "ok"]
+                for k, sim in zip(ok, drift.similarity([(i, verdicts[k][0]) for k in ok])):
+                    similarity[k] = round(sim, 4)
+                    if sim < drift.threshold:
+                        verdicts[k] = (None, "drift")
+            # the first n distinct usable rewrites; with the drift check, the n most faithful (every reply decoded)
+            order = sorted(range(len(verdicts)), key=lambda k: -(similarity[k] or 0.0)) if drift is not None \
+                else range(len(verdicts))  # fmt: skip
             kept: list[str] = []
-            for text, why in verdicts:
+            for k in order:
+                text, why = verdicts[k]
                 if why == "ok" and text not in kept and len(kept) < n:
                     kept.append(text)
             out.append([parts.join(t) for t in kept] + [whole[i]] * (n - len(kept)))
             info.append({"mode": "one", "replies": [row.response for row in r.rows],
                          "verdicts": [why for _, why in verdicts], "parsed": len(kept),
-                         "complete": len(kept) == n, "forward_tokens": r.forward_tokens})  # fmt: skip
+                         "complete": len(kept) == n, "forward_tokens": r.forward_tokens, "similarity": similarity,
+                         "scorer_tokens": drift.tokens[i] if drift is not None else 0})  # fmt: skip
         return out, info
 
     def _mutate_list(self, parents: list[Prompt], seed: int) -> tuple[list[list[str]], list[dict]]:
@@ -654,7 +768,7 @@ class DarwinDecoder:
                     best[i], best_r[i], best_cycle[i] = rows[j], float(s[j]), c
                 spent = r.forward_tokens + (mut_info[i]["forward_tokens"] if mut_info[i] else 0)
                 forward[i] += spent
-                scorer[i] += r.scorer_tokens
+                scorer[i] += r.scorer_tokens + (mut_info[i].get("scorer_tokens", 0) if mut_info[i] else 0)
                 pairs[i] += r.scored_pairs
                 entry = {
                     "cycle": c,
