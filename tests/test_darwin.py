@@ -429,8 +429,7 @@ def test_drift_check_on_minilm_rejects_another_request_and_reads_each_text_once(
              (0, "Could you work on projects while working remotely?"),
              (1, "Could you write a function that counts the full binary trees with n vertices?")]
     sims = check.similarity(items)
-    assert sims[0] > 0.85 and sims[1] < 0.6  # measured 0.95 and 0.48 on the hand-checked replies
-    assert check.accepts(items) == [True, False, True]
+    assert sims[0] > 0.85 and sims[1] < 0.6 and sims[2] >= 0.7  # 0.95 and 0.48 on the hand-checked replies
     alone = DriftCheck([split_request("Implement a function to find B_n.")], 0.7)
     assert alone.similarity([(0, items[2][1])])[0] < sims[2]  # the set-up is what makes it faithful
     read = [sum(token_counts(check.refs[0])) + sum(token_counts([items[0][1], items[1][1]])),
@@ -438,7 +437,6 @@ def test_drift_check_on_minilm_rejects_another_request_and_reads_each_text_once(
     assert len(check.refs[1]) == 2 and check.tokens == read
     check.similarity(items[::-1])
     assert check.tokens == read  # seen texts are not read again
-    assert DriftCheck(parts, 0.0).accepts(items) == [True] * 3
 
 
 def test_rewrite_selector_cuts_a_group_at_n_usable_rewrites_unless_told_not_to():

@@ -241,8 +241,13 @@ def parse_rewrite(reply: str, instruction: str, finished: bool = True) -> tuple[
       options, then the question) keeps at least 40% of its content words ("David has three sisters. ... How
       many brothers does David have?" -> "How many brothers does David have?" is not a rewrite);
     - not turned around: an instruction with a negation ("not", "never", "without", "instead", ...) keeps one
-      ("negation dropped"), and a counterfactual ("What if ...") stays conditional ("if", "had", "were",
-      "would"; "condition dropped").
+      ("negation dropped"; "instead of X" may become "over X", "rather than X"), and a counterfactual ("What if
+      ...") stays conditional ("if", "had", "were", "would"; "condition dropped");
+    - every number as many times as the instruction has it ("premise dropped"), every quoted span ("in the format
+      "word, count"") to the letter ("quote dropped").
+
+    A reply that echoes the request's opening ("Rewrite this instruction in other words ...: <rewrite>") is read
+    from what follows the colon.
     """
     reply = _ECHO.sub("", reply, count=1)  # "Rewrite this instruction ...: <the rewrite>": the rewrite is what follows
     if not finished:
@@ -368,7 +373,8 @@ class DriftCheck:
     something else ("How can I increase my productivity while working from home?" -> "Could you work on projects
     while working remotely?"); in 65 hand-labelled accepted rewrites, 8 of the 11 whose MiniLM cosine
     similarity to their request was below 0.7 were not usable against 5 of the other 54
-    (benchmarks/results/darwin_mutation_drift.md). Group i's references are its request and, where the
+    (benchmarks/results/darwin_mutation_handcheck_3.md; on fresh replies it did not measurably raise the share of
+    usable beams, but it ranks them: the n most similar are kept). Group i's references are its request and, where the
     instruction has a set-up, the set-up + request (a rewrite that folds the set-up in is not drift). Each text
     is encoded once per group; ``tokens[i]`` counts the word pieces the encoder read for group i, its cost as
     a scorer."""
@@ -396,11 +402,6 @@ class DriftCheck:
                 self._sim[(i, t)] = float(faithfulness(e[None], self._refs[i])[0])
                 self.tokens[i] += c
         return [self._sim[it] for it in items]
-
-    def accepts(self, items: Sequence[tuple[int, str]]) -> list[bool]:
-        if self.threshold <= 0:
-            return [True] * len(items)
-        return [s >= self.threshold for s in self.similarity(items)]
 
 
 def _asks_for_reply(sentence: str) -> bool:
