@@ -117,6 +117,10 @@ _NEGATIONS = {"not", "never", "no", "without", "nor", "neither", "cannot", "don'
 _INSTEAD = {"instead", "over", "rather", "than", "versus", "vs"}
 #: verbs that set up a role or a scene rather than ask for the reply ("Act as a poet. Write about rain.")
 _ROLE_VERBS = {"act", "pretend", "imagine", "assume", "suppose", "picture", "embody", "embrace", "consider"}
+#: how an order for the reply opens (a request opener that is not a role, a question word, an auxiliary or a
+#: definition: "Let B_n denote ..." defines)
+_ORDER_OPENERS = _REQUEST_OPENERS - _ROLE_VERBS - _WH - _NOT_REQUEST_WORDS - {
+    "is", "are", "do", "does", "should", "will", "would", "can", "could", "please", "let", "let's"}  # fmt: skip
 #: the start of the one-rewrite request, which the policy sometimes echoes before its rewrite
 _ECHO = re.compile(r"^\s*[\"*]*rewrite this instruction[^:\n]*:[ \t]*\n*", re.IGNORECASE)
 #: how a later sentence of a reply opens when the reply goes on to answer its own question
@@ -410,8 +414,7 @@ def _asks_for_reply(sentence: str) -> bool:
     words = [re.sub(r"[^a-z']", "", w) for w in sentence.lower().split()[:2]]
     if words and words[0] == "please":
         words = words[1:]
-    return bool(words) and words[0] in _REQUEST_OPENERS - _ROLE_VERBS - _WH - _NOT_REQUEST_WORDS - {
-        "is", "are", "do", "does", "should", "will", "would", "can", "could", "please", "let", "let's"}  # "Let B_n denote ..." defines
+    return bool(words) and words[0] in _ORDER_OPENERS
 
 
 def rewrite_request(instruction: str, template: str | None = None, context: str = "") -> Prompt:
