@@ -25,6 +25,8 @@ import numpy as np
 from _common import RESULTS, write_result
 from darwin_mtbench import load_prompt_set
 from harness import (
+    COMPUTE,
+    _num,
     best_of_n_at,
     best_of_n_points,
     ci,
@@ -39,6 +41,7 @@ from harness import (
     run_variants,
     start,
     summary_row,
+    whole_response_reads,
 )
 
 from moalign.evaluation import paired_diff_ci, paired_win_ci
@@ -61,13 +64,6 @@ def variants(args) -> dict:
     }  # fmt: skip
 
 
-def _whole_response_tokens(prompts: list[str], responses: list[str]) -> np.ndarray:
-    from moalign.decoding.values import ObjectiveScorer
-    from moalign.objectives.base import resolve_objectives
-
-    return np.array(ObjectiveScorer(resolve_objectives(OBJ)).input_tokens(prompts, responses), float)
-
-
 def _score_texts(prompts: list[str], responses: list[str], judges: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Raw proxy and judge scores of (prompt, response) pairs (the best-so-far responses of earlier cycles)."""
     from moalign.decoding.values import ObjectiveScorer
@@ -85,14 +81,18 @@ def mc_points(records: list[dict], order: list[str], judges: list[str], pnorm, j
     by = {r["prompt_id"]: r for r in records}
     out = {}
     for c in range(1, CYCLES + 1):
-        prompts, responses, pol, sc, ok = [], [], [], [], []
+        prompts, responses, pol, sc, pol_f, sc_f, ok = [], [], [], [], [], [], []
         for p in order:
             tr = by[p]["trace"]
             cycles = [e for e in tr if e.get("cycle", 0) >= 1][:c]
             prompts.append(by[p]["prompt"])
             responses.append(cycles[-1]["best_so_far"]["response"])
             pol.append(sum(e["forward_tokens"] + ((e.get("mutation") or {}).get("forward_tokens", 0)) for e in cycles))
-            sc.append(sum(e.get("scorer_tokens", 0) for e in cycles))
+            muts = [e.get("mutation") or {} for e in cycles]
+            sc.append(sum(e.get("scorer_tokens", 0) + m.get("scorer_tokens", 0) for e, m in zip(cycles, muts)))
+            # FLOPs (NaN in traces written before they were counted)
+            pol_f.append(sum(_num(e.get("policy_flops")) + _num(m.get("policy_flops", 0.0)) for e, m in zip(cycles, muts)))
+            sc_f.append(sum(_num(e.get("scorer_flops")) + _num(m.get("scorer_flops", 0.0)) for e, m in zip(cycles, muts)))
             first = cycles[0].get("mutation")
             ok.append(first is None or bool(first.get("complete")))
         praw, jraw = _score_texts(prompts, responses, judges)
@@ -100,8 +100,10 @@ def mc_points(records: list[dict], order: list[str], judges: list[str], pnorm, j
         pt = {"proxy_raw": praw, "proxy_z": pz, "proxy_wc": pz.min(1), "judge_raw": jraw, "judge_z": jz,
               "judge_wc": jz.min(1), "words": np.array([len(x.split()) for x in responses], float),
               "policy_tokens": np.array(pol, float), "scorer_tokens": np.array(sc, float),
+              "policy_flops": np.array(pol_f, float), "scorer_flops": np.array(sc_f, float),
               "mutation_ok": np.array(ok)}  # fmt: skip
-        pt["total_tokens"] = pt["policy_tokens"] + pt["scorer_tokens"]
+        for unit in COMPUTE:
+            pt[f"total_{unit}"] = pt[f"policy_{unit}"] + pt[f"scorer_{unit}"]
         out[c] = pt
     return out
 
@@ -151,7 +153,9 @@ def analyse(args, out_dir: Path) -> dict:
     for p in order:
         recs = sorted(by[p], key=lambda r: r["sample_index"])
         a = prompt_arrays(recs, OBJ, judges, pnorm, jnorm)
-        a["scorer_tokens"] = _whole_response_tokens([r["prompt"] for r in recs], [r["response"] for r in recs])
+        a["scorer_tokens"], a["scorer_flops"] = whole_response_reads(recs, OBJ)
+        for unit in COMPUTE:
+            a[f"total_{unit}"] = a[f"policy_{unit}"] + a[f"scorer_{unit}"]
         per_prompt.append(a)
     bon = best_of_n_points(per_prompt, SAMPLES)
 
@@ -167,7 +171,7 @@ def analyse(args, out_dir: Path) -> dict:
         ok = mcs[1]["mutation_ok"]
         rows, table = {}, []
         for c, pt in mcs.items():
-            bpt, bname = best_of_n_at(bon, float(pt["total_tokens"].mean()))
+            bpt, bname = best_of_n_at(bon, float(pt["total_flops"].mean()))
             for subset, mask in (("all", np.ones(len(order), bool)), ("mutation succeeded", ok)):
                 if method != "darwin" and subset != "all":
                     continue
@@ -184,14 +188,15 @@ def analyse(args, out_dir: Path) -> dict:
                 v = row["vs_best_of_n"]
                 table.append([f"{method} MC{c}", subset, int(mask.sum()), fmt(row["proxy_worst_case_z"], True),
                               fmt(row["judge_worst_case_z"], True), f"{row['words'][0]:.1f}",
-                              f"{row['policy_tokens']:.0f} + {row['scorer_tokens']:.0f}", bname,
+                              f"{row['policy_tokens']:.0f} + {row['scorer_tokens']:.0f}",
+                              f"{row['policy_flops'] / 1e9:.2f} + {row['scorer_flops'] / 1e9:.2f}", bname,
                               fmt(v["proxy"]["diff"], True), fmt(v["judge"]["diff"], True),
                               fmt(v["judge"]["win_rate"])])  # fmt: skip
         result["methods"][method] = {"rows": rows, "mutation_ok": float(ok.mean())}
         md += ["", f"### {method}" + (f" (mutation gave 5 usable rewrites in cycle 1 on {ok.mean():.0%} of prompts)"
                                      if method == "darwin" else ""), "",
                markdown_table(["method", "prompts", "n", "PROXY worst case (z)", "JUDGE worst case (z)", "words",
-                               "policy + scorer tokens", "best-of-N at that compute", "PROXY diff vs it",
+                               "policy + scorer tokens", "policy + scorer GFLOP", "best-of-N at that FLOPs", "PROXY diff vs it",
                                "JUDGE diff vs it", "JUDGE win rate vs it"], table)]  # fmt: skip
         if method == "darwin":
             mut = mutation_stats(runs[method])
@@ -203,7 +208,7 @@ def analyse(args, out_dir: Path) -> dict:
                    + ". Verdicts of the judged replies: " + ", ".join(f"{k} {n}" for k, n in mut["verdicts"].items())]  # fmt: skip
     md += ["", "best-of-N from the samples (all prompts): " + "; ".join(
         f"N={n}: PROXY {fmt(mean_cis(bon[n]['proxy_wc']), True)}, JUDGE {fmt(mean_cis(bon[n]['judge_wc']), True)}, "
-        f"{bon[n]['total_tokens'].mean():.0f} tokens" for n in sorted(bon))]  # fmt: skip
+        f"{bon[n]['total_tokens'].mean():.0f} tokens, {bon[n]['total_flops'].mean() / 1e9:.2f} GFLOP" for n in sorted(bon))]  # fmt: skip
     (RESULTS / "darwin_128.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return result

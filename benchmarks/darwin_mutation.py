@@ -64,7 +64,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for first in range(0, len(prompts), args.batch):
             batch = prompts[first : first + args.batch]
-            instr, info = decoder._mutate(batch, seed=args.seed + first)
+            instr, info, _ = decoder._mutate(batch, seed=args.seed + first)
             for p, i, slots in zip(batch, info, instr):
                 shares.append(i["parsed"] / args.mutations)
                 tokens.append(i["forward_tokens"])

@@ -171,58 +171,97 @@ def load_variants(out_dir: Path, labels: Iterable[str], *, samples: Mapping[str,
 def prompt_arrays(records: Sequence[dict], objectives: Sequence[str], judges: Sequence[str], proxy_norm,
                   judge_norm) -> dict[str, np.ndarray]:  # fmt: skip
     """Per-record arrays: raw and z-scored proxy and judge scores, their worst cases, words and compute
-    (policy tokens, scorer tokens, their total)."""
+    (policy and scorer tokens and FLOPs, and their totals; FLOPs NaN in records written before they were
+    counted)."""
     praw = np.array([[r["scores"][g] for g in objectives] for r in records], float)
     jraw = np.array([[r["judge_scores"][n] for n in judges] for r in records], float) if judges else None
     pz = proxy_norm.apply(praw)
     out = {"proxy_raw": praw, "proxy_z": pz, "proxy_wc": pz.min(1),
            "words": np.array([len(str(r["response"]).split()) for r in records], float),
            "policy_tokens": np.array([r.get("policy_tokens", r.get("forward_tokens", 0)) for r in records], float),
-           "scorer_tokens": np.array([r.get("scorer_tokens", 0) for r in records], float)}  # fmt: skip
-    out["total_tokens"] = out["policy_tokens"] + out["scorer_tokens"]
+           "scorer_tokens": np.array([r.get("scorer_tokens", 0) for r in records], float),
+           "policy_flops": np.array([_num(r.get("policy_flops")) for r in records], float),
+           "scorer_flops": np.array([_num(r.get("scorer_flops")) for r in records], float)}  # fmt: skip
+    for unit in COMPUTE:
+        out[f"total_{unit}"] = out[f"policy_{unit}"] + out[f"scorer_{unit}"]
     if jraw is not None:
         jz = judge_norm.apply(jraw)
         out.update(judge_raw=jraw, judge_z=jz, judge_wc=jz.min(1))
     return out
 
 
+#: the compute units every per-prompt array carries (``policy_X``, ``scorer_X``, ``total_X``)
+COMPUTE = ("tokens", "flops")
+COMPUTE_KEYS = tuple(f"{part}_{unit}" for unit in COMPUTE for part in ("policy", "scorer", "total"))
+
+
+def _num(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def whole_response_reads(records: Sequence[dict], objectives: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """What the objectives' models read (tokens, FLOPs) to score one prompt's records whole, in their order,
+    from an empty cache: the prompt with the first, each distinct response once; so the first N records' sum
+    is what best-of-N's final scoring of them reads."""
+    from moalign.decoding.values import ObjectiveScorer
+    from moalign.objectives.base import resolve_objectives
+
+    reads = ObjectiveScorer(resolve_objectives(list(objectives))).reads(
+        [r["prompt"] for r in records], [r["response"] for r in records])  # fmt: skip
+    return np.array(reads.tokens(), float), np.array(reads.flops(), float)
+
+
 def best_of_n_points(per_prompt: Sequence[Mapping[str, np.ndarray]], n_samples: int,
                      ns: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)) -> dict[int, dict[str, np.ndarray]]:  # fmt: skip
     """Best-of-N (worst-case pick on the proxy) for every N in ``ns`` that divides into ``n_samples``, from each
-    prompt's :func:`prompt_arrays` of its plain samples (in sample order, with ``scorer_tokens`` of the whole
-    responses): the ``n_samples // N`` disjoint groups of N are averaged (the distribution of one best-of-N,
-    less noise); compute is what one best-of-N costs, the first N samples' policy and scorer tokens.
+    prompt's :func:`prompt_arrays` of its plain samples (in sample order, with the scorer compute of
+    :func:`whole_response_reads`): the ``n_samples // N`` disjoint groups of N are averaged (the distribution of
+    one best-of-N, less noise); compute is what one best-of-N costs, the first N samples' policy and scorer
+    tokens and FLOPs.
     Returns ``N -> per-prompt arrays``."""
     bon = {}
     for n in [m for m in ns if m <= n_samples]:
         rows = []
         for a in per_prompt:
             picks = [g * n + int(np.argmax(a["proxy_wc"][g * n : (g + 1) * n])) for g in range(n_samples // n)]
-            row = {k: v[picks].mean(0) for k, v in a.items() if not k.endswith("_tokens")}
-            row["policy_tokens"] = a["policy_tokens"][:n].sum()
-            row["scorer_tokens"] = a["scorer_tokens"][:n].sum()
-            row["total_tokens"] = row["policy_tokens"] + row["scorer_tokens"]
+            row = {k: v[picks].mean(0) for k, v in a.items() if k not in COMPUTE_KEYS}
+            for unit in COMPUTE:
+                if f"policy_{unit}" in a:
+                    row[f"policy_{unit}"] = a[f"policy_{unit}"][:n].sum()
+                    row[f"scorer_{unit}"] = a[f"scorer_{unit}"][:n].sum()
+                    row[f"total_{unit}"] = row[f"policy_{unit}"] + row[f"scorer_{unit}"]
             rows.append(row)
         bon[n] = {k: np.array([r[k] for r in rows]) for k in rows[0]}
     return bon
 
 
-def best_of_n_at(bon: Mapping[int, Mapping[str, np.ndarray]], total: float) -> tuple[dict, str]:
-    """Best-of-N at a mean total compute ``total`` (policy + scorer tokens per prompt): per-prompt arrays
-    interpolated linearly in log compute between the two N that bracket it, and a name (``best-of-N@matched
-    (N≈x)``); beyond the largest or below the smallest N, that N, named with its compute."""
+def best_of_n_at(bon: Mapping[int, Mapping[str, np.ndarray]], total: float, unit: str = "flops") -> tuple[dict, str]:
+    """Best-of-N at a mean total compute ``total`` (policy + scorers per prompt, in ``unit``: FLOPs, or tokens
+    for the older count): per-prompt arrays interpolated linearly in log compute between the two N that
+    bracket it, and a name (``best-of-N@matched (N≈x)``); beyond the largest or below the smallest N, that N,
+    named with its compute."""
     ns = sorted(bon)
-    costs = [float(bon[n]["total_tokens"].mean()) for n in ns]
+    costs = [float(bon[n][f"total_{unit}"].mean()) for n in ns]
     if total >= costs[-1]:
-        return dict(bon[ns[-1]]), f"best-of-{ns[-1]} (less compute: {costs[-1]:.0f})"
+        return dict(bon[ns[-1]]), f"best-of-{ns[-1]} (less compute: {human(costs[-1], unit)})"
     if total <= costs[0]:
-        return dict(bon[ns[0]]), f"best-of-{ns[0]} (more compute: {costs[0]:.0f})"
+        return dict(bon[ns[0]]), f"best-of-{ns[0]} (more compute: {human(costs[0], unit)})"
     j = max(i for i, c in enumerate(costs) if c <= total)
     lo, hi = ns[j], ns[j + 1]
     w = (math.log(total) - math.log(costs[j])) / (math.log(costs[j + 1]) - math.log(costs[j]))
     pt = {k: (1 - w) * bon[lo][k] + w * bon[hi][k] for k in bon[lo]}
     n_eff = math.exp((1 - w) * math.log(lo) + w * math.log(hi))
     return pt, f"best-of-N@matched (N≈{n_eff:.1f})"
+
+
+def human(x: float, unit: str = "flops") -> str:
+    """``3.2 GFLOP`` / ``812 tokens``."""
+    if unit != "flops":
+        return f"{x:.0f} tokens"
+    for scale, name in ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP")):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {name}"
+    return f"{x:.0f} FLOP"
 
 
 def iv_list(iv, digits: int = 4) -> list[float]:
@@ -244,8 +283,9 @@ def summary_row(point: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray] |
                 row[f"{side}_worst_case_diff"] = iv_list(paired_diff_ci(point[f"{side}_wc"], ref[f"{side}_wc"]))
                 row[f"{side}_win_rate"] = iv_list(paired_win_ci(point[f"{side}_wc"], ref[f"{side}_wc"]))
     row["words"] = iv_list(mean_ci(point["words"]))
-    for k in ("policy_tokens", "scorer_tokens", "total_tokens"):
-        row[k] = round(float(np.mean(point[k])), 1)
+    for k in COMPUTE_KEYS:
+        if k in point:
+            row[k] = round(float(np.mean(point[k])), 1)
     return row
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from _common import RESULTS, write_result
 from harness import (
+    COMPUTE,
     best_of_n_at,
     best_of_n_points,
     dump,
@@ -43,6 +44,7 @@ from harness import (
     run_variants,
     start,
     summary_row,
+    whole_response_reads,
 )
 from rmod_hh import heldout_prompts
 
@@ -66,15 +68,6 @@ def variants(args) -> dict:
         if k == args.ks[0]:
             out[f"sample{args.samples}"] = replace(base, method="sample", n=args.samples)
     return out
-
-
-def scorer_tokens_of_whole_responses(records: list[dict]) -> np.ndarray:
-    """What the proxies read to score each response whole (best-of-N scores N of them)."""
-    from moalign.decoding.values import ObjectiveScorer
-    from moalign.objectives.base import resolve_objectives
-
-    sc = ObjectiveScorer(resolve_objectives(OBJ))
-    return np.array(sc.input_tokens([r["prompt"] for r in records], [r["response"] for r in records]), float)
 
 
 def analyse(args, out_dir: Path) -> dict:
@@ -107,12 +100,15 @@ def analyse(args, out_dir: Path) -> dict:
     for p in order:
         recs = sorted(by[p], key=lambda r: r["sample_index"])
         a = arrays(recs)
-        a["scorer_tokens"] = scorer_tokens_of_whole_responses(recs)
+        a["scorer_tokens"], a["scorer_flops"] = whole_response_reads(recs, OBJ)
+        for unit in COMPUTE:
+            a[f"total_{unit}"] = a[f"policy_{unit}"] + a[f"scorer_{unit}"]
         per_prompt.append(a)
     bon = best_of_n_points(per_prompt, n_samples)
     sample_pt = {k: np.array([a[k].mean(0) for a in per_prompt]) for k in per_prompt[0]}
-    sample_pt["scorer_tokens"] = np.zeros(len(order))
-    sample_pt["total_tokens"] = sample_pt["policy_tokens"]
+    for unit in COMPUTE:
+        sample_pt[f"scorer_{unit}"] = np.zeros(len(order))
+        sample_pt[f"total_{unit}"] = sample_pt[f"policy_{unit}"]
 
     def single(label):
         index = {r["prompt_id"]: r for r in runs[label]}
@@ -125,8 +121,9 @@ def analyse(args, out_dir: Path) -> dict:
           f"{args.max_new_tokens} new tokens. PROXY = the shipped helpful/harmless reward models the methods decode "
           "with (z: shipped statistics); JUDGE = judge_helpful (UltraFeedback) / judge_harmless (PKU-SafeRLHF), "
           f"never seen by any method (z: the policy's {n_samples} samples per prompt). Worst case = mean over prompts "
-          "of the lower z-score; 95% bootstrap CIs over prompts; tokens per response (policy + scorers = total, "
-          "what 'matched compute' holds equal)."]  # fmt: skip
+          "of the lower z-score; 95% bootstrap CIs over prompts; compute per response in tokens and in FLOPs "
+          "(2 x non-embedding parameters x tokens read, per model; policy + scorers = total FLOPs, what 'matched "
+          "compute' holds equal)."]  # fmt: skip
     for k in args.ks:
         cd = f"cd-k{k}"
         lams = [lam for lam in args.lams if f"rmod-k{k}-lam{lam:g}" in runs]  # the λ that have run at this K
@@ -135,7 +132,7 @@ def analyse(args, out_dir: Path) -> dict:
         pts = {"sample": sample_pt, f"CD-Uniform K={k}": single(cd)}
         for lam in lams:
             pts[f"RMOD K={k} λ={lam:g}"] = single(f"rmod-k{k}-lam{lam:g}")
-        total = float(np.mean([pts[f"RMOD K={k} λ={lam:g}"]["total_tokens"].mean() for lam in lams]))
+        total = float(np.mean([pts[f"RMOD K={k} λ={lam:g}"]["total_flops"].mean() for lam in lams]))
         bpt, bname = best_of_n_at(bon, total)
         pts[bname] = bpt
         rows = {name: summary_row(pt, sample_pt if name != "sample" else None) for name, pt in pts.items()}
@@ -155,11 +152,13 @@ def analyse(args, out_dir: Path) -> dict:
         result["by_k"][k] = {"rows": rows, "comparisons": comps, "judge_min_share": decides, "matched": bname}
         md += ["", f"### K = {k}", "",
                markdown_table(["method", "PROXY worst case (z)", "PROXY helpful / harmless (raw)", "JUDGE worst case (z)",
-                               "JUDGE helpful / harmless (raw)", "words", "policy + scorer tokens"],
+                               "JUDGE helpful / harmless (raw)", "words", "policy + scorer tokens",
+                               "policy + scorer GFLOP"],
                               [[name, fmt(r["proxy_worst_case_z"], True), f"{r['proxy_means_raw'][0][0]:+.3f} / "
                                 f"{r['proxy_means_raw'][1][0]:+.3f}", fmt(r["judge_worst_case_z"], True),
                                 f"{r['judge_means_raw'][0][0]:+.3f} / {r['judge_means_raw'][1][0]:+.3f}",
-                                f"{r['words'][0]:.1f}", f"{r['policy_tokens']:.0f} + {r['scorer_tokens']:.0f}"]
+                                f"{r['words'][0]:.1f}", f"{r['policy_tokens']:.0f} + {r['scorer_tokens']:.0f}",
+                                f"{r['policy_flops'] / 1e9:.2f} + {r['scorer_flops'] / 1e9:.2f}"]
                                for name, r in rows.items()]), "",
                markdown_table(["paired (worst case, z)", "PROXY diff", "PROXY win rate", "JUDGE diff", "JUDGE win rate",
                                "JUDGE per objective diff (helpful / harmless z)"],

@@ -13,6 +13,7 @@ from dataclasses import asdict
 
 from tqdm.auto import tqdm
 
+from moalign.compute import FORMULA, KNOWN
 from moalign.config import GenerateConfig, versions
 from moalign.data.prompts import Prompt, load_prompts
 from moalign.decoding.backend import Backend, SamplingConfig
@@ -29,7 +30,7 @@ from moalign.objectives.normalize import (
     shipped_norm_stats,
 )
 from moalign.policies import Policy, default_device, load_policy  # noqa: F401  (re-exported)
-from moalign.records import RecordWriter
+from moalign.records import RecordWriter, read_records
 
 
 def batch_seed(seed: int, first_index: int) -> int:
@@ -154,7 +155,13 @@ def generate(
                     "scorer_tokens": r.scorer_tokens,
                     "scored_pairs": r.scored_pairs,
                     "forward_tokens": r.forward_tokens,  # the older name of policy_tokens
+                    # FLOPs: 2 x non-embedding parameters x tokens read, per model (moalign.compute)
+                    "policy_flops": r.policy_flops,
+                    "scorer_flops": r.scorer_flops,
+                    "scorer_reads": r.scorer_reads,  # the scorers' tokens by model
                     "seconds": round(seconds / n_per, 3),
+                    "policy_seconds": round(r.policy_seconds, 3),
+                    "scorer_seconds": round(r.scorer_seconds, 3),
                     "trace": r.trace,
                     "seed": cfg.seed,
                     "policy": policy.name,
@@ -169,11 +176,33 @@ def generate(
         bar.close()
         report = getattr(decoder, "report", None)  # what a method counted over the run (Darwin's mutations)
         if writer is not None:
-            if report:
-                writer.update_meta({"method_report": report})
             writer.close()
+            cost = getattr(engine, "model_cost", None)
+            old = {n: c.get("params") for n, c in ((writer.meta_before or {}).get("compute") or {}).get("scorers", {}).items()}
+            compute = compute_totals(read_records(cfg.out), cost.params if cost else None, old)
+            writer.update_meta({"compute": compute, **({"method_report": report} if report else {})})
         engine.close()
     return records
+
+
+def compute_totals(records: list[dict], policy_params: int | None, known: dict | None = None) -> dict:
+    """The ``compute`` entry of a run's meta, from its records: the policy and each scorer model with its
+    non-embedding parameter count, tokens read and FLOPs; seconds in the policy and in scoring. ``known``:
+    parameter counts of models not loaded in this process (an earlier meta's)."""
+    params = {**(known or {}), **KNOWN}
+    tokens: dict[str, int] = {}
+    for r in records:
+        for name, t in (r.get("scorer_reads") or {}).items():
+            tokens[name] = tokens.get(name, 0) + int(t)
+    flops = [r.get("policy_flops") for r in records]
+    policy = {"params": policy_params, "tokens": sum(int(r.get("policy_tokens", 0)) for r in records),
+              "flops": None if policy_params is None or None in flops else float(sum(flops))}  # fmt: skip
+    if policy_params is None:
+        policy["note"] = "a served policy: its parameter count is unknown here, so its cost is the tokens sent"
+    scorers = {n: {"params": params.get(n), "tokens": t,
+                   "flops": 2.0 * params[n] * t if params.get(n) is not None else None} for n, t in tokens.items()}  # fmt: skip
+    seconds = {k: round(sum(float(r.get(f"{k}_seconds", 0.0)) for r in records), 3) for k in ("policy", "scorer")}
+    return {"formula": FORMULA, "policy": policy, "scorers": scorers, "seconds": seconds}
 
 
 def _pid(p: Prompt, index: int) -> str:

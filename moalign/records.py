@@ -42,9 +42,11 @@ class RecordWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done: set[str] = set()
+        self.meta_before: dict | None = None  # the meta of the run this one resumes
         mp = meta_path(self.path)
         if self.path.exists() and self.path.stat().st_size > 0:
             old = json.loads(mp.read_text()) if mp.exists() else None
+            self.meta_before = old
             if old is not None:
                 for key in resume_keys:
                     a, b = _comparable(old.get(key)), _comparable(meta.get(key))

@@ -387,7 +387,7 @@ def test_mutation_mode_one_keeps_usable_rewrites_and_counts_the_rest(tiny_policy
                          normalize="none")  # fmt: skip
     dec = DarwinDecoder(MethodContext(cfg, tiny_policy, TransformersBackend(tiny_policy),
                                       ObjectiveScorer(_objs())), cfg.method_args(), mutate=True, replace=True)  # fmt: skip
-    instr, info = dec._mutate(PROMPTS[:2], seed=0)
+    instr, info, _ = dec._mutate(PROMPTS[:2], seed=0)
     for p, got, i in zip(PROMPTS[:2], instr, info):
         assert len(got) == 3 and i["mode"] == "one"
         assert len(i["replies"]) == len(i["verdicts"]) == 6  # oversampled 2x
@@ -424,19 +424,25 @@ def test_drift_check_on_minilm_rejects_another_request_and_reads_each_text_once(
     parts = [split_request("How can I increase my productivity while working from home?"),
              split_request("A binary tree is full if every vertex has zero or two children. Let B_n be the number "
                            "of full binary trees with n vertices. Implement a function to find B_n.")]  # fmt: skip
+    from moalign.compute import scoring_scope
+
     check = DriftCheck(parts, 0.7)
     items = [(0, "Could you suggest a way to boost my productivity while working from home?"),
              (0, "Could you work on projects while working remotely?"),
              (1, "Could you write a function that counts the full binary trees with n vertices?")]
-    sims = check.similarity(items)
+    with scoring_scope(reuse=False):  # an empty cache, as in a search
+        sims = check.similarity(items)
     assert sims[0] > 0.85 and sims[1] < 0.6 and sims[2] >= 0.7  # 0.95 and 0.48 on the hand-checked replies
     alone = DriftCheck([split_request("Implement a function to find B_n.")], 0.7)
     assert alone.similarity([(0, items[2][1])])[0] < sims[2]  # the set-up is what makes it faithful
     read = [sum(token_counts(check.refs[0])) + sum(token_counts([items[0][1], items[1][1]])),
             sum(token_counts(check.refs[1])) + token_counts([items[2][1]])[0]]
-    assert len(check.refs[1]) == 2 and check.tokens == read
+    assert len(check.refs[1]) == 2 and [c.scorer_tokens for c in check.cost] == read
     check.similarity(items[::-1])
-    assert check.tokens == read  # seen texts are not read again
+    assert [c.scorer_tokens for c in check.cost] == read  # seen texts are not read again
+    from moalign.objectives.embeddings import encoder_cost
+
+    assert [c.scorer_flops for c in check.cost] == [2 * encoder_cost().params * t for t in read]
 
 
 def test_rewrite_selector_cuts_a_group_at_n_usable_rewrites_unless_told_not_to():

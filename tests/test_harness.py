@@ -63,18 +63,24 @@ def test_best_of_n_points_pick_the_worst_case_best_of_disjoint_groups():
     # compute: what one best-of-N costs, the first N samples' policy and scorer tokens
     assert bon[2]["total_tokens"].tolist() == [3 * 30, 3 * 10]
     assert bon[4]["policy_tokens"].tolist() == [100, 20]
+    assert "total_flops" not in bon[4]  # arrays without FLOPs (older records) give none
 
 
 def test_best_of_n_at_interpolates_in_log_compute():
-    bon = {n: {"proxy_wc": np.array([float(n)]), "total_tokens": np.array([100.0 * n])} for n in (1, 2, 4, 8)}
-    pt, name = H.best_of_n_at(bon, 200.0)
+    bon = {n: {"proxy_wc": np.array([float(n)]), "total_tokens": np.array([100.0 * n]),
+               "total_flops": np.array([1e9 * n])} for n in (1, 2, 4, 8)}  # fmt: skip
+    # matched on FLOPs by default: 2 GFLOP is N = 2, whatever the tokens say
+    pt, name = H.best_of_n_at(bon, 2e9)
+    assert pt["proxy_wc"][0] == pytest.approx(2.0) and "N≈2.0" in name
+    assert H.best_of_n_at(bon, 2e10)[1] == "best-of-8 (less compute: 8.00 GFLOP)"
+    pt, name = H.best_of_n_at(bon, 200.0, unit="tokens")
     assert pt["proxy_wc"][0] == pytest.approx(2.0) and "N≈2.0" in name
     total = 100.0 * 2**1.5  # halfway between N = 2 and N = 4 in log compute
-    pt, name = H.best_of_n_at(bon, total)
+    pt, name = H.best_of_n_at(bon, total, unit="tokens")
     w = (math.log(total) - math.log(200)) / (math.log(400) - math.log(200))
     assert w == pytest.approx(0.5)
     assert pt["proxy_wc"][0] == pytest.approx(3.0) and "N≈2.8" in name
-    pt, name = H.best_of_n_at(bon, 5000.0)
-    assert pt["proxy_wc"][0] == 8.0 and name == "best-of-8 (less compute: 800)"
-    pt, name = H.best_of_n_at(bon, 50.0)
-    assert pt["proxy_wc"][0] == 1.0 and name == "best-of-1 (more compute: 100)"
+    pt, name = H.best_of_n_at(bon, 5000.0, unit="tokens")
+    assert pt["proxy_wc"][0] == 8.0 and name == "best-of-8 (less compute: 800 tokens)"
+    pt, name = H.best_of_n_at(bon, 50.0, unit="tokens")
+    assert pt["proxy_wc"][0] == 1.0 and name == "best-of-1 (more compute: 100 tokens)"

@@ -471,8 +471,11 @@ def test_compute_per_response_is_shown_beside_the_scores():
     b = [{"prompt_id": str(i), "response": "y", "scores": {"g": 1.0}, "policy_tokens": 7, "scorer_tokens": 30}
          for i in range(4)]  # fmt: skip
     c = [{"prompt_id": str(i), "response": "z", "scores": {"g": 0.0}} for i in range(4)]
-    res = evaluate_methods({"a": a, "b": b, "c": c}, ["g"], reference="a", n_boot=50)
+    d = [{**r, "response": "w", "policy_flops": 2e9 * (i + 1), "scorer_flops": 1e9} for i, r in enumerate(b)]
+    res = evaluate_methods({"a": a, "b": b, "c": c, "d": d}, ["g"], reference="a", n_boot=50)
     assert res.methods["a"].compute == {"policy_tokens": 11.5, "scorer_tokens": 3.0, "total_tokens": 14.5}
+    assert res.methods["d"].compute == {"policy_tokens": 7.0, "scorer_tokens": 30.0, "total_tokens": 37.0,
+                                        "policy_flops": 5e9, "scorer_flops": 1e9, "total_flops": 6e9}
     assert res.methods["b"].compute == {"policy_tokens": 7.0, "scorer_tokens": 30.0, "total_tokens": 37.0}
     assert res.methods["c"].compute is None
     again = EvaluationResult.from_dict(json.loads(json.dumps(res.to_dict())))
@@ -480,7 +483,9 @@ def test_compute_per_response_is_shown_beside_the_scores():
     lines = res.table().splitlines()
     assert "policy tok" in lines[0] and "scorer tok" in lines[0]
     row_b = next(line for line in lines if line.startswith("b "))
-    assert row_b.split()[-2:] == ["7", "30"]
+    assert row_b.split()[-3:] == ["7", "30", "-"]  # no FLOPs in these records
+    assert next(line for line in lines if line.startswith("d ")).split()[-3:] == ["7", "30", "6.00"]
+    assert "GFLOP" in lines[0]
     assert "matched compute" in res.table()
     plain = evaluate_methods({"c": c}, ["g"], n_boot=50)
     assert "policy tok" not in plain.table()

@@ -32,6 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from moalign.compute import ModelCost, Reads
 from moalign.data.prompts import Prompt
 from moalign.errors import MoalignError
 
@@ -68,16 +69,25 @@ class ScoringCost:
     """What the scorers read while a batch was decoded, per group (keyed by the group's prompt index).
 
     ``pairs``: (prompt, response) pairs scored (each by every objective of the run, or by the value heads);
-    ``tokens``: tokens the scorers' models read for them (see ``ObjectiveScorer.input_tokens``)."""
+    ``tokens`` and ``flops``: what the scorers' models actually read for them, and its cost
+    (:mod:`moalign.compute`); ``models``: tokens by model name."""
 
     def __init__(self) -> None:
         self.pairs: dict[int, int] = {}
         self.tokens: dict[int, int] = {}
+        self.flops: dict[int, float] = {}
+        self.models: dict[int, dict[str, int]] = {}
 
-    def add(self, prompt_indices: Sequence[int], pairs: Sequence[int], tokens: Sequence[int]) -> None:
-        for i, n, t in zip(prompt_indices, pairs, tokens):
+    def add(self, prompt_indices: Sequence[int], pairs: Sequence[int], reads: Reads) -> None:
+        if reads.n != len(prompt_indices):
+            raise ValueError(f"reads of {reads.n} groups for {len(prompt_indices)} groups")
+        for j, (i, n, t, f) in enumerate(zip(prompt_indices, pairs, reads.tokens(), reads.flops())):
             self.pairs[i] = self.pairs.get(i, 0) + int(n)
             self.tokens[i] = self.tokens.get(i, 0) + int(t)
+            self.flops[i] = self.flops.get(i, 0.0) + float(f)
+            by = self.models.setdefault(i, {})
+            for name, tok in reads.by_name(j).items():
+                by[name] = by.get(name, 0) + tok
 
 
 @dataclass
@@ -118,10 +128,11 @@ class BlockStep:
             row_prompts=[self.row_prompts[i] for i in idx] if self.row_prompts is not None else None,
         )
 
-    def add_cost(self, pairs: torch.Tensor | Sequence[int], tokens: torch.Tensor | Sequence[int]) -> None:
-        """Scorers: ``pairs[p]`` pairs and ``tokens[p]`` tokens read for group p of this step."""
+    def add_cost(self, pairs: torch.Tensor | Sequence[int], reads: Reads) -> None:
+        """Scorers: ``pairs[p]`` pairs scored and ``reads`` (over the P groups) what their models read for
+        group p of this step."""
         if self.cost is not None:
-            self.cost.add(self.prompt_indices, [int(x) for x in pairs], [int(x) for x in tokens])
+            self.cost.add(self.prompt_indices, [int(x) for x in pairs], reads)
 
 
 @dataclass
@@ -157,10 +168,30 @@ class DecodeResult:
     row_prompt: Prompt | None = None  # the prompt this row decoded from (when it differs from ``prompt``)
     scorer_tokens: int = 0  # tokens the scorers (objectives, value functions) read for this group
     scored_pairs: int = 0  # (prompt, response) pairs the scorers scored for this group
+    #: FLOPs (``moalign.compute.FORMULA``) of the policy's reads (None: its parameter count is unknown, a
+    #: served policy) and of the scorers' reads for this group
+    policy_flops: float | None = None
+    scorer_flops: float = 0.0
+    scorer_reads: dict[str, int] = field(default_factory=dict)  # the scorers' tokens by model name
+    policy_seconds: float = 0.0  # wall time in the policy's verbs (prefill, extend, reindex), this group's share
+    scorer_seconds: float = 0.0  # wall time in the selector (scoring and selection), this group's share
 
     @property
     def policy_tokens(self) -> int:
         return self.forward_tokens
+
+    def add_compute(self, other: DecodeResult) -> None:
+        """Add ``other``'s compute (tokens, FLOPs, seconds) to this result's (a search of several passes)."""
+        self.forward_tokens += other.forward_tokens
+        self.scorer_tokens += other.scorer_tokens
+        self.scored_pairs += other.scored_pairs
+        self.policy_flops = None if self.policy_flops is None or other.policy_flops is None \
+            else self.policy_flops + other.policy_flops  # fmt: skip
+        self.scorer_flops += other.scorer_flops
+        for name, t in other.scorer_reads.items():
+            self.scorer_reads[name] = self.scorer_reads.get(name, 0) + t
+        self.policy_seconds += other.policy_seconds
+        self.scorer_seconds += other.scorer_seconds
 
 
 @dataclass
@@ -190,6 +221,9 @@ class Backend(Protocol):
 
     capabilities: Capabilities
     sampling: SamplingConfig
+    #: the policy as compute is counted (``moalign.compute.model_cost``), or None when its parameter count is
+    #: unknown (a served policy)
+    model_cost: ModelCost | None
 
     def render(self, prompt: Prompt) -> str:
         """The prompt as the policy reads it (chat template, system prompt)."""

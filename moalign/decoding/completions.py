@@ -494,6 +494,9 @@ class _Rows:
 class CompletionsBackend(BlockwiseDecoding):
     """The blockwise loop's backend on a completions server; see the module docstring."""
 
+    #: a served policy's parameter count is unknown here: its compute is reported in tokens sent, not FLOPs
+    model_cost = None
+
     def __init__(
         self,
         client: ServerClient,

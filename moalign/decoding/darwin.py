@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from moalign.compute import count_reads, scoring_scope
 from moalign.configbase import config_field as _f
 from moalign.data.prompts import Prompt
 from moalign.decoding.backend import RECACHE, Backend, BlockStep, DecodeResult, SamplingConfig, Selection
@@ -380,31 +381,37 @@ class DriftCheck:
     (benchmarks/results/darwin_mutation_handcheck_3.md; on fresh replies it did not measurably raise the share of
     usable beams, but it ranks them: the n most similar are kept). Group i's references are its request and, where the
     instruction has a set-up, the set-up + request (a rewrite that folds the set-up in is not drift). Each text
-    is encoded once per group; ``tokens[i]`` counts the word pieces the encoder read for group i, its cost as
-    a scorer."""
+    is encoded once per group; ``cost[i]`` holds what the encoder read for group i (scorer tokens and FLOPs)."""
 
     def __init__(self, parts: Sequence[RequestParts], threshold: float, device: str | torch.device = "cpu"):
         self.threshold, self.device = threshold, device
         self.refs = [[p.request] + ([f"{p.before} {p.request}"] if p.before else []) for p in parts]
-        self.tokens = [0] * len(parts)
+        self.cost = [DecodeResult(Prompt(()), "", [], False, policy_flops=0.0) for _ in parts]
         self._refs: dict[int, torch.Tensor] = {}
         self._sim: dict[tuple[int, str], float] = {}
+
+    def _encode(self, texts: list[str], groups: list[int]) -> torch.Tensor:
+        from moalign.objectives import embeddings
+
+        with count_reads(len(texts)) as reads:
+            emb = embeddings.encode(texts, device=self.device)
+        for j, (g, t, f) in enumerate(zip(groups, reads.tokens(), reads.flops())):
+            c = self.cost[g]
+            c.scorer_tokens, c.scorer_flops = c.scorer_tokens + t, c.scorer_flops + f
+            for name, n in reads.by_name(j).items():
+                c.scorer_reads[name] = c.scorer_reads.get(name, 0) + n
+        return emb
 
     def similarity(self, items: Sequence[tuple[int, str]]) -> list[float]:
         """Cosine similarity of each (group, rewrite) with the group's closest reference, encoding only the
         texts not seen before, in one batch."""
-        from moalign.objectives import embeddings
-
         new = list(dict.fromkeys(it for it in items if it not in self._sim))
         for i in sorted({i for i, _ in new} - set(self._refs)):
-            self._refs[i] = embeddings.encode(self.refs[i], device=self.device)
-            self.tokens[i] += sum(embeddings.token_counts(self.refs[i], self.device))
+            self._refs[i] = self._encode(self.refs[i], [i] * len(self.refs[i]))
         if new:
-            texts = [t for _, t in new]
-            emb = embeddings.encode(texts, device=self.device)
-            for (i, t), e, c in zip(new, emb, embeddings.token_counts(texts, self.device)):
+            emb = self._encode([t for _, t in new], [i for i, _ in new])
+            for (i, t), e in zip(new, emb):
                 self._sim[(i, t)] = float(faithfulness(e[None], self._refs[i])[0])
-                self.tokens[i] += c
         return [self._sim[it] for it in items]
 
 
@@ -613,9 +620,10 @@ class DarwinDecoder:
         self.encoder_device = objective_device(spec, policy_device) if spec else torch.device(policy_device or "cpu")
 
     # -------------------------------------------------------------------------------------------- parts
-    def _mutate(self, parents: list[Prompt], seed: int) -> tuple[list[list[str]], list[dict]]:
+    def _mutate(self, parents: list[Prompt], seed: int) -> tuple[list[list[str]], list[dict], list[DecodeResult]]:
         """n instructions per parent (slots without a usable rewrite decode the parent) and a trace entry per
-        parent (the replies, what was made of them, how many rewrites were usable, the mutator's tokens)."""
+        parent (the replies, what was made of them, how many rewrites were usable, the mutator's tokens) and
+        the mutation's compute per parent (the mutator's decoding and the drift check's reads)."""
         if self.args.mutation_mode == "list":
             return self._mutate_list(parents, seed)
         n, m = self.args.mutations, self.args.mutations * self.args.mutation_oversample
@@ -655,10 +663,15 @@ class DarwinDecoder:
             info.append({"mode": "one", "replies": [row.response for row in r.rows],
                          "verdicts": [why for _, why in verdicts], "parsed": len(kept),
                          "complete": len(kept) == n, "forward_tokens": r.forward_tokens, "similarity": similarity,
-                         "scorer_tokens": drift.tokens[i] if drift is not None else 0})  # fmt: skip
-        return out, info
+                         "scorer_tokens": drift.cost[i].scorer_tokens if drift is not None else 0})  # fmt: skip
+            if drift is not None:
+                r.add_compute(drift.cost[i])
+            info[-1].update(policy_flops=r.policy_flops, scorer_flops=r.scorer_flops)
+        return out, info, res
 
-    def _mutate_list(self, parents: list[Prompt], seed: int) -> tuple[list[list[str]], list[dict]]:
+    def _mutate_list(
+        self, parents: list[Prompt], seed: int
+    ) -> tuple[list[list[str]], list[dict], list[DecodeResult]]:
         """``--mutation-mode list``: one reply per parent, a numbered list of n rewrites."""
         n = self.args.mutations
         asks = [
@@ -677,8 +690,9 @@ class DarwinDecoder:
             base = parent.messages[-1]["content"]
             out.append(items + [base] * (n - len(items)))
             info.append({"mode": "list", "reply": r.response, "parsed": len(items), "complete": len(items) == n,
-                         "forward_tokens": r.forward_tokens})  # fmt: skip
-        return out, info
+                         "forward_tokens": r.forward_tokens, "policy_flops": r.policy_flops,
+                         "scorer_flops": r.scorer_flops})  # fmt: skip
+        return out, info, res
 
     def _warn_failed(self, info: list[dict | None]) -> None:
         """Count the mutation slots left to the parent instruction; warn when a prompt's mutation failed."""
@@ -701,6 +715,10 @@ class DarwinDecoder:
     def __call__(
         self, prompts: Sequence[Prompt], *, seed: int, prompt_indices: Sequence[int]
     ) -> list[list[DecodeResult]]:
+        with scoring_scope():  # one scope for the scorers' caches over every cycle and the mutations
+            return self._search(prompts, seed, prompt_indices)
+
+    def _search(self, prompts, seed: int, prompt_indices) -> list[list[DecodeResult]]:
         a, T = self.args, self.max_new_tokens
         prompts = list(prompts)
         P, n = len(prompts), a.mutations
@@ -716,9 +734,8 @@ class DarwinDecoder:
         best: list[DecodeResult | None] = [None] * P
         best_r = [float("-inf")] * P
         best_cycle = [0] * P
-        forward = [0] * P
-        scorer = [0] * P  # scorer tokens (every replacement's and every cycle's final scoring)
-        pairs = [0] * P
+        # compute over every cycle: decoding, scoring (replacements and each cycle's final scoring), mutation
+        spent = [DecodeResult(p, "", [], False, policy_flops=0.0) for p in prompts]
         traces: list[list[dict]] = [[] for _ in range(P)]
 
         for c in range(1, a.cycles + 1):
@@ -727,7 +744,9 @@ class DarwinDecoder:
             parents = [archive[i][pick[i]] for i in range(P)]
             mut_info: list[dict | None] = [None] * P
             if self.mutate:
-                instr, mut_info = self._mutate([pp for pp, _ in parents], seed=sub("mutate", c))
+                instr, mut_info, mut_cost = self._mutate([pp for pp, _ in parents], seed=sub("mutate", c))
+                for i in range(P):
+                    spent[i].add_compute(mut_cost[i])
                 self._warn_failed(mut_info)
                 beam_prompts = [[with_instruction(parents[i][0], t) for t in instr[i]] for i in range(P)]
             else:
@@ -770,10 +789,7 @@ class DarwinDecoder:
                         archive[i] = [e for e in archive[i] if e[0] is not parent_prompt]
                 if float(s[j]) > best_r[i]:
                     best[i], best_r[i], best_cycle[i] = rows[j], float(s[j]), c
-                spent = r.forward_tokens + (mut_info[i]["forward_tokens"] if mut_info[i] else 0)
-                forward[i] += spent
-                scorer[i] += r.scorer_tokens + (mut_info[i].get("scorer_tokens", 0) if mut_info[i] else 0)
-                pairs[i] += r.scored_pairs
+                spent[i].add_compute(r)
                 entry = {
                     "cycle": c,
                     "parent": parent_prompt.messages[-1]["content"],
@@ -792,6 +808,8 @@ class DarwinDecoder:
                                     "response": best[i].response},
                     "forward_tokens": r.forward_tokens,  # this cycle's decoding (the seed row's too in cycle 1)
                     "scorer_tokens": r.scorer_tokens,  # this cycle's scoring (replacements and the final one)
+                    "policy_flops": r.policy_flops,
+                    "scorer_flops": r.scorer_flops,
                 }  # fmt: skip
                 traces[i].append(entry)
         out = []
@@ -801,11 +819,12 @@ class DarwinDecoder:
                 [
                     DecodeResult(
                         prompt=prompts[i], response=b.response, token_ids=b.token_ids, finished=b.finished,
-                        trace=traces[i], token_logprobs=b.token_logprobs, forward_tokens=forward[i],
-                        row_prompt=b.row_prompt, scorer_tokens=scorer[i], scored_pairs=pairs[i],
+                        trace=traces[i], token_logprobs=b.token_logprobs, row_prompt=b.row_prompt,
+                        policy_flops=0.0,
                     )
                 ]
             )  # fmt: skip
+            out[-1][0].add_compute(spent[i])
         return out
 
 

@@ -20,6 +20,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from moalign.compute import model_cost
 from moalign.data.prompts import Prompt
 from moalign.decoding.backend import Capabilities, RowOutput, RowsView, SamplingConfig, strip_eos
 from moalign.decoding.loop import BlockwiseDecoding
@@ -104,6 +105,7 @@ class TransformersBackend(BlockwiseDecoding):
         self.policy = policy
         self.model = policy.model
         self.tok = policy.tokenizer
+        self.model_cost = model_cost(self.model, policy.name)
         self.sampling = sampling or SamplingConfig()
         self.sampling.validate()
         self.system_prompt = system_prompt

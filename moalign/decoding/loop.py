@@ -21,10 +21,12 @@ the policy read for its group (``forward_tokens``, alias ``policy_tokens``) and 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import torch
 
+from moalign.compute import scoring_scope
 from moalign.data.prompts import Prompt
 from moalign.decoding.backend import (
     RECACHE,
@@ -106,60 +108,70 @@ def decode(
         rendered = [backend.render(rp) for row in row_prompts for rp in row]
     group_of = torch.arange(P).repeat_interleave(k)
     policy = torch.zeros(P, dtype=torch.long)
+    clock = {"policy": 0.0, "scorer": 0.0}
 
     def spend(per_row: Sequence[int]) -> None:
         policy.index_add_(0, group_of, torch.as_tensor(per_row, dtype=torch.long).reshape(-1).cpu())
 
-    rows, read = backend.prefill(rendered, group_of.tolist(), int(seed), hidden)
-    spend(read)
-    rng = torch.Generator().manual_seed(int(seed) ^ 0x5EED5)
-    cost = ScoringCost()
-    traces: list[list[dict]] = [[] for _ in range(P)]
-    n_new, block_index = 0, 0
-    while True:
-        steps = min(block_size, max_new_tokens - n_new)
-        advanced, read = backend.extend(rows, steps, n_new + steps >= max_new_tokens)
+    def timed(what: str, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            clock[what] += time.perf_counter() - t0
+
+    with scoring_scope():  # the scorers' caches live as long as this search (or the search that called it)
+        rows, read = timed("policy", backend.prefill, rendered, group_of.tolist(), int(seed), hidden)
         spend(read)
-        n_new += advanced
-        view = backend.read(rows)
-        final = n_new >= max_new_tokens or bool(view.done.all())
-        step = BlockStep(
-            prompts=prompts,
-            prompt_indices=indices,
-            texts=[view.texts[p * k : (p + 1) * k] for p in range(P)],
-            token_ids=view.token_ids.view(P, k, -1),
-            done=view.done.view(P, k),
-            block_index=block_index,
-            final=final,
-            last_hidden=view.hidden.view(P, k, -1) if view.hidden is not None else None,
-            row_prompts=[list(r) for r in row_prompts] if row_prompts is not None else None,
-            rng=rng,
-            cost=cost,
-        )
-        sel = selector(step)
-        chosen, parents = _checked(sel, P, k)
-        for p, info in enumerate(sel.info or []):
-            if info is not None:
-                traces[p].append({"block": block_index, "tokens": n_new, **info})
-        if on_block is not None:
-            on_block(steps)
-        block_index += 1
-        done = view.done.cpu()
-        if sel.finish is not None:
-            finish = torch.as_tensor(sel.finish, dtype=torch.bool).reshape(-1).cpu()
-            backend.finish(rows, finish)
-            done = done | finish
-            final = final or bool(done.all())
-        if final:
-            break
-        src = (torch.arange(P)[:, None] * k + parents).reshape(-1).tolist()
-        if src != list(range(R)):
-            again = []
-            if recache == "reprefill" and row_prompts is not None:
-                again = [
-                    r for r, s in enumerate(src) if s != r and rendered[s] != rendered[r] and not done[s]
-                ]
-            spend(backend.reindex(rows, src, again))
+        rng = torch.Generator().manual_seed(int(seed) ^ 0x5EED5)
+        cost = ScoringCost()
+        traces: list[list[dict]] = [[] for _ in range(P)]
+        n_new, block_index = 0, 0
+        while True:
+            steps = min(block_size, max_new_tokens - n_new)
+            advanced, read = timed("policy", backend.extend, rows, steps, n_new + steps >= max_new_tokens)
+            spend(read)
+            n_new += advanced
+            view = timed("policy", backend.read, rows)
+            final = n_new >= max_new_tokens or bool(view.done.all())
+            step = BlockStep(
+                prompts=prompts,
+                prompt_indices=indices,
+                texts=[view.texts[p * k : (p + 1) * k] for p in range(P)],
+                token_ids=view.token_ids.view(P, k, -1),
+                done=view.done.view(P, k),
+                block_index=block_index,
+                final=final,
+                last_hidden=view.hidden.view(P, k, -1) if view.hidden is not None else None,
+                row_prompts=[list(r) for r in row_prompts] if row_prompts is not None else None,
+                rng=rng,
+                cost=cost,
+            )
+            sel = timed("scorer", selector, step)
+            chosen, parents = _checked(sel, P, k)
+            for p, info in enumerate(sel.info or []):
+                if info is not None:
+                    traces[p].append({"block": block_index, "tokens": n_new, **info})
+            if on_block is not None:
+                on_block(steps)
+            block_index += 1
+            done = view.done.cpu()
+            if sel.finish is not None:
+                finish = torch.as_tensor(sel.finish, dtype=torch.bool).reshape(-1).cpu()
+                backend.finish(rows, finish)
+                done = done | finish
+                final = final or bool(done.all())
+            if final:
+                break
+            src = (torch.arange(P)[:, None] * k + parents).reshape(-1).tolist()
+            if src != list(range(R)):
+                again = []
+                if recache == "reprefill" and row_prompts is not None:
+                    again = [
+                        r for r, s in enumerate(src) if s != r and rendered[s] != rendered[r] and not done[s]
+                    ]
+                spend(timed("policy", backend.reindex, rows, src, again))
+    cost_model = getattr(backend, "model_cost", None)
 
     def result(p: int, j: int, **kw) -> DecodeResult:
         out = backend.output(rows, p * k + j)
@@ -172,9 +184,13 @@ def decode(
 
     results = []
     for p in range(P):
+        i = indices[p]
         results.append(result(
             p, int(chosen[p]), trace=traces[p], forward_tokens=int(policy[p]),
-            scorer_tokens=cost.tokens.get(indices[p], 0), scored_pairs=cost.pairs.get(indices[p], 0),
+            scorer_tokens=cost.tokens.get(i, 0), scored_pairs=cost.pairs.get(i, 0),
+            policy_flops=cost_model.flops(int(policy[p])) if cost_model is not None else None,
+            scorer_flops=cost.flops.get(i, 0.0), scorer_reads=dict(cost.models.get(i, {})),
+            policy_seconds=clock["policy"] / P, scorer_seconds=clock["scorer"] / P,
             rows=[result(p, j) for j in range(k)] if keep_all else None,
             candidates=view.texts[p * k : (p + 1) * k] if keep_all else None,
         ))  # fmt: skip

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from moalign.compute import Reads, model_cost
 from moalign.data.prompts import Prompt
 from moalign.decoding.backend import BlockStep
 from moalign.errors import MoalignError
@@ -304,10 +305,11 @@ class HeadValueFunction:
         forward pass of the policy over prompt + candidate (counted as scorer tokens in ``step.cost``)."""
         P, K = step.done.shape
         hidden = getattr(step, "last_hidden", None)
-        read = [0] * P
+        reads = Reads(P)
         if hidden is None:
             hidden, read = self.last_hidden(step)
-        step.add_cost([K] * P, read)
+            reads.add(model_cost(self.policy.model, self.policy.name), read)
+        step.add_cost([K] * P, reads)
         return self.from_hidden(hidden)
 
 

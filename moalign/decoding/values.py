@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from moalign.compute import Reads, count_reads, scoring_scope
 from moalign.decoding.backend import BlockStep
 from moalign.objectives.base import Objective, shared_outputs
 from moalign.objectives.normalize import NormStats
@@ -29,19 +30,19 @@ class ObjectiveScorer:
             cols = [o.score(prompts, responses) for o in self.objectives]
         return torch.stack(cols, dim=-1) if cols else torch.zeros(len(prompts), 0)
 
-    def input_tokens(self, prompts: Sequence[str], responses: Sequence[str]) -> list[int]:
-        """Tokens the objectives' models read to score each pair: each model once per pair, however many
-        objectives read its outputs (see :meth:`moalign.objectives.base.Objective.reads`); objectives with
-        no model (lexical, arithmetic) read none."""
-        total = [0] * len(prompts)
-        seen: set = set()
-        for o in self.objectives:
-            r = o.reads(prompts, responses)
-            if r is None or r[0] in seen:
-                continue
-            seen.add(r[0])
-            total = [a + int(b) for a, b in zip(total, r[1])]
-        return total
+    def raw_counted(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[torch.Tensor, Reads]:
+        """:meth:`raw` and what the objectives' models actually read for each pair (each model once per
+        pair however many objectives read its outputs; a cache hit reads nothing; objectives with no model,
+        lexical or arithmetic, read none)."""
+        with count_reads(len(prompts)) as reads:
+            raw = self.raw(prompts, responses)
+        return raw, reads
+
+    def reads(self, prompts: Sequence[str], responses: Sequence[str]) -> Reads:
+        """What scoring these pairs reads from nothing (a fresh cache scope): e.g. best-of-N's final scoring
+        of N responses to one prompt reads the prompt once and each response once."""
+        with scoring_scope(reuse=False):
+            return self.raw_counted(prompts, responses)[1]
 
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
         if self.norm is None:
@@ -63,13 +64,11 @@ class RewardOnPrefix:
         self.scorer = scorer
 
     def __call__(self, step: BlockStep) -> torch.Tensor:
-        """[P, K, G] normalised values for every candidate of the step (what the objectives read is added
-        to ``step.cost``)."""
+        """[P, K, G] normalised values for every candidate of the step (what the objectives' models read is
+        added to ``step.cost``)."""
         P, K = len(step.prompts), len(step.texts[0])
         prompts = [p.text for p in step.prompts for _ in range(K)]
         responses = [t for row in step.texts for t in row]
-        raw = self.scorer.raw(prompts, responses)
-        if step.cost is not None:
-            tokens = torch.tensor(self.scorer.input_tokens(prompts, responses), dtype=torch.long)
-            step.add_cost([K] * P, tokens.view(P, K).sum(dim=1))
+        raw, reads = self.scorer.raw_counted(prompts, responses)
+        step.add_cost([K] * P, reads.grouped(K))
         return self.scorer.normalize(raw).view(P, K, -1)

@@ -377,7 +377,7 @@ class EvaluationResult:
         proxy_cols = (proxy_cols[0], len(head))
         costed = any(m.compute is not None for m in self.methods.values())
         if costed:
-            head += ["policy tok", "scorer tok"]
+            head += ["policy tok", "scorer tok", "GFLOP"]
         any_mark = judged and any(m.judge is not None and m.judge.optimised for m in self.methods.values())
         if judged:
             judge_cols = (len(head), None)
@@ -396,7 +396,8 @@ class EvaluationResult:
                 row += [self._gain_cell(name, m.gain), self._win_cell(name, m.win_rate)]
             if costed:
                 c = m.compute
-                row += [f"{c['policy_tokens']:.0f}", f"{c['scorer_tokens']:.0f}"] if c else ["-", "-"]
+                row += [f"{c['policy_tokens']:.0f}", f"{c['scorer_tokens']:.0f}", gflop(c.get("total_flops"))] \
+                    if c else ["-", "-", "-"]  # fmt: skip
             if judged:
                 js = m.judge
                 if js is None:
@@ -450,8 +451,9 @@ class EvaluationResult:
         if costed:
             notes.append(
                 "policy tok / scorer tok = mean tokens per response read by the policy (prompts, generated and "
-                "re-read tokens) and by the scorers (objectives and value functions, each model once per scored "
-                "pair); matched compute = equal policy + scorer tokens"
+                "re-read tokens) and by the scorers' models (what they actually read: a cache hit reads nothing); "
+                "GFLOP = policy + scorers, 2 x non-embedding parameters x tokens read, per model; matched compute "
+                "= equal total FLOPs"
             )
         if judged:
             notes += [
@@ -564,10 +566,12 @@ def _mean_by_prompt(prompt_ids: Sequence[str], values: np.ndarray) -> tuple[list
 
 
 def compute_per_response(records: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
-    """Mean tokens per response read by the policy (``policy_tokens``, or the older ``forward_tokens``), by
-    the scorers (``scorer_tokens``) and both (``total_tokens``); None when a record lacks the counts (runs
-    written before they were recorded)."""
-    pol, sc = [], []
+    """Mean compute per response: tokens read by the policy (``policy_tokens``, or the older
+    ``forward_tokens``), by the scorers (``scorer_tokens``) and both (``total_tokens``), and the same in FLOPs
+    (``policy_flops``, ``scorer_flops``, ``total_flops``: 2 x non-embedding parameters x tokens read, per
+    model). None when a record lacks the token counts (runs written before they were recorded); the FLOPs are
+    left out when a record lacks them (older runs, or a served policy whose size is unknown)."""
+    pol, sc, pf, sf = [], [], [], []
     for rec in records:
         p = rec.get("policy_tokens", rec.get("forward_tokens"))
         s = rec.get("scorer_tokens")
@@ -575,10 +579,21 @@ def compute_per_response(records: Sequence[Mapping[str, Any]]) -> dict[str, floa
             return None
         pol.append(float(p))
         sc.append(float(s))
+        pf.append(rec.get("policy_flops"))
+        sf.append(rec.get("scorer_flops"))
     if not pol:
         return None
     p, s = float(np.mean(pol)), float(np.mean(sc))
-    return {"policy_tokens": p, "scorer_tokens": s, "total_tokens": p + s}
+    out = {"policy_tokens": p, "scorer_tokens": s, "total_tokens": p + s}
+    if None not in pf and None not in sf:
+        a, b = float(np.mean(pf)), float(np.mean(sf))
+        out.update(policy_flops=a, scorer_flops=b, total_flops=a + b)
+    return out
+
+
+def gflop(x: float | None) -> str:
+    """FLOPs as GFLOP in a table cell (``-`` when unknown)."""
+    return "-" if x is None else f"{x / 1e9:.2f}"
 
 
 def response_words(text: Any) -> int:

@@ -92,7 +92,12 @@ def read_out(result: EvaluationResult) -> str:
     if lead in costs and ref in costs:
         c, r = costs[lead], costs[ref]
         out.append(f"{lead} read {c['total_tokens']:.0f} tokens per response (policy {c['policy_tokens']:.0f} + "
-                   f"scorers {c['scorer_tokens']:.0f}) against {ref}'s {r['total_tokens']:.0f}.")  # fmt: skip
+                   f"scorers {c['scorer_tokens']:.0f}) against {ref}'s {r['total_tokens']:.0f}")  # fmt: skip
+        if "total_flops" in c and "total_flops" in r:
+            out[-1] += (f"; in FLOPs {c['total_flops'] / 1e9:.2f} GFLOP (policy {c['policy_flops'] / 1e9:.2f} + scorers "
+                        f"{c['scorer_flops'] / 1e9:.2f}) against {r['total_flops'] / 1e9:.2f} "
+                        f"({c['total_flops'] / r['total_flops']:.1f}x)")  # fmt: skip
+        out[-1] += "."
     return " ".join(out)
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import torch
 
+from moalign.compute import at_offset
 from moalign.errors import MoalignError
 from moalign.registry import Registry
 
@@ -22,7 +23,11 @@ ScoreFn = Callable[[Sequence[str], Sequence[str]], "torch.Tensor | Sequence[floa
 
 
 class Objective(ABC):
-    """A named reward signal. Subclasses implement :meth:`_score`; :meth:`score` validates."""
+    """A named reward signal. Subclasses implement :meth:`_score`; :meth:`score` validates.
+
+    An objective that runs a model reports what the model actually read with
+    :func:`moalign.compute.record_read` (per pair of the batch ``_score`` was given; a cache hit reads
+    nothing), so that searches count their scorers' compute (:func:`moalign.compute.count_reads`)."""
 
     name: str = "objective"
     #: higher is better; scores are on the objective's own (raw) scale
@@ -38,7 +43,8 @@ class Objective(ABC):
             return torch.zeros(0, dtype=torch.float32)
         out: list[torch.Tensor] = []
         for i in range(0, len(prompts), self.batch_size):
-            s = self._score(prompts[i : i + self.batch_size], responses[i : i + self.batch_size])
+            with at_offset(i):  # the models this batch runs report what they read for pairs i, i + 1, ...
+                s = self._score(prompts[i : i + self.batch_size], responses[i : i + self.batch_size])
             out.append(torch.as_tensor(s, dtype=torch.float32).reshape(-1).cpu())
         scores = torch.cat(out)
         if scores.shape[0] != len(prompts):
@@ -55,15 +61,6 @@ class Objective(ABC):
     @abstractmethod
     def _score(self, prompts: list[str], responses: list[str]) -> torch.Tensor | Sequence[float]:
         """Score one batch (already validated)."""
-
-    def reads(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[Hashable, list[int]] | None:
-        """What scoring these pairs makes a model read: ``(the model's identity, tokens per pair)``, or None
-        when no model is involved (a lexical or arithmetic score). Objectives that run one model on the same
-        input (two outputs of one reward model; ``helpful``, ``harmless`` and ``relevant`` on MiniLM
-        embeddings) give the same identity and are counted once per pair (see
-        :meth:`moalign.decoding.values.ObjectiveScorer.input_tokens`). Caches a scorer keeps are not
-        credited: this is what a scorer without them reads."""
-        return None
 
     def describe(self) -> dict:
         """A JSON-able description recorded with every run."""

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moalign.compute import model_cost, record_read
 from moalign.errors import MoalignError
 from moalign.objectives.base import Objective
 
@@ -52,10 +53,6 @@ class Backbone:
     dim: int = 0
 
     def features(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def reads(self, prompts: Sequence[str], responses: Sequence[str]):
-        """``(model identity, tokens per pair)`` that :meth:`features` makes the backbone read."""
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -81,11 +78,6 @@ class MiniLMBackbone(Backbone):
         p = encode(list(prompts), side="left", device=self.device, batch_size=self.batch_size)
         q = encode(list(responses), side="right", device=self.device, batch_size=self.batch_size)
         return torch.cat([p, q, p * q], dim=1)
-
-    def reads(self, prompts, responses):
-        from moalign.objectives.embeddings import reads
-
-        return reads(prompts, responses, self.device)
 
 
 class PolicyBackbone(Backbone):
@@ -163,10 +155,8 @@ class PolicyBackbone(Backbone):
             rm = rmask.unsqueeze(-1)
             mean_resp = (h * rm).sum(1) / rm.sum(1)
             out[idx] = torch.cat([mean_all, mean_resp], dim=1)
+        record_read(model_cost(self.model, self.name), [len(seq) for seq, _ in items])
         return out
-
-    def reads(self, prompts, responses):
-        return (self.name, self.device), [len(self._ids(p, r)[0]) for p, r in zip(prompts, responses)]
 
     def describe(self) -> dict:
         return {**super().describe(), "policy": self.policy_name}
@@ -248,9 +238,6 @@ class BradleyTerryObjective(Objective):
     @torch.no_grad()
     def _score(self, prompts, responses):
         return self.head(self.backbone.features(prompts, responses))
-
-    def reads(self, prompts, responses):
-        return self.backbone.reads(prompts, responses)
 
     def describe(self) -> dict:
         m = self.config.get("metrics", {})

@@ -106,11 +106,6 @@ class RelevantObjective(Objective):
         q = encode(responses, side="right", device=self.device)
         return (p * q).sum(dim=1)  # both unit-norm
 
-    def reads(self, prompts, responses):
-        from moalign.objectives.embeddings import reads
-
-        return reads(prompts, responses, self.device)
-
     def describe(self):
         return {**super().describe(), "model": "all-MiniLM-L6-v2", "formula": "cos(e(prompt), e(response))"}
 

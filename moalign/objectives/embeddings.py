@@ -2,8 +2,10 @@
 
 One encoder per device is loaded on first use and shared by every objective that needs it (``relevant`` and
 the Bradley-Terry reward models ``helpful`` / ``harmless``). Embeddings are L2-normalised mean-pooled token
-states (384 floats). A small LRU cache keyed by (text, truncation side) means that a prompt scored against
-many candidate responses, or one response scored by several objectives, is encoded once.
+states (384 floats). A cache keyed by (text, truncation side) means that a prompt scored against many
+candidate responses, or one response scored by several objectives, is encoded once: within a search, the cache
+of its :func:`moalign.compute.scoring_scope`; elsewhere a bounded process-wide LRU. What the encoder reads (the
+word pieces of each text it encodes, nothing for a cache hit) is reported to :func:`moalign.compute.record_read`.
 
 Truncation: the encoder reads at most 256 word pieces. Prompts are truncated from the **left** (the last
 turns of a conversation matter most), responses from the right.
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from moalign.compute import counting, record_read, scope_store
 from moalign.errors import MoalignError
 
 MINILM_NAME = "all-MiniLM-L6-v2"
@@ -115,10 +118,11 @@ def token_counts(texts: Sequence[str], device: str | torch.device = "cpu") -> li
     return [len(ids) for ids in enc["input_ids"]]
 
 
-def reads(prompts: Sequence[str], responses: Sequence[str], device: str | torch.device = "cpu"):
-    """``Objective.reads`` of every objective built on the MiniLM embeddings of prompt and response."""
-    p, q = token_counts(prompts, device), token_counts(responses, device)
-    return ("all-MiniLM-L6-v2", str(torch.device(device))), [a + b for a, b in zip(p, q)]
+def encoder_cost(device: str | torch.device = "cpu"):
+    """The encoder as compute is counted (:class:`moalign.compute.ModelCost`)."""
+    from moalign.compute import model_cost
+
+    return model_cost(load_minilm(device), MINILM_NAME)
 
 
 def encode(
@@ -141,9 +145,13 @@ def encode(
     if not texts:
         return out
     dev = str(torch.device(device))
+    store = None
+    if cache:
+        scoped = scope_store("minilm", EmbeddingCache)
+        store = scoped if scoped is not None else CACHE
     missing: dict[str, list[int]] = {}
     for i, t in enumerate(texts):
-        hit = CACHE.get((dev, side, t)) if cache else None
+        hit = store.get((dev, side, t)) if store is not None else None
         if hit is None:
             missing.setdefault(t, []).append(i)
         else:
@@ -151,9 +159,14 @@ def encode(
     if missing:
         uniq = list(missing)
         emb = _encode_raw(load_minilm(dev), uniq, side, batch_size)
+        if counting():  # each text encoded once: charged to the first item that asked for it
+            read = [0] * len(texts)
+            for t, c in zip(uniq, token_counts(uniq, dev)):
+                read[missing[t][0]] = c
+            record_read(encoder_cost(dev), read)
         for t, e in zip(uniq, emb):
             for i in missing[t]:
                 out[i] = e
-            if cache:
-                CACHE.put((dev, side, t), e.clone())
+            if store is not None:
+                store.put((dev, side, t), e.clone())
     return out

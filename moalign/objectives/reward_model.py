@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from moalign.compute import model_cost, record_read
 from moalign.data.prompts import prompt_messages
 from moalign.errors import MoalignError
 from moalign.objectives.base import Objective, shared_output_memo
@@ -162,10 +163,6 @@ class RewardModelObjective(Objective):
             add_special_tokens=not templated,  # a chat template writes its own BOS
         )
 
-    def reads(self, prompts, responses):
-        mask = self._encode(list(prompts), list(responses))["attention_mask"]
-        return ("reward model", id(self.model)), mask.sum(dim=1).tolist()
-
     @torch.inference_mode()
     def _outputs(self, prompts, responses):
         """The model's outputs on these pairs; within :func:`~moalign.objectives.base.shared_outputs`,
@@ -176,6 +173,7 @@ class RewardModelObjective(Objective):
             return memo[key]
         enc = {k: v.to(self.device) for k, v in self._encode(prompts, responses).items()}
         out = self.model(**enc)
+        record_read(model_cost(self.model, self.source or self.name), enc["attention_mask"].sum(dim=1).tolist())
         if memo is not None:
             memo[key] = out
         return out
