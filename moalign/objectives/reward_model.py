@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from moalign.compute import model_cost, record_read
+from moalign.compute import model_cost, record_read, scope_store
 from moalign.data.prompts import prompt_messages
 from moalign.errors import MoalignError
 from moalign.objectives.base import Objective, shared_output_memo
+from moalign.objectives.incremental import IncrementalScorer, supports_incremental
 
 _SPEC = re.compile(r"^(?P<src>.+?)(?:@(?P<idx>-?\d+))?$")
 #: (source, its files' modification time, dtype, trust_remote_code) -> (model, tokenizer): loaded once
@@ -59,6 +60,7 @@ class RewardModelObjective(Objective):
         device: str | torch.device = "cpu",
         batch_size: int = 8,
         max_length: int | None = None,
+        incremental: bool = True,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -92,6 +94,8 @@ class RewardModelObjective(Objective):
         ):
             raise MoalignError(f"reward model {source!r} has {n_out} outputs; index {index} is out of range")
         self.model.to(self.device)
+        # within a search, a decoder reward model reads only what is new since a candidate's parent
+        self.incremental = bool(incremental) and supports_incremental(self.model)
 
     @classmethod
     def from_spec(
@@ -151,16 +155,16 @@ class RewardModelObjective(Objective):
             return self.tokenizer.apply_chat_template(msgs, tokenize=False)
         return f"{prompt}\n\n{response}"
 
-    def _encode(self, prompts, responses):
+    def _encode(self, prompts, responses, **kw):
         texts = [self.format(p, r) for p, r in zip(prompts, responses)]
         templated = bool(getattr(self.tokenizer, "chat_template", None))
+        kw = {"return_tensors": "pt", "padding": True, **kw}
         return self.tokenizer(
             texts,
-            return_tensors="pt",
-            padding=True,
             truncation=True,
             max_length=self.max_length,
             add_special_tokens=not templated,  # a chat template writes its own BOS
+            **{k: v for k, v in kw.items() if v is not None},
         )
 
     @torch.inference_mode()
@@ -171,12 +175,27 @@ class RewardModelObjective(Objective):
         key = (id(self.model), tuple(prompts), tuple(responses), self.max_length, str(self.device))
         if memo is not None and key in memo:
             return memo[key]
-        enc = {k: v.to(self.device) for k, v in self._encode(prompts, responses).items()}
-        out = self.model(**enc)
-        record_read(model_cost(self.model, self.source or self.name), enc["attention_mask"].sum(dim=1).tolist())
+        cost = model_cost(self.model, self.source or self.name)
+        store = scope_store(("incremental", id(self.model), self.max_length), self._new_store) \
+            if self.incremental else None  # fmt: skip
+        if store is not None:  # within a search: what is new since each candidate's parent
+            ids = self._encode(prompts, responses, return_tensors=None, padding=False)["input_ids"]
+            logits, read = store.logits(list(prompts), ids)
+            from transformers.modeling_outputs import SequenceClassifierOutput
+
+            out = SequenceClassifierOutput(logits=logits.to(self.device))
+        else:
+            enc = {k: v.to(self.device) for k, v in self._encode(prompts, responses).items()}
+            out = self.model(**enc)
+            read = enc["attention_mask"].sum(dim=1).tolist()
+        record_read(cost, read)
         if memo is not None:
             memo[key] = out
         return out
+
+    def _new_store(self) -> IncrementalScorer:
+        pad = self.model.config.get_text_config().pad_token_id
+        return IncrementalScorer(self.model, pad)
 
     def _score(self, prompts, responses):
         out = self._outputs(prompts, responses)
@@ -210,4 +229,5 @@ class RewardModelObjective(Objective):
             "index": self.index,
             "max_length": self.max_length,
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
+            "incremental": self.incremental,
         }
