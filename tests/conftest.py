@@ -110,6 +110,25 @@ def tiny_policy(tiny_policy_dir):
     return load_policy(str(tiny_policy_dir))
 
 
+@pytest.fixture
+def no_eos(tiny_policy):
+    """The tiny policy never ends a row early (its end-of-turn logits are -inf), so every block of a search is
+    scored: hand counts of what scorers read assume it."""
+    import math
+
+    from moalign.decoding.in_process import TransformersBackend
+
+    eos = TransformersBackend(tiny_policy).eos_ids.tolist()
+
+    def hook(module, inputs, output):
+        output[..., eos] = -math.inf
+        return output
+
+    handle = tiny_policy.model.get_output_embeddings().register_forward_hook(hook)
+    yield
+    handle.remove()
+
+
 @pytest.fixture(scope="session")
 def real_policy():
     from moalign.policies import load_policy

@@ -44,20 +44,6 @@ class WordReader(Objective):
         return [len(r.split()) / 10 for r in responses]
 
 
-@pytest.fixture
-def no_eos(tiny_policy):
-    """Rows never end early, so every block is scored (the hand counts below assume it)."""
-    eos = TransformersBackend(tiny_policy).eos_ids.tolist()
-
-    def hook(module, inputs, output):
-        output[..., eos] = -math.inf
-        return output
-
-    handle = tiny_policy.model.get_output_embeddings().register_forward_hook(hook)
-    yield
-    handle.remove()
-
-
 def _decode(policy, method: str, **kw):
     """Run a method's decoder directly (not generate, which scores the outputs again for the records) and
     return its results and the pairs the objective scored while it decoded."""

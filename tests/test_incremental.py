@@ -3,7 +3,6 @@ re-encode to 1e-5 in float32 for every method, and a candidate reads only what i
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -155,20 +154,6 @@ def test_every_method_scores_as_a_full_reencode(tiny_policy, decoder_rm, method,
     # and the incremental run read fewer tokens wherever a block was scored more than once
     if method != "best-of-n":
         assert sum(r.scorer_tokens for rs in inc for r in rs) < sum(r.scorer_tokens for rs in ref for r in rs)
-
-
-@pytest.fixture
-def no_eos(tiny_policy):
-    """Rows never end early, so every block is scored."""
-    eos = TransformersBackend(tiny_policy).eos_ids.tolist()
-
-    def hook(module, inputs, output):
-        output[..., eos] = -math.inf
-        return output
-
-    handle = tiny_policy.model.get_output_embeddings().register_forward_hook(hook)
-    yield
-    handle.remove()
 
 
 def _cd_scorer_tokens(policy, folder, incremental: bool, T: int) -> int:
