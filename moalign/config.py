@@ -97,6 +97,16 @@ class _GenerateSettings:
     retries: int = _f(3, "server: retries of a failed request (connection error, timeout, HTTP 429/5xx), "
                          "with exponential backoff")  # fmt: skip
 
+    encoder_url: str = _f(
+        "",
+        "serve the MiniLM encoder: URL of an OpenAI-compatible embeddings server (llama.cpp's llama-server "
+        "--embedding, TEI, vLLM) serving all-MiniLM-L6-v2, http://HOST:PORT/v1[#MODEL]; the objectives built on "
+        "it (helpful, harmless, relevant) embed there (default: in process)",
+    )
+    encoder_api_key_env: str | None = _f(
+        None, "environment variable holding the encoder server's API key (sent as a bearer token)"
+    )
+
     def validate(self) -> None:
         get_method(self.method)  # names the known methods when it is not one
         for name in ("n", "k", "block_size", "max_new_tokens", "batch_size"):

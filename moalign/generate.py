@@ -79,6 +79,13 @@ def generate(
 ) -> list[dict]:
     """Run one decoding method over the prompts; return the records (also appended to ``cfg.out``)."""
     cfg.validate()
+    from moalign.objectives.served import served_encoder
+
+    with served_encoder(cfg.encoder_url, cfg.encoder_api_key_env):  # --encoder-url: MiniLM embedded by a server
+        return _generate(cfg, policy, objectives, prompts, progress)
+
+
+def _generate(cfg: GenerateConfig, policy, objectives, prompts, progress: bool) -> list[dict]:
     spec = get_method(cfg.method)
     args = cfg.method_args()
     prompt_report: dict = {}

@@ -97,7 +97,8 @@ class RecordWriter:
 # config fields that may change between an interrupted run and its resumption
 # settings that may change between an interrupted run and its resumption without changing its records
 _RESUMABLE = {"limit", "out", "out_dir", "device", "methods", "n_boot", "base_url", "api_key_env",
-              "max_concurrency", "request_timeout", "retries", "objective_device"}  # fmt: skip
+              "max_concurrency", "request_timeout", "retries", "objective_device", "encoder_url",
+              "encoder_api_key_env"}  # fmt: skip
 
 
 def _comparable(cfg) -> dict:

