@@ -155,6 +155,54 @@ def test_a_run_whose_encoder_server_stopped_resumes_losing_nothing(real_policy, 
     assert [(r["response"], r["scores"]) for r in recs] == [(r["response"], r["scores"]) for r in whole]
 
 
+def test_served_reward_model_spec_and_failures_are_one_line(decoder_rm_dir):
+    """``rm+http://HOST:PORT/v1#MODEL[@INDEX]`` resolves to a served reward model (vLLM's pooling runner); a
+    missing model name, an unloadable tokenizer and an unreachable server are one line each."""
+    from moalign.objectives.base import get_objective
+    from moalign.objectives.served import ServedRewardModel
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    rm = get_objective(f"rm+{url}#{decoder_rm_dir}@1")
+    assert isinstance(rm, ServedRewardModel) and rm.index == 1 and rm.base == url.removesuffix("/v1")
+    assert rm.cost.params > 0  # counted from the model's configuration, no weights
+    rm.http.retries = 0
+    with pytest.raises(MoalignError, match="reward model server .* is unreachable") as e:
+        rm.score(["Say hi"], ["Hi!"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(MoalignError, match="name the model"):
+        ServedRewardModel(url)
+    with pytest.raises(MoalignError, match="cannot load its tokenizer"):
+        _ = ServedRewardModel(f"{url}#/no/such/model").tokenizer
+
+
+@pytest.fixture(scope="module")
+def decoder_rm_dir(tmp_path_factory, policy_tokenizer_dir):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(policy_tokenizer_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id, num_labels=2)  # fmt: skip
+    d = tmp_path_factory.mktemp("served_rm")
+    LlamaForSequenceClassification(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.mark.skipif(not os.environ.get("MOALIGN_VLLM_RM_URL"), reason="no vLLM reward model server (MOALIGN_VLLM_RM_URL)")
+def test_vllm_served_reward_model_scores_as_in_process():
+    """Against ``vllm serve MODEL --runner pooling --pooler-config '{"use_activation": false}'`` at
+    ``MOALIGN_VLLM_RM_URL`` (``MOALIGN_VLLM_RM_MODEL``: the same model as a local folder): a search's
+    records scored through the server equal the in-process reward model's to 1e-2 (bf16 on the server)."""
+    from moalign.objectives.base import get_objective
+
+    model = os.environ["MOALIGN_VLLM_RM_MODEL"]
+    served = get_objective(f"rm+{os.environ['MOALIGN_VLLM_RM_URL']}#{model}")
+    local = get_objective(f"rm:{model}")
+    prompts = ["Human: How do I keep basil alive?"] * 3
+    responses = ["Water it when dry.", "Give it sun.", "I don't know."]
+    assert torch.allclose(served.score(prompts, responses), local.score(prompts, responses), atol=1e-2)
+
+
 def test_share_splits_a_reported_total_in_proportion():
     assert share(31, [11, 17, 2]) == [11, 18, 2] and sum(share(31, [11, 17, 2])) == 31
     assert share(5, [0, 0]) == [5, 0] and share(0, [3, 4]) == [0, 0]

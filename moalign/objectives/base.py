@@ -123,9 +123,27 @@ def _reward_model(spec: str) -> Callable[[], Objective]:
 OBJECTIVES: Registry[Callable[[], Objective]] = Registry(
     "objective",
     builtins=("moalign.objectives.builtin",),
-    hint=" (or rm:PATH_OR_HUB_ID[@OUTPUT_INDEX] for a reward model)",
+    hint=" (or rm:PATH_OR_HUB_ID[@OUTPUT_INDEX] for a reward model, rm+http://HOST:PORT/v1#MODEL[@INDEX] for a "
+    "served one)",
 )
 OBJECTIVES.register_prefix("rm:", _reward_model)
+
+
+def _served_reward_model(scheme: str) -> Callable[[str], Callable[[], Objective]]:
+    def resolve(rest: str) -> Callable[[], Objective]:
+        def load() -> Objective:
+            from moalign.objectives.served import ServedRewardModel
+
+            return ServedRewardModel(f"{scheme}:{rest}")
+
+        return load
+
+    return resolve
+
+
+# rm+http://HOST:PORT/v1#MODEL[@INDEX]: a reward model served by vLLM's pooling runner (moalign.objectives.served)
+for _scheme in ("http", "https"):
+    OBJECTIVES.register_prefix(f"rm+{_scheme}:", _served_reward_model(_scheme))
 _CACHE: dict[str, Objective] = {}
 
 

@@ -46,6 +46,15 @@ def parse_spec(spec: str) -> tuple[str, int | None]:
     return m.group("src"), None if idx is None else int(idx)
 
 
+def format_pair(tokenizer, prompt: str, response: str) -> str:
+    """The text a reward model with ``tokenizer`` reads for a pair: its chat template on [user turns ...,
+    assistant: response] where it has one, else ``prompt + "\\n\\n" + response``."""
+    if getattr(tokenizer, "chat_template", None):
+        msgs = [*prompt_messages(prompt), {"role": "assistant", "content": response}]
+        return tokenizer.apply_chat_template(msgs, tokenize=False)
+    return f"{prompt}\n\n{response}"
+
+
 class RewardModelObjective(Objective):
     """A sequence-classification reward model; the score is one output (logit) per (prompt, response)."""
 
@@ -150,10 +159,7 @@ class RewardModelObjective(Objective):
 
     def format(self, prompt: str, response: str) -> str:
         """The text the reward model reads (see the module docstring)."""
-        if getattr(self.tokenizer, "chat_template", None):
-            msgs = [*prompt_messages(prompt), {"role": "assistant", "content": response}]
-            return self.tokenizer.apply_chat_template(msgs, tokenize=False)
-        return f"{prompt}\n\n{response}"
+        return format_pair(self.tokenizer, prompt, response)
 
     def _encode(self, prompts, responses, **kw):
         texts = [self.format(p, r) for p, r in zip(prompts, responses)]
