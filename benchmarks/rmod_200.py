@@ -168,7 +168,7 @@ def analyse(args, out_dir: Path) -> dict:
                                for name, c in comps.items()]), "",
                "Which judge decides the judged worst case (share of prompts where it is the lower z): "
                + "; ".join(f"{name}: helpful {s[0]:.2f}, harmless {s[1]:.2f}" for name, s in decides.items())]  # fmt: skip
-    (RESULTS / "rmod_200.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return result
 
@@ -181,6 +181,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=SAMPLES, help="plain samples per prompt (best-of-N, judge z)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--offset", type=int, default=32, help="held-out prompts skipped per source")
+    ap.add_argument("--name", default="rmod_200", help="the results' file names (benchmarks/results/NAME.{md,json})")
     args = ap.parse_args()
     args.ks = [int(x) for x in args.ks.split(",")]
     args.lams = [float(x) for x in args.lams.split(",")]
@@ -190,7 +191,7 @@ def main() -> None:
         run_variants(variants(args), heldout_prompts(args.prompts, offset=args.offset), out,
                      objectives="helpful,harmless")  # fmt: skip
     res = analyse(args, out)
-    dump(RESULTS / "rmod_200_detail.json", res)
+    dump(RESULTS / f"{args.name}_detail.json", res)
     parts = []
     for k, v in res["by_k"].items():
         c = v["comparisons"]
@@ -198,7 +199,7 @@ def main() -> None:
         if key:
             parts.append(f"K={k} RMOD λ=5 − CD-Uniform: PROXY {fmt(c[key]['proxy']['diff'], True)}, "
                          f"JUDGE {fmt(c[key]['judge']['diff'], True)}")  # fmt: skip
-    write_result("rmod_200", {"args": vars(args), **res}, f"rmod_200: {res['n_prompts']} prompts; " + "; ".join(parts))
+    write_result(args.name, {"args": vars(args), **res}, f"{args.name}: {res['n_prompts']} prompts; " + "; ".join(parts))
 
 
 if __name__ == "__main__":

@@ -177,3 +177,27 @@ def test_cd_scorer_tokens_grow_linearly_in_new_tokens(tiny_policy, decoder_rm, n
     # per block and row: the block's tokens plus the few the template puts after the response
     per_row_block = (inc[32] - inc[16]) / (8 * 4)
     assert 4 <= per_row_block <= 4 + 6, inc
+
+
+def test_policy_backbone_running_sums_equal_its_batched_forward(tiny_policy_dir):
+    """The Bradley-Terry ``policy`` backbone recipe (mean-pooled last hidden states over all tokens and over
+    the response) within a search, from running sums: equal to its batched forward block after block (an empty
+    response, a response that stops growing, rows continuing from one parent), reading only what is new."""
+    from moalign.compute import count_reads
+    from moalign.objectives.bradley_terry import PolicyBackbone
+
+    bb = PolicyBackbone(str(tiny_policy_dir), max_response_tokens=12)
+    prompts = ["Say hi to me", "Name three colours that go well together, please"]
+    blocks = [["", "Hi", "Hello"], ["Hi there", "Hello there", "Hello there, my friend"],
+              ["Hi there, how are you today my old friend, it is so good", "Hello there", "Hello there, my friend"]]  # fmt: skip
+    pairs = [([p for p in prompts for _ in rows], [r for _ in prompts for r in rows]) for rows in blocks]
+    with scoring_scope(reuse=False):
+        got = []
+        for P, R in pairs:
+            with count_reads(len(P)) as reads:
+                got.append((bb.features(P, R), reads.tokens()))
+    for b, ((P, R), (inc, read)) in enumerate(zip(pairs, got)):
+        full = bb.features(P, R)  # no search: the batched forward over every token
+        assert (inc - full).abs().max() <= TOL
+        lengths = [len(bb._ids(p, r)[0]) for p, r in zip(P, R)]
+        assert sum(read) < sum(lengths) if b == 0 else sum(read) < sum(lengths) / 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +23,14 @@ def test_wheel_installs_and_generates_outside_the_checkout(tmp_path):
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = dist.glob("moalign-*.whl")
     venv = tmp_path / "venv"
-    # the dependencies (torch, transformers, ...) come from this interpreter's site-packages; the package itself
-    # only from the wheel
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    # the dependencies (torch, transformers, ...) come from the site-packages of the interpreter running the tests,
+    # whether it is a virtual environment or not (--system-site-packages would give a venv's base interpreter's);
+    # a .pth line adds a folder without running its .pth files, so this checkout's editable install stays out
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
+    target = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                            capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    Path(target, "_tests_parent.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     inst = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
                            str(wheel)], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert inst.returncode == 0, inst.stderr[-2000:]

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moalign.compute import model_cost, record_read
+from moalign.compute import model_cost, record_read, scope_store
 from moalign.errors import MoalignError
 from moalign.objectives.base import Objective
 
@@ -129,6 +129,9 @@ class PolicyBackbone(Backbone):
     @torch.inference_mode()
     def features(self, prompts, responses):
         items = [self._ids(p, r) for p, r in zip(prompts, responses)]
+        store = scope_store(("policy-backbone", id(self.base)), self._new_store)
+        if store is not None:  # within a search: running sums, each candidate reads what is new since its parent
+            return self._features_incremental(store, list(prompts), items)
         out = torch.empty(len(items), self.dim, dtype=torch.float32)
         order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
@@ -156,6 +159,26 @@ class PolicyBackbone(Backbone):
             mean_resp = (h * rm).sum(1) / rm.sum(1)
             out[idx] = torch.cat([mean_all, mean_resp], dim=1)
         record_read(model_cost(self.model, self.name), [len(seq) for seq, _ in items])
+        return out
+
+    def _new_store(self):
+        from moalign.objectives.incremental import IncrementalScorer
+
+        return IncrementalScorer(self.base, self.tok.pad_token_id, head=False, sums=True)
+
+    def _features_incremental(self, store, prompts: list[str], items) -> torch.Tensor:
+        """:meth:`features` from the store's running sums of the last hidden states (equal to the batched
+        forward's means up to float rounding)."""
+        entries, read = store.entries(prompts, [seq for seq, _ in items])
+        out = torch.empty(len(items), self.dim, dtype=torch.float32)
+        for i, (e, (seq, n_p)) in enumerate(zip(entries, items)):
+            c, L = e.csum, len(seq)
+            if L > n_p:
+                resp = (c[L - 1] - c[n_p - 1]) / (L - n_p)
+            else:  # an empty response: the last prompt token's state
+                resp = c[n_p - 1] - (c[n_p - 2] if n_p >= 2 else 0)
+            out[i] = torch.cat([c[L - 1] / L, resp])
+        record_read(model_cost(self.model, self.name), read)
         return out
 
     def describe(self) -> dict:

@@ -49,14 +49,20 @@ def supports_incremental(model) -> bool:
 
 
 @dataclass
-class _Entry:
+class Entry:
+    """One sequence the model read: its token ids, KV cache, the head on its last non-pad token (``logits``;
+    the final hidden state there when the store has no head) and, when the store keeps them, the cumulative
+    sums of its final hidden states (``csum[i]`` = the sum over tokens 0..i)."""
+
     ids: list[int]
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, keys and values [heads, len(ids), dim]
-    logits: torch.Tensor  # [num_labels], the head on the last non-pad token
+    logits: torch.Tensor
+    csum: torch.Tensor | None = None  # [len(ids), hidden]
 
     @property
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv)
+        extra = self.csum.numel() * self.csum.element_size() if self.csum is not None else 0
+        return extra + sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -68,20 +74,28 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class IncrementalScorer:
-    """The KV store of one decoder reward model within one search, and its batched incremental forward."""
+    """The KV store of one decoder model within one search, and its batched incremental forward.
 
-    def __init__(self, model, pad_token_id: int | None, max_bytes: int = DEFAULT_MAX_BYTES):
+    ``model``: a decoder sequence classifier (its ``base_model`` is run, its ``score`` head read), or with
+    ``head=False`` a decoder backbone itself (its final hidden states are the output; ``sums=True`` keeps their
+    running sums, for mean pooling)."""
+
+    def __init__(self, model, pad_token_id: int | None, max_bytes: int = DEFAULT_MAX_BYTES, *, head: bool = True,
+                 sums: bool = False):  # fmt: skip
         self.model = model
+        self.base = model.base_model if head else model
+        self.head = model.score if head else None
+        self.sums = bool(sums)
         self.pad = pad_token_id
         self.max_bytes = int(max_bytes)
-        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()  # (group key, ids) -> entry, LRU order
+        self._entries: OrderedDict[tuple, Entry] = OrderedDict()  # (group key, ids) -> entry, LRU order
         self._by_group: dict[object, set[tuple]] = {}
         self._bytes = 0
-        key = "cache" if "cache" in _forward_params(model.base_model) else "past_key_values"
+        key = "cache" if "cache" in _forward_params(self.base) else "past_key_values"
         self._cache_kw = key
 
     # ------------------------------------------------------------------------------------------- store
-    def _put(self, group, entry: _Entry) -> None:
+    def _put(self, group, entry: Entry) -> None:
         key = (group, tuple(entry.ids))
         if key in self._entries:
             self._entries.move_to_end(key)
@@ -94,7 +108,7 @@ class IncrementalScorer:
             self._by_group[old_key[0]].discard(old_key)
             self._bytes -= old.nbytes
 
-    def _best(self, group, ids: list[int]) -> tuple[_Entry | None, int]:
+    def _best(self, group, ids: list[int]) -> tuple[Entry | None, int]:
         """The entry of ``group`` sharing the longest token prefix with ``ids``, and that length."""
         best, n = None, 0
         for key in self._by_group.get(group, ()):
@@ -115,12 +129,18 @@ class IncrementalScorer:
         return len(ids) - 1
 
     # ----------------------------------------------------------------------------------------- scoring
-    @torch.inference_mode()
     def logits(self, groups: list, sequences: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
         """The head's outputs ``[n, num_labels]`` for token sequences (``groups[i]``: the key under which
         sequence i shares prefixes, its prompt) and the tokens the model read for each (0: reused)."""
+        entries, read = self.entries(groups, sequences)
+        return torch.stack([e.logits for e in entries]), read
+
+    @torch.inference_mode()
+    def entries(self, groups: list, sequences: list[list[int]]) -> tuple[list[Entry], list[int]]:
+        """The :class:`Entry` of each token sequence (read incrementally, see :meth:`logits`) and the tokens
+        the model read for each."""
         n = len(sequences)
-        out: list[torch.Tensor | None] = [None] * n
+        out: list[Entry | None] = [None] * n
         read = [0] * n
         todo: dict[tuple, list[int]] = {}  # identical sequences of one call read once
         for i, (g, ids) in enumerate(zip(groups, sequences)):
@@ -146,7 +166,7 @@ class IncrementalScorer:
             last = self._last_real(ids)
             if entry is not None and common == len(ids) == len(entry.ids):
                 for i in idx:
-                    out[i] = entry.logits
+                    out[i] = entry
                 continue
             common = min(common, last)  # the token the head reads is fed again if the past holds it
             jobs.append(((entry, common, g, ids), idx))
@@ -156,15 +176,14 @@ class IncrementalScorer:
                 self._put(job[2], entry)
                 read[idx[0]] += n_read
                 for i in idx:
-                    out[i] = entry.logits
-        return torch.stack(out), read
+                    out[i] = entry
+        return out, read
 
-    def _forward(self, jobs: list[tuple[_Entry | None, int, object, list[int]]]) -> list[tuple[_Entry, int]]:
+    def _forward(self, jobs: list[tuple[Entry | None, int, object, list[int]]]) -> list[tuple[Entry, int]]:
         """Feed each job's ``ids[common:]`` after the first ``common`` positions of its entry's KV cache, in one
         batch; returns each job's new entry and the tokens fed."""
-        model = self.model
-        base = model.base_model
-        dev = next(model.parameters()).device
+        base = self.base
+        dev = next(base.parameters()).device
         past = [e.kv if e is not None and c > 0 else None for e, c, _, _ in jobs]
         plen = [c if p is not None else 0 for (_, c, _, _), p in zip(jobs, past)]
         new = [ids[c:] for (_, _, _, ids), c in zip(jobs, plen)]
@@ -199,12 +218,19 @@ class IncrementalScorer:
         cache = res["cache"] if "cache" in res else res["past_key_values"]
         kv_layers = [(layer.keys, layer.values) for layer in cache.layers]
         out = []
-        for b, ((_, _, _, ids), lp, x) in enumerate(zip(jobs, plen, new)):
+        for b, ((e, _, _, ids), lp, x) in enumerate(zip(jobs, plen, new)):
             last = self._last_real(ids) - lp  # within the fed tokens (the past never holds it, see logits())
-            logit = model.score(hidden[b, last][None]).reshape(-1).float().cpu()
+            h = hidden[b, last][None]
+            logit = (self.head(h) if self.head is not None else h).reshape(-1).float().cpu()
             kv = [(k[b, :, P - lp : P + len(x)].contiguous(), v[b, :, P - lp : P + len(x)].contiguous())
                   for k, v in kv_layers]  # fmt: skip
-            out.append((_Entry(list(ids), kv, logit), len(x)))
+            csum = None
+            if self.sums:
+                fed = hidden[b, : len(x)].float().cpu().cumsum(0)
+                if lp > 0:
+                    fed = torch.cat([e.csum[:lp], e.csum[lp - 1] + fed])
+                csum = fed
+            out.append((Entry(list(ids), kv, logit, csum), len(x)))
         return out
 
 
