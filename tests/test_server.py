@@ -70,10 +70,15 @@ def _objectives():
     return resolve_objectives("positive,concise")
 
 
+#: dicts keyed by data, not structure: the scorers' tokens by model name (which models read depends on the run:
+#: Darwin's drift check reads only when a mutation reply parses)
+_KEYED_BY_DATA = {"scorer_reads"}
+
+
 def _shape(x):
     """The nested key structure of a record (values' types aside); empty lists match anything."""
     if isinstance(x, dict):
-        return {k: _shape(v) for k, v in x.items()}
+        return {k: None if k in _KEYED_BY_DATA else _shape(v) for k, v in x.items()}
     if isinstance(x, list):
         shapes = [_shape(v) for v in x if isinstance(v, dict | list)]
         return shapes[0] if shapes else "list"
