@@ -18,7 +18,6 @@ PROXY and JUDGE, on all prompts and on the prompts whose mutation succeeded (iss
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +43,7 @@ from harness import (
     whole_response_reads,
 )
 
+from moalign.config import for_method
 from moalign.evaluation import paired_diff_ci, paired_win_ci
 
 OUT = RESULTS / "darwin_128"
@@ -58,9 +58,9 @@ def variants(args) -> dict:
                           batch_size=args.batch_size, mutations=BEAMS, cycles=CYCLES, replace_top_k=3,
                           replace_every=args.max_new_tokens // 4, scalarization="worst-case")  # fmt: skip
     return {
-        "darwin": dataclasses.replace(base, method="darwin"),
-        "sample-replace": dataclasses.replace(base, method="sample-replace"),
-        f"sample{SAMPLES}": dataclasses.replace(base, method="sample", n=SAMPLES, batch_size=max(1, args.batch_size // 2)),
+        "darwin": for_method(base, "darwin"),
+        "sample-replace": for_method(base, "sample-replace"),
+        f"sample{SAMPLES}": for_method(base, "sample", n=SAMPLES, batch_size=max(1, args.batch_size // 2)),
     }  # fmt: skip
 
 

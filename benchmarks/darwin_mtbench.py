@@ -50,7 +50,7 @@ def ensure_judges() -> dict[str, str]:
 
 
 def run_generation(args) -> None:
-    from moalign.config import GenerateConfig
+    from moalign.config import GenerateConfig, for_method
     from moalign.generate import generate
     from moalign.objectives.base import resolve_objectives
     from moalign.policies import load_policy
@@ -66,20 +66,20 @@ def run_generation(args) -> None:
     runs = [
         (
             "sample15",
-            dataclasses.replace(base, method="sample", n=15, batch_size=max(1, args.batch_size // 2)),
+            for_method(base, "sample", n=15, batch_size=max(1, args.batch_size // 2)),
         )
     ]
     for s in args.settings:
         sc = SETTINGS[s]
-        runs.append((f"darwin-{s}", dataclasses.replace(base, method="darwin", scalarization=sc)))
+        runs.append((f"darwin-{s}", for_method(base, "darwin", scalarization=sc)))
         if s == "worst":
             runs.append(
-                ("rmod-worst", dataclasses.replace(base, method="rmod", k=BEAMS, block_size=16, lam=5.0))
+                ("rmod-worst", for_method(base, "rmod", k=BEAMS, block_size=16, lam=5.0))
             )
         runs.append(
-            (f"sample-replace-{s}", dataclasses.replace(base, method="sample-replace", scalarization=sc))
+            (f"sample-replace-{s}", for_method(base, "sample-replace", scalarization=sc))
         )
-        runs.append((f"mutate-bon-{s}", dataclasses.replace(base, method="mutate-bon", scalarization=sc)))
+        runs.append((f"mutate-bon-{s}", for_method(base, "mutate-bon", scalarization=sc)))
     only = set(args.only or [r for r, _ in runs])
     for label, cfg in runs:
         if label not in only:

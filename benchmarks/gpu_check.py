@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     pdir, rdir = build_assets(assets, out / "models", args.small, dtype)
     objectives = f"rm:{rdir}@0,rm:{rdir}@1"
 
-    from moalign.config import GenerateConfig
+    from moalign.config import GenerateConfig, for_method
     from moalign.data.prompts import to_prompt
     from moalign.generate import generate
     from moalign.objectives.base import resolve_objectives
@@ -184,10 +184,10 @@ def main(argv=None) -> int:
         def run():
             path = out / "records" / f"{name}.jsonl"
             path.unlink(missing_ok=True)
-            cfg = GenerateConfig(method=name, objectives=objectives, normalize="none", max_new_tokens=T,
-                                 block_size=max(4, T // 4), k=4, n=4, mutations=3, replace_every=max(4, T // 4),
-                                 replace_top_k=2, cycles=1, mutation_max_new_tokens=T, out=str(path),
-                                 device=args.device)  # fmt: skip
+            base = GenerateConfig(objectives=objectives, normalize="none", max_new_tokens=T, block_size=max(4, T // 4),
+                                  k=4, n=4, mutations=3, replace_every=max(4, T // 4), replace_top_k=2, cycles=1,
+                                  mutation_max_new_tokens=T, out=str(path), device=args.device)  # fmt: skip
+            cfg = for_method(base, name)  # the settings only other methods have left at their defaults
             generate(cfg, policy=policy, objectives=objs, prompts=prompts[:1], progress=False)
             recs = read_records(str(path))
             r = recs[0]

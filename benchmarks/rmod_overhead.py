@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from harness import SHARED_DATA, parser, write_result
 
-from moalign.config import GenerateConfig
+from moalign.config import GenerateConfig, for_method
 from moalign.data.prompts import load_prompts
 from moalign.generate import generate
 from moalign.objectives.base import resolve_objectives
@@ -35,7 +35,7 @@ def main() -> None:
     objectives = resolve_objectives("helpful,harmless")
     base = GenerateConfig(k=args.k, block_size=args.block_size, max_new_tokens=args.max_new_tokens,
                           batch_size=args.prompts, lam=args.lam)  # fmt: skip
-    cfgs = {"cd-uniform": replace(base, method="cd"), "rmod": replace(base, method="rmod")}
+    cfgs = {"cd-uniform": for_method(base, "cd"), "rmod": for_method(base, "rmod")}
     times: dict[str, list[float]] = {k: [] for k in cfgs}
     tokens: dict[str, list[int]] = {k: [] for k in cfgs}
     generate(cfgs["cd-uniform"], policy=policy, objectives=objectives, prompts=prompts[:2], progress=False)

@@ -7,9 +7,9 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from moalign.config import CompareConfig, EvaluateConfig, GenerateConfig, versions
+from moalign.config import CompareConfig, EvaluateConfig, GenerateConfig, for_method, versions
 from moalign.data.prompts import demo_prompts_path, load_prompts
-from moalign.decoding.registry import get_method
+from moalign.decoding.registry import foreign_settings, get_method
 from moalign.errors import MoalignError
 from moalign.evaluation.evaluate import evaluate_files
 from moalign.evaluation.metrics import EvaluationResult
@@ -26,11 +26,15 @@ def parse_method(spec: str) -> tuple[str, str, dict]:
     label = name
     if rest:
         fields = {f.name for f in dataclasses.fields(GenerateConfig)}
+        foreign = foreign_settings(name)
         for part in rest.split(":"):
             key, _, val = part.partition("=")
             key = key.strip().replace("-", "_")
             if key not in fields:
                 raise MoalignError(f"method {spec!r}: unknown setting {key!r}")
+            if key in foreign:
+                raise MoalignError(f"method {spec!r}: {name} has no setting {key!r} (it belongs to "
+                                   f"{', '.join(foreign[key])})")  # fmt: skip
             default = getattr(GenerateConfig(), key)
             try:
                 if isinstance(default, bool):
@@ -45,6 +49,17 @@ def parse_method(spec: str) -> tuple[str, str, dict]:
     return label, name, overrides
 
 
+def refuse_unused_method_flags(cfg, methods: list[str]) -> None:
+    """A method's setting given to ``compare`` (away from its default) that none of ``methods`` has is an error:
+    it would change nothing."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    owned = {f.name for m in methods if get_method(m).args for f in dataclasses.fields(get_method(m).args)}
+    for name, owners in foreign_settings(methods[0]).items():
+        if name not in owned and getattr(cfg, name) != defaults.get(name):
+            raise MoalignError(f"--{name.replace('_', '-')} belongs to {', '.join(owners)}, none of the methods "
+                               f"compared ({', '.join(dict.fromkeys(methods))})")  # fmt: skip
+
+
 def compare(cfg: CompareConfig, progress: bool = True) -> EvaluationResult:
     """Run every method of ``cfg.methods`` into ``out_dir/LABEL.jsonl``, then evaluate against the first.
 
@@ -54,6 +69,7 @@ def compare(cfg: CompareConfig, progress: bool = True) -> EvaluationResult:
     specs = [parse_method(m) for m in cfg.methods.split(",") if m.strip()]
     if not specs:
         raise MoalignError("--methods names no method")
+    refuse_unused_method_flags(cfg, [m for _, m, _ in specs])
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = load_prompts(
@@ -70,12 +86,11 @@ def compare(cfg: CompareConfig, progress: bool = True) -> EvaluationResult:
     policy = None  # with --backend server each run connects to the server instead
     if getattr(cfg, "backend", "local") != "server":
         policy = load_policy(cfg.policy, device=cfg.device or default_device(), dtype=cfg.dtype)
-    base = {k: v for k, v in asdict(cfg).items() if k in GenerateConfig.__dataclass_fields__}
+    base = GenerateConfig(**{k: v for k, v in asdict(cfg).items() if k in GenerateConfig.__dataclass_fields__})
     paths = []
     for label, method, overrides in specs:
-        gcfg = replace(
-            GenerateConfig(**base), method=method, out=str(out_dir / f"{label}.jsonl"), **overrides
-        )
+        # a global method setting (--lam) applies to the methods that have it (checked above)
+        gcfg = for_method(base, method, out=str(out_dir / f"{label}.jsonl"), **overrides)
         generate(gcfg, policy=policy, objectives=objectives, prompts=prompts, progress=progress)
         paths.append(gcfg.out)
     ecfg = EvaluateConfig(inputs=paths, objectives=",".join(o.name for o in objectives),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moalign.configbase import config_field, versions  # noqa: F401  (versions: re-exported)
-from moalign.decoding.registry import available_methods, get_method, method_arg_fields
+from moalign.decoding.registry import available_methods, foreign_settings, get_method, method_arg_fields
 from moalign.errors import MoalignError
 
 _f = config_field
@@ -127,7 +127,19 @@ class _GenerateSettings:
             from moalign.decoding.completions import ServerCapabilities
 
             ServerCapabilities.parse(self.server_capabilities)  # an unknown capability fails before connecting
+        self.refuse_foreign_settings()
         self.method_args()
+
+    def refuse_foreign_settings(self) -> None:
+        """A setting of another method, set away from its default, is an error, not silently dropped
+        (``--method cd --lam 0.1``; a config file or ``GenerateConfig(method="cd", lam=0.1)`` alike)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, owners in foreign_settings(self.method).items():
+            if getattr(self, name) != defaults.get(name):
+                raise MoalignError(
+                    f"method {self.method!r} has no setting {name!r} (--{name.replace('_', '-')}; it belongs to "
+                    f"{', '.join(owners)}): remove it or choose that method"
+                )
 
     def method_args(self):
         """The chosen method's own settings (its args dataclass, validated), or None."""
@@ -195,6 +207,15 @@ def __getattr__(name: str):
         _compose()
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def for_method(cfg, method: str, **overrides):
+    """``cfg`` (a shared base: compare's global flags, a benchmark's settings) for one ``method``: the settings
+    only other methods have go back to their defaults, then ``overrides`` apply (one the method does not have
+    is refused by ``validate``)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    reset = {k: defaults[k] for k in foreign_settings(method) if k in defaults}
+    return dataclasses.replace(cfg, **{**reset, "method": method, **overrides})
 
 
 def config_to_dict(cfg) -> dict:

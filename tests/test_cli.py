@@ -254,3 +254,26 @@ def test_train_help_lists_commands_without_importing_trainers(capsys):
             "print('moalign.training.dpo' in sys.modules, 'trl' in sys.modules)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_a_setting_the_method_does_not_have_is_one_line(run_cli, prompts_file, tmp_path):
+    """``--lam`` is RMOD's: with ``--method cd`` (a flag), ``cd:lam=0.1`` (compare) or a config file it is refused
+    in one line naming the method and the setting, before any model loads; RMOD takes it."""
+    import json
+
+    code, _, err = run_cli("generate", "--prompts", prompts_file, "--method", "cd", "--lam", "0.1", "--out",
+                           tmp_path / "cd.jsonl")  # fmt: skip
+    assert code != 0 and err.strip().count("\n") == 0
+    assert "'cd' has no setting 'lam'" in err and "rmod" in err
+    code, _, err = run_cli("compare", "--prompts", prompts_file, "--methods", "sample,cd:lam=0.1", "--out-dir",
+                           tmp_path / "c")  # fmt: skip
+    assert code != 0 and err.strip().count("\n") == 0 and "cd has no setting 'lam'" in err
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"method": "cd", "mutations": 3, "prompts": str(prompts_file)}))
+    code, _, err = run_cli("generate", "--config", cfg, "--out", tmp_path / "cd2.jsonl")
+    assert code != 0 and "'cd' has no setting 'mutations'" in err and "darwin" in err
+    assert not (tmp_path / "cd.jsonl").exists() and not (tmp_path / "cd2.jsonl").exists()
+    from moalign.config import GenerateConfig
+
+    GenerateConfig(method="rmod", lam=0.1).validate()  # its own setting
+    GenerateConfig(method="cd", lam=GenerateConfig().lam).validate()  # a saved run's defaults are not settings

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moalign.cli import main
-from moalign.config import GenerateConfig
+from moalign.config import GenerateConfig, for_method
 from moalign.data.prompts import to_prompt
 from moalign.decoding.darwin import (
     DarwinArgs,
@@ -98,7 +98,7 @@ def _cfg(tmp_path, method, **kw):
                 batch_size=2, seed=3, mutations=3, replace_every=4, replace_top_k=2, cycles=2,
                 mutation_max_new_tokens=24, scalarization="worst-case")  # fmt: skip
     base.update(kw)
-    return GenerateConfig(**base)
+    return for_method(GenerateConfig(**{k: v for k, v in base.items() if k != "method"}), method)
 
 
 def test_darwin_trace_archive_and_reward_on_original(tmp_path, tiny_policy, one_thread):

@@ -20,7 +20,7 @@ import pytest
 import torch
 from llama_server import LlamaServer, free_port, llama_cpp_available  # scripts/ (see conftest)
 
-from moalign.config import GenerateConfig
+from moalign.config import GenerateConfig, for_method
 from moalign.data.prompts import Prompt
 from moalign.decoding.backend import Capabilities
 from moalign.decoding.completions import (
@@ -62,8 +62,10 @@ def llama_server(tmp_path_factory):
 
 
 def server_cfg(srv, **kw) -> GenerateConfig:
+    """SMALL on the server for ``kw["method"]`` (the settings only other methods have left at their defaults)."""
     base = dict(SMALL, backend="server", base_url=srv.base_url, request_timeout=60.0, retries=2)
-    return GenerateConfig(**{**base, **kw})
+    method = kw.pop("method", "sample")
+    return for_method(GenerateConfig(**{**base, **kw}), method)
 
 
 def _objectives():
@@ -306,9 +308,9 @@ def test_client_retries_then_names_the_failure(llama_server):
 @pytest.mark.skipif(not os.environ.get("MOALIGN_VLLM_URL"), reason="no vLLM server (MOALIGN_VLLM_URL) here")
 def test_vllm_token_id_path(tmp_path):
     """vLLM (``vllm serve HuggingFaceTB/SmolLM2-135M-Instruct``): token-id prompts and ``n``, probed."""
-    cfg = GenerateConfig(**{**SMALL, "backend": "server", "base_url": os.environ["MOALIGN_VLLM_URL"],
-                            "model": os.environ.get("MOALIGN_VLLM_MODEL"), "method": "cd",
-                            "out": str(tmp_path / "v.jsonl")})  # fmt: skip
+    cfg = for_method(GenerateConfig(**{**SMALL, "backend": "server", "base_url": os.environ["MOALIGN_VLLM_URL"],
+                                       "model": os.environ.get("MOALIGN_VLLM_MODEL"),
+                                       "out": str(tmp_path / "v.jsonl")}), "cd")  # fmt: skip
     recs = generate(cfg, objectives=_objectives(), prompts=PROMPTS, progress=False)
     meta = json.loads(meta_path(cfg.out).read_text())
     assert meta["policy"]["capabilities"] == {"token_ids": True, "n": True, "probed": True}

@@ -163,6 +163,19 @@ def method_arg_fields() -> list[tuple[str, Any, dataclasses.Field]]:
     return list(out.values())
 
 
+def foreign_settings(method: str) -> dict[str, list[str]]:
+    """The settings other registered methods own and ``method`` does not have: setting -> its owners."""
+    own = {f.name for f in dataclasses.fields(get_method(method).args)} if get_method(method).args else set()
+    out: dict[str, list[str]] = {}
+    for name, spec in METHODS.items():
+        if name == method or spec.args is None:
+            continue
+        for f in dataclasses.fields(spec.args):
+            if f.name not in own:
+                out.setdefault(f.name, []).append(name)
+    return out
+
+
 def methods_table() -> str:
     """A markdown table of the registered methods and their own settings (the README's method table)."""
     rows = ["| method | what it does | its own settings |", "|---|---|---|"]
