@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, write_result
+from _common import RESULTS, SHARED_DATA, write_result
 from darwin_mtbench import load_prompt_set
 from harness import (
     COMPUTE,
@@ -71,7 +71,7 @@ def _score_texts(prompts: list[str], responses: list[str], judges: list[str]) ->
     from moalign.objectives.base import resolve_objectives
 
     proxy = ObjectiveScorer(resolve_objectives(OBJ)).raw(prompts, responses).double().numpy()
-    specs = parse_judges(judge_specs(ensure_judges(RESULTS / "judges")))
+    specs = parse_judges(judge_specs(ensure_judges(RESULTS / "judges", SHARED_DATA)))
     judge = np.stack([o.score(prompts, responses).double().numpy() for _, o in specs], axis=1)
     return proxy, judge
 

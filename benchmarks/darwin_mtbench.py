@@ -148,7 +148,7 @@ def analyse(args) -> None:
     from moalign.objectives.normalize import shipped_norm_stats
     from moalign.records import read_records
 
-    judges = ensure_judges()
+    judges = ensure_judges(data_dir=SHARED_DATA)
     runs = {p.stem: read_records(p) for p in sorted(OUT.glob("*.jsonl"))}
     proxies = resolve_objectives("helpful,harmless")
     judge_objs = resolve_objectives(

@@ -376,6 +376,19 @@ def test_ensure_judges_errors_are_one_line(tmp_path):
         J.ensure_judges(tmp_path / "j", tmp_path, names=["judge_honest"])
 
 
+def test_judges_assume_no_data_folder(tmp_path, monkeypatch):
+    """A library user who names no data folder is told what to pass; nothing is looked up relative to the
+    working directory."""
+    from moalign.evaluation import judges as J
+
+    monkeypatch.delenv("MOALIGN_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path.parent / "shared" / "data").mkdir(parents=True, exist_ok=True)  # a ../shared/data is not used
+    with pytest.raises(MoalignError, match="pass data_dir=FOLDER or set MOALIGN_DATA") as e:
+        J.ensure_judges(tmp_path / "j")
+    assert "\n" not in str(e.value) and "ultrafeedback" in str(e.value).lower()
+
+
 def test_rank_agreement_matches_scipy_and_groups():
     from scipy import stats
 

@@ -44,9 +44,10 @@ def default_judge_dir() -> Path:
     return cache_dir() / "judges"
 
 
-def default_data_dir() -> Path:
-    """``$MOALIGN_DATA`` if set, else ``../shared/data`` (relative to the working directory)."""
-    return Path(os.environ.get("MOALIGN_DATA", "../shared/data"))
+def default_data_dir() -> Path | None:
+    """``$MOALIGN_DATA`` (the folder holding the judges' training files), or None."""
+    value = os.environ.get("MOALIGN_DATA")
+    return Path(value) if value else None
 
 
 def is_trained(path: str | Path) -> bool:
@@ -68,7 +69,7 @@ def ensure_judges(
     from moalign.training.reward import TrainRewardConfig, annotate_reward_model, train_reward
 
     out = Path(out_dir) if out_dir is not None else default_judge_dir()
-    data = Path(data_dir) if data_dir is not None else default_data_dir()
+    data = Path(data_dir) if data_dir is not None else default_data_dir()  # None: named when a judge needs it
     trainer = trainer or train_reward
     paths: dict[str, Path] = {}
     for name in names:
@@ -76,9 +77,13 @@ def ensure_judges(
             raise MoalignError(f"unknown judge {name!r}; known: {', '.join(JUDGE_SOURCES)}")
         d = out / name
         if not is_trained(d):
-            src = data / JUDGE_SOURCES[name]["file"]
             if not train:
                 raise MoalignError(f"judge {name!r} is not trained in {d} (train it with ensure_judges)")
+            if data is None:
+                raise MoalignError(f"judge {name!r} is not trained in {d} and trains on "
+                                   f"{JUDGE_SOURCES[name]['file']}: pass data_dir=FOLDER or set MOALIGN_DATA to the "
+                                   "folder holding it")  # fmt: skip
+            src = data / JUDGE_SOURCES[name]["file"]
             if not src.exists():
                 raise MoalignError(f"judge {name!r} needs {src} (set MOALIGN_DATA to the shared data folder)")
             trainer(TrainRewardConfig(data=str(src), objective=name, output_dir=str(d)))
@@ -109,7 +114,10 @@ def rank_agreement(proxy: Sequence[float], judge: Sequence[float], groups: Seque
     all responses, and (with ``groups``, e.g. prompt ids) the mean over groups of the within-group Spearman
     rho (the agreement that matters for choosing among one prompt's candidates; groups with fewer than 3
     responses or a constant scoring are skipped)."""
-    from scipy import stats
+    try:
+        from scipy import stats
+    except ImportError:
+        raise MoalignError("rank agreement needs scipy: pip install scipy (or the dev extra, moalign[dev])") from None
 
     x, y = np.asarray(proxy, dtype=float), np.asarray(judge, dtype=float)
     if x.shape != y.shape or x.ndim != 1:
