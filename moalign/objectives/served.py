@@ -236,19 +236,10 @@ class ServedRewardModel(Objective):
                            AutoModelForSequenceClassification, ("served", self.base, self.model_name))  # fmt: skip
 
     def _score(self, prompts, responses):
-        from moalign.compute import record_read
-        from moalign.objectives.reward_model import format_pair
-
         if not self._models_checked:
             self.http.check_model_at("/v1/models", self.model_name)
             self._models_checked = True
-        texts = [format_pair(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
-        body = self.http.request("POST", "/classify", json={"model": self.model_name, "input": texts})
-        data = sorted(body.get("data", []), key=lambda d: d.get("index", 0))
-        if len(data) != len(texts):
-            raise MoalignError(f"reward model server {self.base} returned {len(data)} scores for {len(texts)} pairs")
-        rows = [d.get("probs", d.get("data")) for d in data]
-        rows = [[float(x)] if not isinstance(x, list) else [float(v) for v in x] for x in rows]
+        rows = self._rows(prompts, responses)
         width = len(rows[0])
         if self.index is None and width != 1:
             raise MoalignError(f"served reward model {self.model_name!r} has {width} outputs; choose one with "
@@ -256,10 +247,32 @@ class ServedRewardModel(Objective):
         if self.index is not None and not -width <= self.index < width:
             raise MoalignError(f"served reward model {self.model_name!r} has {width} outputs; index {self.index} "
                                "is out of range")  # fmt: skip
+        return torch.tensor([r[self.index or 0] for r in rows], dtype=torch.float32)
+
+    def _rows(self, prompts, responses) -> list[list[float]]:
+        """The server's outputs for the pairs: one request, read by every objective on this served model
+        (``shared_outputs``), its cost recorded once."""
+        from moalign.compute import record_read
+        from moalign.objectives.base import shared_output_memo
+        from moalign.objectives.reward_model import format_pair
+
+        memo = shared_output_memo()
+        key = ("served", self.base, self.model_name, tuple(prompts), tuple(responses))
+        if memo is not None and key in memo:
+            return memo[key]
+        texts = [format_pair(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
+        body = self.http.request("POST", "/classify", json={"model": self.model_name, "input": texts})
+        data = sorted(body.get("data", []), key=lambda d: d.get("index", 0))
+        if len(data) != len(texts):
+            raise MoalignError(f"reward model server {self.base} returned {len(data)} scores for {len(texts)} pairs")
+        rows = [d.get("probs", d.get("data")) for d in data]
+        rows = [[float(x)] if not isinstance(x, list) else [float(v) for v in x] for x in rows]
         local = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         reported = (body.get("usage") or {}).get("prompt_tokens")
         record_read(self.cost, share(int(reported), local) if isinstance(reported, int) and reported > 0 else local)
-        return torch.tensor([r[self.index or 0] for r in rows], dtype=torch.float32)
+        if memo is not None:
+            memo[key] = rows
+        return rows
 
     def describe(self) -> dict:
         return {"name": self.name, "type": "served_reward_model", "server": self.base, "model": self.model_name,
