@@ -94,10 +94,16 @@ def test_bon1_sum_equals_plain_grpo_after_group_centring(tiny_policy_dir, tmp_pa
 def test_config_refuses_what_would_break_the_transform(tmp_path, prompts_file):
     with pytest.raises(MoalignError, match="--nonlinear on"):
         _cfg(tmp_path, prompts_file, nonlinear="off", aggregate="min")
-    with pytest.raises(MoalignError, match="--weights"):
+    with pytest.raises(MoalignError, match="with --nonlinear on the criteria's weights go inside the transform"):
         _cfg(tmp_path, prompts_file, reward_weights=[1.0, 2.0])
-    with pytest.raises(MoalignError, match="sum_then_normalize"):
+    with pytest.raises(MoalignError, match="sum_then_normalize with --nonlinear on"):
         _cfg(tmp_path, prompts_file, multi_objective_aggregation="normalize_then_sum")
+    with pytest.raises(MoalignError, match="give the criteria's weights once"):
+        _cfg(tmp_path, prompts_file, nonlinear="off", weights=[1.0, 2.0], reward_weights=[1.0, 2.0])
+    # plain GRPO takes TRL's own multi-reward settings
+    plain = _cfg(tmp_path, prompts_file, nonlinear="off", reward_weights=[1.0, 2.0],
+                 multi_objective_aggregation="normalize_then_sum")  # fmt: skip
+    assert plain.reward_weights == [1.0, 2.0] and plain.multi_objective_aggregation == "normalize_then_sum"
     with pytest.raises(MoalignError, match="output-dir"):
         _cfg(tmp_path, prompts_file, output_dir=None)
     with pytest.raises(MoalignError, match="bon"):
@@ -136,8 +142,32 @@ def test_train_logs_raw_transformed_and_weights_and_saves_a_loadable_policy(
         mix = sum(h[f"iama/{n}/weight"] * h[f"iama/{n}/transformed"] for n in ("short", "vowels"))
         assert abs(h["reward"] - mix) < 1e-4
         assert "iama/short/reward" in h and "iama/short/value" in h
+        # TRL's per-reward names carry the raw reward, as in a plain TRL run; the transformed one its own names
+        for n in ("short", "vowels"):
+            assert abs(h[f"rewards/{n}/mean"] - h[f"iama/{n}/reward"]) < 1e-5
+            assert h[f"rewards/{n}/std"] >= 0 and f"iama/{n}/transformed_std" in h
+        assert any(abs(h[f"rewards/{n}/mean"] - h[f"iama/{n}/transformed"]) > 1e-3 for n in ("short", "vowels"))
     after = load_policy(str(tmp_path / "out")).model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_plain_grpo_runs_trl_s_gdpo_aggregation_with_its_reward_weights(tiny_policy_dir, tmp_path, prompts_file):
+    """``--nonlinear off`` with TRL's ``--reward-weights`` and ``--multi-objective-aggregation
+    normalize_then_sum`` (GDPO): TRL's settings as given, the raw rewards logged under TRL's names."""
+    from moalign.training.grpo import train_grpo
+
+    cfg = _cfg(tmp_path, prompts_file, policy=str(tiny_policy_dir), nonlinear="off", reward_weights=[0.25, 0.75],
+               multi_objective_aggregation="normalize_then_sum")  # fmt: skip
+    tr = _trainer(tiny_policy_dir, tmp_path / "t", prompts_file, nonlinear="off", reward_weights=[0.25, 0.75],
+                  multi_objective_aggregation="normalize_then_sum")  # fmt: skip
+    assert torch.allclose(tr.reward_weights.cpu(), torch.tensor([0.25, 0.75]))
+    assert tr.multi_objective_aggregation == "normalize_then_sum"
+    res = train_grpo(cfg, objectives=OBJS)
+    assert res["steps"] == 1 and res["nonlinear"] == "off"
+    rec = json.loads((tmp_path / "out" / "iama_run.json").read_text())
+    h = next(h for h in rec["log_history"] if "rewards/short/mean" in h)
+    assert abs(h["rewards/short/mean"] - h["iama/short/reward"]) < 1e-5 and "iama/aggregate" not in h
+    assert rec["config"]["multi_objective_aggregation"] == "normalize_then_sum"
 
 
 def test_lora_run_saves_an_adapter_that_loads_by_path(tiny_policy_dir, tmp_path, prompts_file):

@@ -57,6 +57,14 @@ from moalign.training.nonlinear import (
     parse_criteria,
 )
 
+
+def _nanstd(x: torch.Tensor) -> torch.Tensor:
+    """The standard deviation of the non-NaN entries (TRL's ``nanstd``, unbiased)."""
+    from trl.trainer.utils import nanstd
+
+    return nanstd(x)
+
+
 __all__ = ["IAMAConfig", "IAMATrainer", "ObjectiveReward", "build_iama_trainer", "train_grpo"]
 
 DEFAULT_CRITERIA = ("helpful:bon:4", "harmless:bon:4")
@@ -165,13 +173,16 @@ class IAMAConfig(GRPOConfig, LoraArguments):
                 f"--nonlinear off is plain GRPO on the weighted sum of rewards; --aggregate {agg.kind} needs "
                 "--nonlinear on"
             )
-        if self.reward_weights is not None:
-            raise MoalignError("set the criteria's weights with --weights (TRL's --reward-weights is not used)")
-        if self.multi_objective_aggregation != "sum_then_normalize":
+        if self.nonlinear == "on" and self.reward_weights is not None:
+            raise MoalignError("--reward-weights is TRL's weighting of the summed rewards; with --nonlinear on the "
+                               "criteria's weights go inside the transform: use --weights")  # fmt: skip
+        if self.nonlinear == "on" and self.multi_objective_aggregation != "sum_then_normalize":
             raise MoalignError(
-                "--multi-objective-aggregation must be sum_then_normalize: normalising each criterion's "
-                "transformed reward separately would undo the aggregator's weights"
+                "--multi-objective-aggregation must be sum_then_normalize with --nonlinear on: normalising each "
+                "criterion's transformed reward separately would undo the aggregator's weights"
             )
+        if self.reward_weights is not None and self.weights is not None:
+            raise MoalignError("give the criteria's weights once: --weights or TRL's --reward-weights")
         if self.limit is not None and self.limit < 1:
             raise MoalignError(f"--limit must be >= 1, got {self.limit}")
         for c in specs:
@@ -325,11 +336,14 @@ class IAMATrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` whose rewards are IAMA's transformed rewards (``args.nonlinear == "on"``).
 
     With ``nonlinear == "off"`` it is GRPO on ``sum_i w_i r_i`` (the same reward functions, TRL's
-    ``reward_weights`` set to ``--weights``), so the two differ only in the transform. Per step the log holds,
-    for each criterion, the raw reward's mean (``iama/NAME/reward``), the transformed reward's mean
-    (``iama/NAME/transformed``), the estimated value after the operator (``iama/NAME/value``, e.g. the
-    best-of-N expectation) and the aggregator's weight (``iama/NAME/weight``), plus ``iama/aggregate``. TRL's
-    own ``rewards/NAME/mean`` then shows the weighted transformed column the trainer returned. Tilted criteria
+    ``reward_weights`` set to ``--weights``, or TRL's own ``--reward-weights`` and
+    ``--multi-objective-aggregation`` passed through unchanged, e.g. ``normalize_then_sum``: GDPO), so the two
+    differ only in the transform. Per step the log holds, for each criterion, the raw reward under TRL's names
+    (``rewards/NAME/mean`` and ``/std``, as in a plain TRL run, and ``iama/NAME/reward``), the transformed
+    reward's mean and std (``iama/NAME/transformed``, ``iama/NAME/transformed_std``), the estimated value after
+    the operator (``iama/NAME/value``, e.g. the best-of-N expectation) and the aggregator's weight
+    (``iama/NAME/weight``), plus ``iama/aggregate``; TRL's ``reward`` is the mean of the summed columns the
+    trainer returned (the transformed reward with ``--nonlinear on``). Tilted criteria
     also log the groups' effective sample size (``iama/NAME/ess_mean``, ``iama/NAME/ess_min``); the first
     step where a group's falls below ``--min-ess`` warns once.
     """
@@ -347,6 +361,8 @@ class IAMATrainer(GRPOTrainer):
         c = len(self.criteria)
         if cfg.nonlinear == "on":
             w = torch.ones(c)  # the aggregator's weights are applied inside the transform
+        elif cfg.reward_weights is not None:
+            w = self.reward_weights  # TRL's --reward-weights, as TRL set them
         else:
             w = torch.as_tensor(self.aggregator_spec.weight_vector(c), dtype=torch.float32)
         self.reward_weights = w.to(self.reward_weights.device)
@@ -362,6 +378,19 @@ class IAMATrainer(GRPOTrainer):
                 seed=sampler.seed,
             )  # fmt: skip
         return sampler
+
+    def _generate_and_score_completions(self, *args, **kwargs):
+        out = super()._generate_and_score_completions(*args, **kwargs)
+        if self.args.nonlinear == "on" and self.last_raw is not None:
+            # TRL logged the columns it was handed (the transformed rewards) under its per-reward names; those
+            # names carry the raw reward, as in a plain TRL run, and the transformed one has its own
+            metrics = self._metrics["train" if self.model.training else "eval"]
+            for i, name in enumerate(self.reward_func_names):
+                for stat, value in (("mean", torch.nanmean(self.last_raw[:, i])),
+                                    ("std", _nanstd(self.last_raw[:, i]))):  # fmt: skip
+                    if metrics[f"rewards/{name}/{stat}"]:
+                        metrics[f"rewards/{name}/{stat}"][-1] = float(value)
+        return out
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         raw = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # gathered
@@ -399,6 +428,7 @@ class IAMATrainer(GRPOTrainer):
         out = (nl.per_criterion * nl.weights.to(nl.per_criterion)).reshape(-1, c).to(raw.dtype)
         for i, spec in enumerate(self.criteria):
             metrics[f"iama/{spec.name}/transformed"].append(float(nl.per_criterion[..., i].mean()))
+            metrics[f"iama/{spec.name}/transformed_std"].append(float(nl.per_criterion[..., i].std()))
             metrics[f"iama/{spec.name}/value"].append(float(nl.values[i]))
             metrics[f"iama/{spec.name}/weight"].append(float(nl.weights[i]))
         metrics["iama/aggregate"].append(float(nl.aggregate))
