@@ -27,6 +27,7 @@ from collections.abc import Callable
 from moalign.config import (
     CompareConfig,
     EvaluateConfig,
+    FrontConfig,
     GenerateConfig,
     build_config,
     load_config_file,
@@ -194,6 +195,15 @@ def cmd_compare(args, demo: bool = False) -> None:
     print(f"\nruns, summary.json and comparison.png in {cfg.out_dir}")
 
 
+def cmd_front(args) -> None:
+    from moalign.front import front, front_table
+
+    cfg = config_from_args(FrontConfig, args)
+    result = front(cfg)
+    print(front_table(result))
+    print(f"\nruns, front.json, front.md and front.png in {cfg.out_dir}")
+
+
 def cmd_methods(args) -> None:
     from moalign.decoding.registry import methods_table
 
@@ -347,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="several methods on the same prompts, evaluated and plotted")
     add_dataclass_flags(p, CompareConfig)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("front", help="Pareto fronts: weighted methods swept over the simplex, others as points")
+    add_dataclass_flags(p, FrontConfig)
+    p.set_defaults(func=cmd_front)
 
     p = sub.add_parser("demo", help="compare methods on the bundled policy and objectives (about 90 s on two CPU cores)")
     add_dataclass_flags(p, CompareConfig)

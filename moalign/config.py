@@ -185,9 +185,27 @@ class _CompareSettings:
     n_boot: int = _f(1000, "bootstrap resamples for confidence intervals")
 
 
+@dataclass
+class _FrontSettings:
+    """``moalign front``: Pareto fronts in objective space; methods that take preference weights swept over a
+    grid of the simplex, the others as points, on the same prompts and seeds; proxy and judge side by side."""
+
+    weighted: str = _f("best-of-n,cd", "methods swept over the weight grid (a weighted --scalarization each)")
+    points: str = _f("sample,rmod", "methods without weights, one point each (may be empty)")
+    steps: int = _f(4, "weight grid: multiples of 1/STEPS on the simplex (STEPS + 1 weights for two objectives)")
+    ref: str | None = _f(
+        None,
+        "hypervolume reference point, one raw value per objective (judge space: per judge), e.g. -1,-1; default: "
+        "per objective the lowest mean of any point less a tenth of the spread",
+    )
+    out_dir: str = _f("runs/front", "folder for one JSONL per run, front.json, front.md and front.png")
+    judges: str | None = _f(None, "comma-separated judge objectives whose space is summarised beside the proxy's")
+    n_boot: int = _f(1000, "bootstrap resamples over prompts for the intervals")
+
+
 def _compose() -> None:
     """Build ``GenerateConfig`` (the shared settings + every registered method's own) and ``CompareConfig``."""
-    global GenerateConfig, CompareConfig
+    global GenerateConfig, CompareConfig, FrontConfig
     GenerateConfig = dataclasses.make_dataclass(
         "GenerateConfig",
         method_arg_fields(),
@@ -200,10 +218,16 @@ def _compose() -> None:
         bases=(GenerateConfig,),
         namespace={"__doc__": _CompareSettings.__doc__, "__module__": __name__},
     )
+    FrontConfig = dataclasses.make_dataclass(
+        "FrontConfig",
+        [(f.name, f.type, f) for f in dataclasses.fields(_FrontSettings)],
+        bases=(GenerateConfig,),
+        namespace={"__doc__": _FrontSettings.__doc__, "__module__": __name__},
+    )
 
 
 def __getattr__(name: str):
-    if name in ("GenerateConfig", "CompareConfig"):
+    if name in ("GenerateConfig", "CompareConfig", "FrontConfig"):
         _compose()
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

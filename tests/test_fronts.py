@@ -78,3 +78,57 @@ def test_front_summaries_and_paired_hypervolume_differences():
     assert fronts["c"].points.shape == (1, 2)
     with pytest.raises(MoalignError, match="same prompts"):
         summarise_fronts({"a": base, "short": [x[:10] for x in base]}, ref)
+
+
+def test_front_command_sweeps_weights_and_summarises_what_it_ran(tiny_policy_dir, prompts_file, tmp_path, one_thread):
+    """``moalign front`` on the tiny policy with two lexical objectives: a run per weight for best-of-N and CD and
+    one for sample; best-of-N draws the same candidates at every weight (same seed), so its pick at (1, 0)
+    scores at least as high on the first objective on every prompt as at (0, 1), and the reverse; the summary's
+    hypervolume is the one of the records' means; a second call decodes nothing."""
+    import json
+
+    from moalign.config import FrontConfig
+    from moalign.front import front
+    from moalign.records import read_records
+
+    cfg = FrontConfig(policy=str(tiny_policy_dir), objectives="positive,concise", prompts=str(prompts_file),
+                      weighted="best-of-n,cd", points="sample", steps=2, n=4, k=3, block_size=4, max_new_tokens=8,
+                      normalize="none", out_dir=str(tmp_path / "front"), n_boot=100)  # fmt: skip
+    res = front(cfg, progress=False)
+    out = tmp_path / "front"
+    labels = ["best-of-n-w1.00-0.00", "best-of-n-w0.50-0.50", "best-of-n-w0.00-1.00", "cd-w1.00-0.00",
+              "cd-w0.50-0.50", "cd-w0.00-1.00", "sample"]  # fmt: skip
+    assert list(res["runs"]) == labels and all((out / f"{lab}.jsonl").exists() for lab in labels)
+    assert (out / "front.png").exists() and (out / "front.md").exists()
+    first = {r["prompt_id"]: r["scores"] for r in read_records(out / "best-of-n-w1.00-0.00.jsonl")}
+    last = {r["prompt_id"]: r["scores"] for r in read_records(out / "best-of-n-w0.00-1.00.jsonl")}
+    assert all(first[i]["positive"] >= last[i]["positive"] - 1e-9 for i in first)
+    assert all(last[i]["concise"] >= first[i]["concise"] - 1e-9 for i in first)
+    assert read_records(out / "cd-w0.50-0.50.jsonl")[0]["config"]["scalarization"] == "positive=0.5,concise=0.5"
+    proxy = res["spaces"]["proxy"]
+    means = np.array([[np.mean([r["scores"][c] for r in read_records(out / f"{lab}.jsonl")])
+                       for c in ("positive", "concise")] for lab in labels[:3]])  # fmt: skip
+    assert np.allclose(proxy["methods"]["best-of-n"]["points"], means)
+    assert proxy["methods"]["best-of-n"]["hypervolume"][0] == pytest.approx(hypervolume(means, proxy["ref"]))
+    assert set(proxy["hypervolume_diffs"]) >= {"best-of-n - cd", "cd - sample"}
+    assert json.loads((out / "front.json").read_text())["spaces"]["proxy"]["ref"] == proxy["ref"]
+    before = {lab: (out / f"{lab}.jsonl").read_text() for lab in labels}
+    again = front(cfg, progress=False)  # resumed: nothing decoded again
+    assert {lab: (out / f"{lab}.jsonl").read_text() for lab in labels} == before
+    assert again["spaces"]["proxy"]["methods"]["cd"]["points"] == proxy["methods"]["cd"]["points"]
+
+
+def test_front_refuses_what_it_cannot_sweep(tmp_path, prompts_file):
+    from moalign.config import FrontConfig
+    from moalign.front import runs_of
+
+    def cfg(**kw):
+        return FrontConfig(**{"prompts": str(prompts_file), "out_dir": str(tmp_path), **kw})
+
+    with pytest.raises(MoalignError, match="take.s. no preference weights"):
+        runs_of(cfg(weighted="sample"), ["a", "b"])
+    with pytest.raises(MoalignError, match="both --weighted and --points"):
+        runs_of(cfg(weighted="cd", points="cd"), ["a", "b"])
+    with pytest.raises(MoalignError, match="two objectives"):
+        runs_of(cfg(), ["a"])
+    assert len(runs_of(cfg(steps=4, points=""), ["a", "b", "c"])) == 2 * 15

@@ -76,11 +76,32 @@ def test_rmod_scored_through_the_server_picks_what_in_process_picks(encoder_serv
     the same candidates at every block, and the same records up to the server's arithmetic: raw scores within
     2e-3 (measured: 4e-4 at most; the shipped heads read standardised features, which magnify the last bits in
     which llama.cpp's float32 embeddings differ from torch's)."""
+    _same_picks_as_in_process(encoder_server.base_url, real_policy, shared_data, tmp_path, limit=3)
+
+
+def _native_llama_server():
+    import glob
+
+    found = sorted(glob.glob(os.path.expanduser("~/.cache/moalign/llama.cpp/*/bin/llama-server")))
+    return found[0] if found else None
+
+
+@pytest.mark.skipif(_native_llama_server() is None, reason="llama.cpp's llama-server not built (scripts/install_llama_cpp.sh)")
+def test_native_llama_server_embedding_serves_the_encoder(real_policy, shared_data, tmp_path):
+    """The same against llama.cpp's own ``llama-server --embedding`` on the converted GGUF."""
+    from llama_server import NativeLlamaServer
+
+    with NativeLlamaServer(_native_llama_server(), gguf=_gguf(), alias=MODEL, parallel=1, n_threads=1, n_ctx=512,
+                           log=tmp_path / "native.log", extra=["--embedding"]) as srv:  # fmt: skip
+        _same_picks_as_in_process(srv.base_url, real_policy, shared_data, tmp_path, limit=2)
+
+
+def _same_picks_as_in_process(base_url: str, real_policy, shared_data, tmp_path, limit: int) -> None:
     from moalign.data.prompts import load_prompts
 
-    prompts = load_prompts(str(shared_data / "hh-harmless-base-test-2000.jsonl.gz"), limit=3)
+    prompts = load_prompts(str(shared_data / "hh-harmless-base-test-2000.jsonl.gz"), limit=limit)
     runs = {}
-    for label, url in (("local", ""), ("served", encoder_server.base_url + "#" + MODEL)):
+    for label, url in (("local", ""), ("served", base_url + "#" + MODEL)):
         cfg = GenerateConfig(method="rmod", k=4, block_size=8, max_new_tokens=24, objectives="helpful,harmless",
                              encoder_url=url, out=str(tmp_path / f"{label}.jsonl"), seed=5)  # fmt: skip
         runs[label] = generate(cfg, policy=real_policy, prompts=prompts, progress=False)
@@ -89,7 +110,7 @@ def test_rmod_scored_through_the_server_picks_what_in_process_picks(encoder_serv
     for a, b in zip(local, served):
         assert [e.get("chosen") for e in a["trace"]] == [e.get("chosen") for e in b["trace"]]
         assert max(abs(a["scores"][g] - b["scores"][g]) for g in ("helpful", "harmless")) < 2e-3
-        assert set(b["scorer_reads"]) == {f"{MODEL} (served at {encoder_server.base_url})"}
+        assert set(b["scorer_reads"]) == {f"{MODEL} (served at {base_url})"}
         assert b["scorer_flops"] > 0 and abs(b["scorer_tokens"] - a["scorer_tokens"]) <= 0.05 * a["scorer_tokens"]
 
 
