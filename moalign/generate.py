@@ -185,8 +185,9 @@ def _generate(cfg: GenerateConfig, policy, objectives, prompts, progress: bool) 
         if writer is not None:
             writer.close()
             cost = getattr(engine, "model_cost", None)
-            old = {n: c.get("params") for n, c in ((writer.meta_before or {}).get("compute") or {}).get("scorers", {}).items()}
-            compute = compute_totals(read_records(cfg.out), cost.params if cost else None, old)
+            before = ((writer.meta_before or {}).get("compute") or {}).get("scorers", {})  # a resumed run's models
+            known = {name: c.get("params") for name, c in before.items()}
+            compute = compute_totals(read_records(cfg.out), cost.params if cost else None, known)
             writer.update_meta({"compute": compute, **({"method_report": report} if report else {})})
         engine.close()
     return records
