@@ -348,7 +348,8 @@ def test_token_id_path_on_llama_cpp_server(method, tmp_path):
     by every block (the local tokenizer matches the server's)."""
     from llama_server import NativeLlamaServer
 
-    with NativeLlamaServer(_native_llama_server(), parallel=4, n_threads=1, n_ctx=4096) as srv:
+    # this llama.cpp takes at most `parallel` choices per request: Darwin asks for mutations x oversample = 6
+    with NativeLlamaServer(_native_llama_server(), parallel=8, n_threads=1, n_ctx=8192) as srv:
         cfg = server_cfg(srv, method=method, out=str(tmp_path / f"{method}.jsonl"))
         recs = generate(cfg, objectives=_objectives(), prompts=PROMPTS, progress=False)
     meta = json.loads(meta_path(cfg.out).read_text())
