@@ -100,6 +100,13 @@ def _generate(cfg: GenerateConfig, policy, objectives, prompts, progress: bool) 
         prompts = prompts[: cfg.limit]
     objectives = objectives if objectives is not None else resolve_objectives(cfg.objectives)
     names = [o.name for o in objectives]
+    if cfg.encoder_url:
+        from moalign.objectives.served import embeds_with_minilm
+
+        drift = cfg.method == "darwin" and getattr(cfg, "mutation_min_similarity", 0) > 0  # Darwin's drift check
+        if not drift and not any(embeds_with_minilm(o) for o in objectives):
+            raise MoalignError(f"--encoder-url: none of the objectives ({', '.join(names)}) embeds with MiniLM "
+                               "(helpful, harmless, relevant do); drop it")  # fmt: skip
     sampling = SamplingConfig(cfg.temperature, cfg.top_p, cfg.top_k)
     if cfg.backend == "server":  # the policy is an OpenAI-compatible server (a passed local policy is unused)
         from moalign.decoding.completions import connect

@@ -123,6 +123,10 @@ def test_one_line_failures(encoder_server, tmp_path):
         pass
     with pytest.raises(MoalignError, match="must be an http"):
         EncoderServer("127.0.0.1:8080")
+    with pytest.raises(MoalignError, match="none of the objectives .positive, concise. embeds with MiniLM"):
+        generate(GenerateConfig(method="sample", objectives="positive,concise", encoder_url=encoder_server.base_url,
+                                out=str(tmp_path / "unused.jsonl")), prompts=[Prompt(({"role": "user", "content": "Hi"},))])  # fmt: skip
+    assert not (tmp_path / "unused.jsonl").exists()
     with pytest.raises(MoalignError, match="MOALIGN_NO_SUCH_KEY is not set"), served_encoder(
             encoder_server.base_url, api_key_env="MOALIGN_NO_SUCH_KEY"):  # fmt: skip
         pass

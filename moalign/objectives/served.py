@@ -279,6 +279,16 @@ class ServedRewardModel(Objective):
                 "index": self.index}  # fmt: skip
 
 
+def embeds_with_minilm(objective) -> bool:
+    """Whether an objective reads all-MiniLM-L6-v2 embeddings (what ``--encoder-url`` serves)."""
+    from moalign.objectives.bradley_terry import BradleyTerryObjective
+    from moalign.objectives.builtin import RelevantObjective
+
+    if isinstance(objective, RelevantObjective):
+        return True
+    return isinstance(objective, BradleyTerryObjective) and objective.config.get("backbone") == "minilm"
+
+
 def share(total: int, weights: list[int]) -> list[int]:
     """``total`` split over items in proportion to ``weights`` (largest remainders), summing to ``total``."""
     w = sum(weights)
