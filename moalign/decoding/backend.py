@@ -180,6 +180,11 @@ class DecodeResult:
     def policy_tokens(self) -> int:
         return self.forward_tokens
 
+    @classmethod
+    def holder(cls, prompt: Prompt | None = None) -> DecodeResult:
+        """An empty result that only accumulates compute (:meth:`add_compute`), the policy's FLOPs at zero."""
+        return cls(prompt if prompt is not None else Prompt(()), "", [], False, policy_flops=0.0)
+
     def add_compute(self, other: DecodeResult) -> None:
         """Add ``other``'s compute (tokens, FLOPs, seconds) to this result's (a search of several passes)."""
         self.forward_tokens += other.forward_tokens
@@ -192,6 +197,15 @@ class DecodeResult:
             self.scorer_reads[name] = self.scorer_reads.get(name, 0) + t
         self.policy_seconds += other.policy_seconds
         self.scorer_seconds += other.scorer_seconds
+
+    def take_share(self, group: DecodeResult, k: int) -> None:
+        """This row's compute: a 1/k share of its group's (k rows that are each an output, plain sampling)."""
+        self.forward_tokens, self.scorer_tokens = group.forward_tokens // k, group.scorer_tokens // k
+        self.scored_pairs = group.scored_pairs // k
+        self.policy_flops = group.policy_flops / k if group.policy_flops is not None else None
+        self.scorer_flops = group.scorer_flops / k
+        self.scorer_reads = {m: t // k for m, t in group.scorer_reads.items()}
+        self.policy_seconds, self.scorer_seconds = group.policy_seconds / k, group.scorer_seconds / k
 
 
 @dataclass

@@ -386,7 +386,7 @@ class DriftCheck:
     def __init__(self, parts: Sequence[RequestParts], threshold: float, device: str | torch.device = "cpu"):
         self.threshold, self.device = threshold, device
         self.refs = [[p.request] + ([f"{p.before} {p.request}"] if p.before else []) for p in parts]
-        self.cost = [DecodeResult(Prompt(()), "", [], False, policy_flops=0.0) for _ in parts]
+        self.cost = [DecodeResult.holder() for _ in parts]
         self._refs: dict[int, torch.Tensor] = {}
         self._sim: dict[tuple[int, str], float] = {}
 
@@ -735,7 +735,7 @@ class DarwinDecoder:
         best_r = [float("-inf")] * P
         best_cycle = [0] * P
         # compute over every cycle: decoding, scoring (replacements and each cycle's final scoring), mutation
-        spent = [DecodeResult(p, "", [], False, policy_flops=0.0) for p in prompts]
+        spent = [DecodeResult.holder(p) for p in prompts]
         traces: list[list[dict]] = [[] for _ in range(P)]
 
         for c in range(1, a.cycles + 1):

@@ -45,12 +45,7 @@ class EngineDecoder:
         out = []
         for r in res:
             for row in r.rows:  # the group's compute, per response
-                row.forward_tokens = r.forward_tokens // self.k
-                row.scorer_tokens, row.scored_pairs = r.scorer_tokens // self.k, r.scored_pairs // self.k
-                row.policy_flops = r.policy_flops / self.k if r.policy_flops is not None else None
-                row.scorer_flops = r.scorer_flops / self.k
-                row.scorer_reads = {m: t // self.k for m, t in r.scorer_reads.items()}
-                row.policy_seconds, row.scorer_seconds = r.policy_seconds / self.k, r.scorer_seconds / self.k
+                row.take_share(r, self.k)
             out.append(r.rows)
         return out
 
