@@ -1,12 +1,14 @@
 """IAMA against GRPO at matched KL to the base policy (issue 18 §1), on HH or on the two length targets.
 
-Three LoRA runs of the bundled policy with the same prompts, seed, learning rate, steps and a KL term
+LoRA runs of the bundled policy with the same prompts, seed, learning rate, steps and a KL term
 (``--beta``, TRL's ``beta``; the earlier experiments ran with TRL's default 0, no KL term):
 
 - ``iama``: IAMA's non-linear transform of best-of-4 per criterion, aggregated by the sum, batch-scaled;
 - ``grpo-batch``: plain GRPO on the mean of the criteria's rewards, batch-scaled (``scale_rewards="batch"``,
   what IAMAConfig uses for both so that one learning rate means the same step size);
-- ``grpo-group``: TRL's default GRPO (``scale_rewards="group"``: each group divided by its own std).
+- ``grpo-group``: TRL's default GRPO (``scale_rewards="group"``: each group divided by its own std);
+- ``gdpo``: GRPO as TRL runs several rewards with ``multi_objective_aggregation="normalize_then_sum"`` (GDPO:
+  each reward normalised within its group, then summed).
 
 Every ``--eval-every`` steps the checkpoint (and the base policy, at KL 0) is measured on held-out prompts:
 ``KL(policy || base)`` in nats per response (:func:`moalign.evaluation.sampled_kl`, ``--eval-samples`` plain
@@ -34,7 +36,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import RESULTS, SHARED_DATA, ci, fmt, markdown_table, parser, save_plot, start, write_result  # noqa: E402
 
-ARMS = {"iama": ("on", "batch"), "grpo-batch": ("off", "batch"), "grpo-group": ("off", "group")}
+ARMS = {"iama": ("on", "batch"), "grpo-batch": ("off", "batch"), "grpo-group": ("off", "group"), "gdpo": ("off", "group")}
+#: TRL's aggregation of several rewards per arm (default: sum_then_normalize); gdpo: each reward normalised in
+#: its group, then summed (TRL's normalize_then_sum, the GDPO paper's)
+AGGREGATION = {"gdpo": "normalize_then_sum"}
 BASE = "smollm2-135m-instruct"
 
 
@@ -53,6 +58,7 @@ def train(arm: str, d: Path, prompts: Path, criteria: list[str], args) -> dict:
             max_completion_length=args.max_tokens, max_steps=args.steps, learning_rate=args.lr, use_lora=True,
             lora_r=16, logging_steps=1, save_strategy="steps", save_steps=args.eval_every, report_to="none",
             seed=args.seed, disable_tqdm=True, resume_from_checkpoint=resume,
+            **({"multi_objective_aggregation": AGGREGATION[arm]} if arm in AGGREGATION else {}),
         )  # fmt: skip
         train_grpo(cfg)
     rec = json.loads((d / "iama_run.json").read_text())
