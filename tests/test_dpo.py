@@ -568,3 +568,32 @@ def test_write_combined_gradient_goes_on_after_a_parameter_nobody_has():
     acc = [[torch.ones(2), None, torch.ones(2)], [torch.ones(2), None, 3 * torch.ones(2)]]
     write_combined_gradient(acc, torch.tensor([1.0, 1.0]), params, get_combiner("linear"))
     assert params[1].grad is None and params[2].grad.tolist() == [2.0, 2.0]
+
+
+def test_trainer_builds_from_a_model_datasets_and_a_config_as_trl_s_do(tiny, tmp_path):
+    """``MultiObjectiveDPOTrainer(model=, args=, train_dataset={objective: Dataset}, processing_class=)`` then
+    ``.train()``: the same first step (losses and combiner weights) as the run ``build_trainer`` prepares."""
+    from datasets import Dataset
+
+    from moalign import MultiObjectiveDPOTrainer
+
+    logs = {}
+    for how in ("build_trainer", "trl-style"):
+        cfg = _cfg(tiny, tmp_path / how, combiner="mgda-decoupled")
+        if how == "build_trainer":
+            data = {n: (load_pairs(str(f))[:2], []) for n, f in tiny["files"].items()}
+            trainer = build_trainer(cfg, model=copy.deepcopy(tiny["model"]), tokenizer=tiny["tok"],
+                                    ref_model=copy.deepcopy(tiny["ref"]), data=data).trainer  # fmt: skip
+        else:
+            trainer = MultiObjectiveDPOTrainer(
+                model=copy.deepcopy(tiny["model"]), ref_model=copy.deepcopy(tiny["ref"]), args=cfg,
+                train_dataset={n: Dataset.from_list(PAIRS[n][:2]) for n in PAIRS}, processing_class=tiny["tok"],
+            )  # fmt: skip
+        trainer.train()
+        logs[how] = json.loads((tmp_path / how / "out" / "combiner_log.jsonl").read_text().splitlines()[0])
+    a, b = logs["build_trainer"], logs["trl-style"]
+    assert b["objectives"] == list(PAIRS) == a["objectives"]
+    torch.testing.assert_close(torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(b["alpha"]), torch.tensor(a["alpha"]), rtol=1e-4, atol=1e-5)
+    with pytest.raises(MoalignError, match="needs model and processing_class"):
+        MultiObjectiveDPOTrainer(model=tiny["model"], args=_cfg(tiny, tmp_path / "x"), train_dataset={"a": []})

@@ -43,6 +43,7 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,14 +175,35 @@ class MultiObjectiveDPOTrainer(Trainer):
     def __init__(
         self,
         *args,
-        objective_names: list[str],
-        combiner,
-        beta: float = 0.1,
+        objective_names: list[str] | None = None,
+        combiner=None,
+        beta: float | None = None,
         ref_model=None,
-        per_objective_grads: bool = True,
+        per_objective_grads: bool | None = None,
         combiner_log: str | os.PathLike | None = None,
         **kwargs,
     ):
+        """As TRL's ``DPOTrainer``: ``MultiObjectiveDPOTrainer(model=..., args=MultiObjectiveDPOConfig(...),
+        train_dataset={"helpful": pairs, "harmless": pairs}, processing_class=tokenizer)``, where each objective's
+        pairs are a ``datasets.Dataset`` (or a list) of preference records (``prompt``/``chosen``/``rejected``,
+        chat messages or HH dialogues) or :class:`~moalign.data.pairs.PreferencePair`; they are tokenised with
+        the chat template, and the objective names, the combiner (``args.combiner``), ``beta`` and the log come
+        from ``args``. Without LoRA (``args.use_lora``) and without ``ref_model``, the reference is a frozen copy
+        of ``model``. Built from prepared data (:func:`build_trainer`), every keyword may be given instead."""
+        args_ = kwargs.get("args")
+        data = kwargs.get("train_dataset")
+        if isinstance(data, Mapping):  # objective -> preference pairs: TRL-style construction from ``args``
+            kwargs, ref_model = _prepared_from_pairs(kwargs, ref_model)
+            objective_names = objective_names or list(data)
+        if args_ is None or objective_names is None:
+            raise MoalignError("MultiObjectiveDPOTrainer needs args (a MultiObjectiveDPOConfig) and either "
+                               "train_dataset={objective: pairs} or objective_names with a prepared dataset")  # fmt: skip
+        combiner = combiner if combiner is not None else args_.make_combiner(len(objective_names))
+        beta = float(beta if beta is not None else getattr(args_, "beta", 0.1))
+        if per_objective_grads is None:
+            per_objective_grads = bool(getattr(args_, "per_objective_grads", True))
+        if combiner_log is None and isinstance(data, Mapping):
+            combiner_log = Path(args_.output_dir) / "combiner_log.jsonl"
         super().__init__(*args, **kwargs)
         self.objective_names = list(objective_names)
         self.combiner = combiner
@@ -397,6 +419,41 @@ class MultiObjectiveDPOTrainer(Trainer):
                 keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
                 self.combiner_log.write_text("".join(r + "\n" for r in keep))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def _prepared_from_pairs(kwargs: dict, ref_model):
+    """``train_dataset={objective: pairs}`` -> the trainer's tokenised dataset and collator (LoRA applied and
+    a frozen reference made as :func:`build_trainer` does)."""
+    from moalign.data.pairs import PreferencePair, pairs_from_records
+    from moalign.training.mo_data import MultiObjectiveCollator, MultiObjectiveDataset, tokenize_pair
+
+    cfg, model, tok = kwargs["args"], kwargs.get("model"), kwargs.get("processing_class")
+    if model is None or tok is None:
+        raise MoalignError("MultiObjectiveDPOTrainer(train_dataset={objective: pairs}) needs model and "
+                           "processing_class (the tokenizer)")  # fmt: skip
+    toks = {}
+    for name, pairs in kwargs["train_dataset"].items():
+        items = list(pairs)
+        if not all(isinstance(p, PreferencePair) for p in items):
+            items = pairs_from_records([dict(p) for p in items], source=f"objective {name!r}")
+        if not items:
+            raise MoalignError(f"objective {name!r}: no preference pairs")
+        toks[name] = [tokenize_pair(tok, p, cfg.max_length, cfg.max_prompt_length) for p in items]
+    if getattr(cfg, "use_lora", False) and not hasattr(model, "peft_config"):
+        model = apply_lora(model, cfg)
+    elif ref_model is None and not getattr(cfg, "use_lora", False):
+        import copy
+
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    if ref_model is not None:
+        ref_model.eval().requires_grad_(False)
+    model.train()
+    if getattr(cfg, "precompute_ref_log_probs", False):
+        precompute_reference(model, ref_model, toks, pad_id(tok), cfg.per_device_train_batch_size * 2)
+    dataset = MultiObjectiveDataset(toks, seed=cfg.seed)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    return {**kwargs, "model": model, "train_dataset": dataset,
+            "data_collator": MultiObjectiveCollator(dataset, pad_id(tok))}, ref_model  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------- entry point
