@@ -106,7 +106,7 @@ def test_base_url_and_capabilities_parse():
     assert ServerCapabilities.parse("token_ids,n") == ServerCapabilities(token_ids=True, n=True)
     with pytest.raises(MoalignError, match="unknown capability 'logits'"):
         ServerCapabilities.parse("n,logits")
-    with pytest.raises(MoalignError, match="--max-concurrency"):
+    with pytest.raises(MoalignError, match="^generate: max_concurrency must be >= 1"):
         GenerateConfig(max_concurrency=0).validate()
 
 
@@ -260,7 +260,7 @@ def test_one_line_errors_with_a_running_server(llama_server, run_cli, prompts_fi
     assert (
         code == 2
         and err.count("\n") == 1
-        and "value heads (--values PATH) need the policy's hidden states" in err
+        and "value heads (values=PATH) need the policy's hidden states" in err
     )
     # capabilities declared that this server lacks: named, not silently worked around
     code, _, err = run_cli(*base, "--server-capabilities", "token_ids", "--out", tmp_path / "t.jsonl")

@@ -5,8 +5,8 @@ RMOD, Darwin and its ablations run on it through the same loop as in process. Ea
 request per distinct row state (``max_tokens`` = the block's length); a reindex copies row states, and a row
 continues from its prompt + its response so far. The server's prefix cache does the KV reuse.
 
-:class:`ServerClient` speaks the completions API over plain HTTP (stdlib ``http.client``, one keep-alive
-connection per worker thread), with bounded concurrency, a per-request timeout and retries with backoff.
+:class:`ServerClient` speaks the completions API over HTTP with ``httpx`` (a pool of kept-alive connections shared
+by the worker threads), with bounded concurrency, a per-request timeout and retries with backoff.
 What the server can do (:class:`ServerCapabilities`) is probed once at start or given with
 ``--server-capabilities``, and the backend declares it in its ``capabilities``:
 
@@ -31,7 +31,6 @@ retries).
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import json
 import os
 import threading
@@ -50,7 +49,6 @@ from moalign.decoding.loop import BlockwiseDecoding
 from moalign.errors import MoalignError
 from moalign.policies import eos_token_ids, render_chat
 
-BACKENDS = ("local", "server")
 CAPABILITIES = ("token_ids", "n")
 _RETRY_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
 
@@ -146,7 +144,8 @@ def _first_line(raw: bytes | str, limit: int = 300) -> str:
 
 
 class ServerClient:
-    """An OpenAI-compatible completions client: bounded concurrency, timeouts, retries with backoff."""
+    """An OpenAI-compatible completions client on ``httpx`` (a pool of kept-alive connections): bounded
+    concurrency (a thread pool of ``max_concurrency``), timeouts, retries with exponential backoff."""
 
     def __init__(
         self,
@@ -159,10 +158,10 @@ class ServerClient:
         max_concurrency: int = 8,
         backoff: float = 0.5,
     ):
+        import httpx
+
         self.base_url = normalize_base_url(base_url)
         parts = urlsplit(self.base_url)
-        self._https = parts.scheme == "https"
-        self._host, self._port = parts.hostname, parts.port
         self._prefix = parts.path  # ends with /v1
         self.model = model
         self.api_key = api_key
@@ -170,25 +169,14 @@ class ServerClient:
         self.max_concurrency = int(max_concurrency)
         self.caps = ServerCapabilities()
         self.stats = ServerStats()
-        self._local = threading.local()
+        headers = {"Accept": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+        self._http = httpx.Client(
+            base_url=f"{parts.scheme}://{parts.netloc}", headers=headers, timeout=self.timeout,
+            limits=httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency),
+        )  # fmt: skip
         self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="moalign-server")
 
     # ------------------------------------------------------------------------------------------ transport
-    def _conn(self) -> tuple[http.client.HTTPConnection, bool]:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn, True
-        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-        conn = cls(self._host, self._port, timeout=self.timeout)
-        self._local.conn = conn
-        return conn, False
-
-    def _drop(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-        self._local.conn = None
-
     def request(
         self,
         method: str,
@@ -201,24 +189,17 @@ class ServerClient:
         """One JSON request (``path`` under ``/v1``, or under the server root with ``root``), retried on
         connection errors, timeouts and (``retry_status``) HTTP 408/429/5xx; anything else raises a one-line
         ServerError."""
+        import httpx
+
         url = (self._prefix[: -len("/v1")] if root else self._prefix) + path
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        attempt, reused_failures = 0, 0
+        attempt, dropped = 0, False
         while True:
-            conn, reused = self._conn()
             try:
-                conn.request(method, url, body=data, headers=headers)
-                resp = conn.getresponse()
-                raw, status = resp.read(), resp.status
-                if resp.getheader("connection", "").lower() == "close":
-                    self._drop()
-            except (OSError, http.client.HTTPException) as e:
-                self._drop()
-                if reused and reused_failures == 0:
-                    reused_failures += 1  # a kept-alive connection the server had closed: once more, free
+                resp = self._http.request(method, url, json=body)
+                raw, status = resp.content, resp.status_code
+            except httpx.TransportError as e:
+                if isinstance(e, httpx.RemoteProtocolError) and not dropped:
+                    dropped = True  # a kept-alive connection the server had closed: once more, free
                     continue
                 why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                 if attempt < self.retries:
@@ -273,6 +254,7 @@ class ServerClient:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._http.close()
 
     # ------------------------------------------------------------------------------------------- API
     def served_models(self) -> list[str]:
@@ -652,8 +634,8 @@ class CompletionsBackend(BlockwiseDecoding):
 
 
 # ------------------------------------------------------------------------------------------ from a config
-def connect(cfg, sampling: SamplingConfig) -> tuple[ServerPolicy, CompletionsBackend]:
-    """The server policy and engine of a run config (``--base-url``, ``--model``, ``--api-key-env``,
+def connect(cfg, sampling: SamplingConfig, policy=None) -> tuple[ServerPolicy, CompletionsBackend]:
+    """The server policy and engine (a passed local ``policy`` is not used) of a run config (``--base-url``, ``--model``, ``--api-key-env``,
     ``--tokenizer``, ``--server-capabilities``, ``--max-concurrency``, ``--request-timeout``, ``--retries``):
     checks the server is reachable and serves the model, loads the tokenizer, finds the capabilities."""
     from moalign.policies import load_tokenizer
