@@ -32,7 +32,8 @@ from moalign.config import (
     build_config,
     load_config_file,
 )
-from moalign.errors import MoalignError
+from moalign.decoding.registry import available_methods
+from moalign.errors import MoalignError, SettingError
 
 try:  # transformers is a core dependency; a stub keeps the non-training commands importable without it
     from transformers.hf_argparser import HfArgumentParser
@@ -67,15 +68,41 @@ def renamed_keys(cls, values: dict, where: str) -> None:
             raise MoalignError(f"{where}: {old!r} was renamed {new!r} (flag --{new.replace('_', '-')})")
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
+def _group_of(f: dataclasses.Field, method: str | None) -> str | None:
+    """The ``--help`` group of a config field: the shared settings' groups, the chosen method's own settings,
+    the settings several methods have (compare, front); ``None``: hidden (another method's, with ``generate
+    --method M``: still parsed, so that giving it is the one-line error that names its method)."""
+    from moalign.config import SETTING_GROUPS
+
+    for g in SETTING_GROUPS:
+        if f.name in g.__dataclass_fields__:
+            return (g.__doc__ or g.__name__).split("\n")[0]
+    owners = f.metadata.get("methods")
+    if owners is None:
+        return ""
+    if method is None:
+        return "methods' own settings (each applies to the methods it names)"
+    return f"{method}'s own settings" if method in owners else None
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, method: str | None = None) -> None:
+    """Every field of ``cls`` a flag, in ``--help`` groups (:func:`_group_of`); ``method``: ``generate`` for that
+    method, whose help lists its own settings and the shared ones, not other methods'."""
     for old, new in getattr(cls, "RENAMED", {}).items():
         parser.add_argument("--" + old.replace("_", "-"), action=_Renamed, dest="_renamed_" + old,
                             new="--" + new.replace("_", "-"), default=argparse.SUPPRESS)  # fmt: skip
     hints = typing.get_type_hints(cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    own: dict[str, str] = {}  # generate --method M: M's own settings with their help as M declares it
+    if method is not None:
+        from moalign.decoding.registry import get_method
+
+        args = get_method(method).args
+        own = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(args)} if args else {}
     for f in dataclasses.fields(cls):
         tp = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
-        kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": own.get(f.name, f.metadata.get("help", ""))}
         default = f.default if f.default is not dataclasses.MISSING else None
         if default not in (None, "", dataclasses.MISSING) and not isinstance(default, bool):
             kw["help"] += f" (default: {default})"
@@ -92,8 +119,33 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
             kw["type"] = typing.get_args(tp)[0]
         else:
             kw["type"] = tp
-        parser.add_argument(flag, **kw)
+        title = _group_of(f, method)
+        if title is None:
+            kw["help"] = argparse.SUPPRESS
+        if title:
+            if title not in groups:
+                groups[title] = parser.add_argument_group(title)
+            groups[title].add_argument(flag, **kw)
+        else:
+            parser.add_argument(flag, **kw)
     parser.add_argument("--config", dest="_config", default=None, help="JSON config file (flags override it)")
+
+
+def chosen_method(argv: list[str]) -> str:
+    """The ``--method`` of a ``generate`` command line (or of its ``--config`` file; default ``sample``),
+    read before parsing so that ``--help`` shows that method's settings."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--method", default=None)
+    pre.add_argument("--config", default=None)
+    known = pre.parse_known_args(argv)[0]
+    if known.method:
+        return known.method
+    if known.config:
+        try:
+            return str(load_config_file(known.config).get("method", "sample"))
+        except (MoalignError, AttributeError):
+            pass
+    return "sample"
 
 
 def is_hf_config(cls) -> bool:
@@ -340,14 +392,19 @@ TRAIN_COMMANDS = [
 ]  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moalign", description="Multi-objective alignment of language models."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("generate", help="decode responses with one method and score them")
-    add_dataclass_flags(p, GenerateConfig)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    method = chosen_method(argv[1:]) if argv[:1] == ["generate"] else "sample"
+    p = sub.add_parser("generate", help="decode responses with one method and score them",
+                       description="Decode responses with one method and score them. Each method's own settings: "
+                                   "moalign generate --method NAME --help (this help: the method "
+                                   f"{method!r}).")  # fmt: skip
+    add_dataclass_flags(p, GenerateConfig, method=method if method in available_methods() else None)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("evaluate", help="per-objective, worst-case and win-rate metrics of runs")
@@ -393,10 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     try:
+        parser = build_parser(argv)
         args = parser.parse_args(argv)
         args.func(args)
+    except SettingError as e:  # raised from Python naming the parameter: here, its flag
+        print(f"moalign: error: {e.as_flag()}", file=sys.stderr)
+        return 2
     except MoalignError as e:
         print(f"moalign: error: {e}", file=sys.stderr)
         return 2

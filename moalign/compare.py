@@ -9,7 +9,7 @@ from pathlib import Path
 
 from moalign.config import CompareConfig, EvaluateConfig, GenerateConfig, for_method, versions
 from moalign.data.prompts import demo_prompts_path, load_prompts
-from moalign.decoding.registry import foreign_settings, get_method
+from moalign.decoding.registry import foreign_settings, get_method, loads_policy
 from moalign.errors import MoalignError
 from moalign.evaluation.evaluate import evaluate_files
 from moalign.evaluation.metrics import EvaluationResult
@@ -84,7 +84,7 @@ def compare(cfg: CompareConfig, progress: bool = True) -> EvaluationResult:
 
         parse_judges(cfg.judges)  # an unknown judge fails here, before any decoding
     policy = None  # with --backend server each run connects to the server instead
-    if getattr(cfg, "backend", "local") != "server":
+    if loads_policy(cfg.backend):
         policy = load_policy(cfg.policy, device=cfg.device or default_device(), dtype=cfg.dtype)
     base = GenerateConfig(**{k: v for k, v in asdict(cfg).items() if k in GenerateConfig.__dataclass_fields__})
     paths = []

@@ -14,16 +14,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moalign.configbase import config_field, versions  # noqa: F401  (versions: re-exported)
-from moalign.decoding.registry import available_methods, foreign_settings, get_method, method_arg_fields
-from moalign.errors import MoalignError
+from moalign.decoding.registry import (
+    BACKENDS,
+    available_methods,
+    foreign_settings,
+    get_method,
+    method_arg_fields,
+)
+from moalign.errors import ForeignSettingError, MoalignError, SettingError
 
 _f = config_field
 
 
 @dataclass
-class _GenerateSettings:
-    """``moalign generate``: decode responses for prompts with one method (the settings every method
-    shares; each method's own settings are added from the method registry)."""
+class RunSettings:
+    """The run and its data: the policy, objectives, prompts, output, seed and devices."""
 
     method: str = _f("sample", "decoding method", choices=available_methods)
     policy: str = _f("smollm2-135m-instruct", "policy: bundled name, local path (folder or .gguf) or hub id")
@@ -34,28 +39,13 @@ class _GenerateSettings:
     skip_invalid: bool = _f(
         False, "skip prompt records that cannot be read (e.g. no final user turn) and report how many"
     )
-    n: int = _f(4, "sample: responses per prompt; best-of-n: N candidates")
-    k: int = _f(4, "cd/rmod: candidate blocks per step (K)")
-    block_size: int = _f(16, "cd/rmod: tokens per block (B)")
-    max_new_tokens: int = _f(64, "maximum new tokens per response")
-    temperature: float = _f(1.0, "sampling temperature (0 = greedy)")
-    top_p: float = _f(1.0, "nucleus sampling threshold")
-    top_k: int = _f(0, "top-k sampling (0 = off)")
-    seed: int = _f(0, "random seed")
     limit: int | None = _f(None, "use only the first N prompts")
     batch_size: int = _f(4, "prompts decoded together (rows = batch_size x K)")
-    scalarization: str = _f(
-        "uniform",
-        "how objectives combine for best-of-n and cd: uniform | worst-case | NAME (one objective) | "
-        "NAME=W,NAME=W (fixed weights)",
-    )
+    seed: int = _f(0, "random seed")
     normalize: str = _f(
         "auto",
         "objective scaling: auto (shipped z-score stats where known, else estimated from policy samples) | "
         "none (raw) | PATH to a stats JSON",
-    )
-    values: str = _f(
-        "reward", "cd/rmod value function: 'reward' (objectives on the partial text) or PATH to value heads"
     )
     system_prompt: str | None = _f(None, "system prompt added before every conversation")
     device: str | None = _f(None, "torch device (default: cuda if available, else cpu)")
@@ -71,11 +61,36 @@ class _GenerateSettings:
         "(cpu, cuda:1, ...); default: objectives on $MOALIGN_OBJECTIVE_DEVICE or cpu, value heads on the "
         "policy's device",
     )
+    encoder_url: str = _f(
+        "",
+        "serve the MiniLM encoder: URL of an OpenAI-compatible embeddings server (llama.cpp's llama-server "
+        "--embedding, TEI, vLLM) serving all-MiniLM-L6-v2, http://HOST:PORT/v1[#MODEL]; the objectives built on "
+        "it (helpful, harmless, relevant) embed there (default: in process)",
+    )
+    encoder_api_key_env: str | None = _f(
+        None, "environment variable holding the encoder server's API key (sent as a bearer token)"
+    )
+
+
+@dataclass
+class SamplingSettings:
+    """How the policy samples (every method)."""
+
+    max_new_tokens: int = _f(64, "maximum new tokens per response")
+    temperature: float = _f(1.0, "sampling temperature (0 = greedy)")
+    top_p: float = _f(1.0, "nucleus sampling threshold")
+    top_k: int = _f(0, "top-k sampling (0 = off)")
+
+
+@dataclass
+class ServerSettings:
+    """The policy on an OpenAI-compatible completions server (``backend="server"``)."""
+
     backend: str = _f(
         "local",
         "where the policy runs: local (in-process transformers engine) or server (an OpenAI-compatible "
         "completions endpoint, --base-url)",
-        choices=("local", "server"),
+        choices=lambda: tuple(BACKENDS),
     )
     base_url: str = _f("", "server: the completions endpoint's base URL, e.g. http://127.0.0.1:8000/v1")
     model: str | None = _f(None, "server: the served model's name (default: the server's first model)")
@@ -97,32 +112,29 @@ class _GenerateSettings:
     retries: int = _f(3, "server: retries of a failed request (connection error, timeout, HTTP 429/5xx), "
                          "with exponential backoff")  # fmt: skip
 
-    encoder_url: str = _f(
-        "",
-        "serve the MiniLM encoder: URL of an OpenAI-compatible embeddings server (llama.cpp's llama-server "
-        "--embedding, TEI, vLLM) serving all-MiniLM-L6-v2, http://HOST:PORT/v1[#MODEL]; the objectives built on "
-        "it (helpful, harmless, relevant) embed there (default: in process)",
-    )
-    encoder_api_key_env: str | None = _f(
-        None, "environment variable holding the encoder server's API key (sent as a bearer token)"
-    )
+
+#: the groups of ``generate``'s settings every method shares (one argument group each on the command line)
+SETTING_GROUPS = (RunSettings, SamplingSettings, ServerSettings)
+
+
+@dataclass
+class _GenerateSettings(ServerSettings, SamplingSettings, RunSettings):
+    """``moalign generate``: decode responses for prompts with one method (the settings every method
+    shares; each method's own settings are added from the method registry)."""
 
     def validate(self) -> None:
         get_method(self.method)  # names the known methods when it is not one
-        for name in ("n", "k", "block_size", "max_new_tokens", "batch_size"):
+        for name in ("max_new_tokens", "batch_size", "max_concurrency"):
             if getattr(self, name) < 1:
-                flag = name.replace("_", "-")
-                raise MoalignError(f"--{flag} must be >= 1, got {getattr(self, name)}")
+                raise SettingError("generate", name, f"must be >= 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
-            raise MoalignError(f"--limit must be >= 1, got {self.limit}")
-        if self.max_concurrency < 1:
-            raise MoalignError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
+            raise SettingError("generate", "limit", f"must be >= 1, got {self.limit}")
         if not self.request_timeout > 0:
-            raise MoalignError(f"--request-timeout must be > 0, got {self.request_timeout}")
+            raise SettingError("generate", "request_timeout", f"must be > 0, got {self.request_timeout}")
         if self.retries < 0:
-            raise MoalignError(f"--retries must be >= 0, got {self.retries}")
-        if self.backend not in ("local", "server"):
-            raise MoalignError(f"--backend must be local or server, got {self.backend!r}")
+            raise SettingError("generate", "retries", f"must be >= 0, got {self.retries}")
+        if self.backend not in BACKENDS:
+            raise SettingError("generate", "backend", f"must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.backend == "server":
             from moalign.decoding.completions import ServerCapabilities
 
@@ -136,10 +148,7 @@ class _GenerateSettings:
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for name, owners in foreign_settings(self.method).items():
             if getattr(self, name) != defaults.get(name):
-                raise MoalignError(
-                    f"method {self.method!r} has no setting {name!r} (--{name.replace('_', '-')}; it belongs to "
-                    f"{', '.join(owners)}): remove it or choose that method"
-                )
+                raise ForeignSettingError(self.method, name, owners)
 
     def method_args(self):
         """The chosen method's own settings (its args dataclass, validated), or None."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from moalign.config import GenerateConfig, for_method, versions
 from moalign.data.prompts import demo_prompts_path, load_prompts
-from moalign.decoding.registry import get_method
+from moalign.decoding.registry import get_method, loads_policy
 from moalign.errors import MoalignError
 from moalign.evaluation.fronts import simplex_grid, summarise_fronts
 from moalign.generate import generate
@@ -90,7 +90,7 @@ def front(cfg, progress: bool = True) -> dict:
                            skip_invalid=cfg.skip_invalid)  # fmt: skip
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    policy = None if cfg.backend == "server" else load_policy(cfg.policy, device=cfg.device or default_device(),
+    policy = None if not loads_policy(cfg.backend) else load_policy(cfg.policy, device=cfg.device or default_device(),
                                                                dtype=cfg.dtype)  # fmt: skip
     records = {}
     for label, _, _, gcfg in runs:

@@ -17,8 +17,7 @@ from moalign.compute import FORMULA, KNOWN
 from moalign.config import GenerateConfig, versions
 from moalign.data.prompts import Prompt, load_prompts
 from moalign.decoding.backend import Backend, SamplingConfig
-from moalign.decoding.in_process import TransformersBackend
-from moalign.decoding.registry import MethodContext, get_method
+from moalign.decoding.registry import MethodContext, get_method, open_backend
 from moalign.decoding.values import ObjectiveScorer
 from moalign.errors import MoalignError
 from moalign.objectives.base import Objective, move_objectives, resolve_objectives
@@ -108,13 +107,7 @@ def _generate(cfg: GenerateConfig, policy, objectives, prompts, progress: bool) 
             raise MoalignError(f"--encoder-url: none of the objectives ({', '.join(names)}) embeds with MiniLM "
                                "(helpful, harmless, relevant do); drop it")  # fmt: skip
     sampling = SamplingConfig(cfg.temperature, cfg.top_p, cfg.top_k)
-    if cfg.backend == "server":  # the policy is an OpenAI-compatible server (a passed local policy is unused)
-        from moalign.decoding.completions import connect
-
-        policy, engine = connect(cfg, sampling)
-    else:
-        policy = policy or load_policy(cfg.policy, device=cfg.device or default_device(), dtype=cfg.dtype)
-        engine = TransformersBackend(policy, sampling, system_prompt=cfg.system_prompt)
+    policy, engine = open_backend(cfg, sampling, policy)  # a server backend does not use a passed local policy
     if cfg.objective_device:
         move_objectives(objectives, cfg.objective_device, policy.device)
     raw_scorer = ObjectiveScorer(objectives)

@@ -40,8 +40,10 @@ def test_generate_evaluate_and_config_reproduction(tmp_path, tiny_policy_dir, pr
         (["generate", "--method", "cd", "--objectives", "nope", "--prompts", "{p}", "--out", "{o}"], "unknown objective 'nope'"),
         (["generate", "--objectives", "test_len", "--prompts", "/no/such.jsonl", "--out", "{o}"], "file not found"),
         (["generate", "--objectives", "test_len", "--prompts", "{p}", "--prompt-column", "text", "--out", "{o}"], "column 'text' not found"),
-        (["generate", "--objectives", "test_len", "--prompts", "{p}", "--k", "0", "--out", "{o}"], "--k must be >= 1"),
-        (["generate", "--objectives", "test_len", "--prompts", "{p}", "--block-size", "0", "--out", "{o}"], "--block-size must be >= 1"),
+        (["generate", "--method", "cd", "--objectives", "test_len", "--prompts", "{p}", "--k", "0", "--out", "{o}"], "--k must be >= 1"),
+        (["generate", "--method", "rmod", "--objectives", "test_len", "--prompts", "{p}", "--block-size", "0", "--out", "{o}"], "--block-size must be >= 1"),
+        (["generate", "--objectives", "test_len", "--prompts", "{p}", "--k", "2", "--out", "{o}"], "--method sample has no --k (it belongs to cd, rmod)"),
+        (["generate", "--method", "cd", "--objectives", "test_len", "--prompts", "{p}", "--lam", "0.1", "--out", "{o}"], "--method cd has no --lam (it belongs to rmod)"),
         (["evaluate", "--inputs", "/no/run.jsonl"], "file not found"),
     ],
 )  # fmt: skip
@@ -264,14 +266,14 @@ def test_a_setting_the_method_does_not_have_is_one_line(run_cli, prompts_file, t
     code, _, err = run_cli("generate", "--prompts", prompts_file, "--method", "cd", "--lam", "0.1", "--out",
                            tmp_path / "cd.jsonl")  # fmt: skip
     assert code != 0 and err.strip().count("\n") == 0
-    assert "'cd' has no setting 'lam'" in err and "rmod" in err
+    assert "--method cd has no --lam (it belongs to rmod)" in err
     code, _, err = run_cli("compare", "--prompts", prompts_file, "--methods", "sample,cd:lam=0.1", "--out-dir",
                            tmp_path / "c")  # fmt: skip
     assert code != 0 and err.strip().count("\n") == 0 and "cd has no setting 'lam'" in err
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"method": "cd", "mutations": 3, "prompts": str(prompts_file)}))
     code, _, err = run_cli("generate", "--config", cfg, "--out", tmp_path / "cd2.jsonl")
-    assert code != 0 and "'cd' has no setting 'mutations'" in err and "darwin" in err
+    assert code != 0 and "--method cd has no --mutations (it belongs to darwin" in err
     assert not (tmp_path / "cd.jsonl").exists() and not (tmp_path / "cd2.jsonl").exists()
     from moalign.config import GenerateConfig
 

@@ -60,15 +60,15 @@ def test_replacement_parents_keeps_top_k_and_finished_rows():
 @pytest.mark.parametrize(
     "kw, msg",
     [
-        (dict(mutations=0), "--mutations"),
-        (dict(replace_every=0), "--replace-every"),
-        (dict(cycles=0), "--cycles"),
-        (dict(replace_top_k=0), "--replace-top-k"),
-        (dict(mutations=3, replace_top_k=4), "--replace-top-k"),
+        (dict(mutations=0), "^Darwin: mutations must be >= 1, got 0$"),
+        (dict(replace_every=0), "^Darwin: replace_every must be >= 1"),
+        (dict(cycles=0), "^Darwin: cycles must be >= 1"),
+        (dict(replace_top_k=0), "^Darwin: replace_top_k must be between 1 and mutations"),
+        (dict(mutations=3, replace_top_k=4), r"^Darwin: replace_top_k must be between 1 and mutations \(3\), got 4"),
         (dict(mutation_template="/nonexistent/template.txt"), "not found"),
     ],
 )
-def test_bad_settings_name_the_flag(kw, msg):
+def test_bad_settings_name_the_parameter(kw, msg):
     with pytest.raises(MoalignError, match=msg):
         DarwinArgs(**kw).validate()
 
@@ -464,7 +464,7 @@ def test_rewrite_selector_cuts_a_group_at_n_usable_rewrites_unless_told_not_to()
 
 
 def test_mutation_min_similarity_is_checked():
-    with pytest.raises(MoalignError, match="--mutation-min-similarity"):
+    with pytest.raises(MoalignError, match="^Darwin: mutation_min_similarity must be between 0 and 1"):
         DarwinArgs(mutation_min_similarity=1.5).validate()
     DarwinArgs(mutation_min_similarity=0.0).validate()
 

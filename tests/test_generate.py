@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from moalign.config import GenerateConfig
+from moalign.config import GenerateConfig, for_method
 from moalign.data.prompts import to_prompt
 from moalign.errors import MoalignError
 from moalign.generate import generate
@@ -30,8 +30,8 @@ def _objs():
 def _cfg(tmp_path, method, **kw):
     base = dict(method=method, out=str(tmp_path / f"{method}.jsonl"), max_new_tokens=12, n=3, k=3,
                 block_size=4, normalize="none", batch_size=2, seed=5)  # fmt: skip
-    base.update(kw)
-    return GenerateConfig(**base)
+    base.pop("method")
+    return for_method(GenerateConfig(**base), method, **kw)  # the shared n/k/block_size: the method's own
 
 
 @pytest.mark.parametrize("method", ["sample", "best-of-n", "cd", "rmod"])
@@ -67,9 +67,9 @@ def test_best_of_n_picks_the_best_candidate(tmp_path, tiny_policy):
 def test_cd_beats_sampling_on_its_objective(tmp_path, tiny_policy):
     """CD with one objective must not do worse than plain sampling on that objective (same budget)."""
     prompts = [to_prompt(f"Tell me about topic {i}", id=str(i)) for i in range(6)]
-    kw = dict(max_new_tokens=16, batch_size=6, scalarization="vowels", k=4, block_size=4)
-    cd = generate(_cfg(tmp_path, "cd", **kw), policy=tiny_policy, objectives=_objs(), prompts=prompts,
-                  progress=False)  # fmt: skip
+    kw = dict(max_new_tokens=16, batch_size=6)
+    cd = generate(_cfg(tmp_path, "cd", scalarization="vowels", k=4, block_size=4, **kw), policy=tiny_policy,
+                  objectives=_objs(), prompts=prompts, progress=False)  # fmt: skip
     smp = generate(_cfg(tmp_path, "sample", n=1, **kw), policy=tiny_policy, objectives=_objs(),
                    prompts=prompts, progress=False)  # fmt: skip
     mean = lambda rs: sum(r["scores"]["vowels"] for r in rs) / len(rs)  # noqa: E731

@@ -48,6 +48,14 @@ def test_wheel_installs_and_generates_outside_the_checkout(tmp_path):
     rec = json.loads((away / "r.jsonl").read_text().splitlines()[0])
     assert rec["response"].strip() and set(rec["scores"]) == {"helpful", "concise"}  # shipped reward model too
     assert "warn" not in run.stderr.lower(), run.stderr[-2000:]
+    # the same from Python, as the README's quickstart writes it
+    code = ("import moalign; out = moalign.decode(['Name a colour.'], moalign.RMOD(k=2, block_size=8), "
+            "policy='smollm2-135m-instruct', objectives='helpful,harmless', max_new_tokens=16); "
+            "import json; print(json.dumps([out[0].response, out[0].scores, out[0].flops, len(out[0].trace)]))")  # fmt: skip
+    py_run = subprocess.run([str(py), "-c", code], cwd=away, capture_output=True, text=True, env=env, timeout=300)
+    assert py_run.returncode == 0, py_run.stderr[-3000:]
+    response, scores, flops, blocks = json.loads(py_run.stdout.strip().splitlines()[-1])
+    assert set(scores) == {"helpful", "harmless"} and flops > 0 and blocks >= 1
 
 
 def test_a_missing_bundled_policy_package_says_what_to_install_or_uses_the_hub(monkeypatch, tmp_path):

@@ -20,7 +20,9 @@ def test_api_tour_runs(tmp_path, shared_data, monkeypatch, one_thread, capsys):
     exec(compile(code, "README.md API tour", "exec"), {})
     out = capsys.readouterr().out
     assert out.strip()  # the tour prints its results
-    assert (tmp_path / "runs" / "rmod.jsonl").exists() and (tmp_path / "runs" / "darwin.jsonl").exists()
+    for run in ("rmod", "cd", "darwin"):
+        assert (tmp_path / "runs" / f"{run}.jsonl").exists()
+    assert "RMOD(k=4, block_size=16, lam=0.5" in out  # the method loaded back from the run's meta
 
 
 def _readme_command(prefix: str) -> list[str]:

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from moalign.decoding.backend import BlockStep, Selection
 from moalign.decoding.registry import MethodContext, MethodSpec, register_method
 from moalign.decoding.scalarize import Scalarization
 from moalign.decoding.selection import EngineDecoder, ValueFn, rounded, values_for_active
+from moalign.decoding.settings import MethodSettings, check_scalarization, n_field, scalarization_field
+
+
+@dataclass
+class BestOfN(MethodSettings):
+    """Best-of-N: ``n`` full responses per prompt, keep the best by ``scalarization`` of the objectives."""
+
+    n: int = n_field("candidates per prompt (N)")
+    scalarization: str = scalarization_field()
+
+    def check(self) -> None:
+        self.at_least(1, "n")
+        check_scalarization(self)
 
 
 def best_of_n_selector(value_fn: ValueFn, scalarize: Scalarization):
@@ -24,16 +39,16 @@ def best_of_n_selector(value_fn: ValueFn, scalarize: Scalarization):
     return select
 
 
-def build_best_of_n(ctx: MethodContext, args) -> EngineDecoder:
-    n, T = ctx.cfg.n, ctx.cfg.max_new_tokens
-    return EngineDecoder(ctx.engine, n, T, T, best_of_n_selector(ctx.reward_fn(), ctx.scalarization()))
+def build_best_of_n(ctx: MethodContext, args: BestOfN) -> EngineDecoder:
+    T = ctx.cfg.max_new_tokens
+    return EngineDecoder(ctx.engine, args.n, T, T, best_of_n_selector(ctx.reward_fn(), ctx.scalarization()))
 
 
 register_method(
     MethodSpec(
         "best-of-n",
         "`--n` full responses, keep the best by `--scalarization` (objectives on the whole response)",
-        None,
+        BestOfN,
         build_best_of_n,
     )
 )

@@ -3,10 +3,37 @@ scalarised value (fixed weights: CD-Uniform / single objective; or the worst cas
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from moalign.decoding.backend import BlockStep, Selection
 from moalign.decoding.registry import MethodContext, MethodSpec, register_method
 from moalign.decoding.scalarize import Scalarization
 from moalign.decoding.selection import EngineDecoder, ValueFn, rounded, values_for_active
+from moalign.decoding.settings import (
+    MethodSettings,
+    block_size_field,
+    check_scalarization,
+    check_values,
+    k_field,
+    scalarization_field,
+    values_field,
+)
+
+
+@dataclass
+class CD(MethodSettings):
+    """Controlled decoding: every ``block_size`` tokens keep the best of ``k`` candidate blocks by
+    ``scalarization`` of their values (``values``)."""
+
+    k: int = k_field()
+    block_size: int = block_size_field()
+    scalarization: str = scalarization_field()
+    values: str = values_field()
+
+    def check(self) -> None:
+        self.at_least(1, "k", "block_size")
+        check_scalarization(self)
+        check_values(self)
 
 
 def cd_selector(value_fn: ValueFn, scalarize: Scalarization):
@@ -19,10 +46,9 @@ def cd_selector(value_fn: ValueFn, scalarize: Scalarization):
     return select
 
 
-def build_cd(ctx: MethodContext, args) -> EngineDecoder:
-    c = ctx.cfg
+def build_cd(ctx: MethodContext, args: CD) -> EngineDecoder:
     selector = cd_selector(ctx.value_fn(), ctx.scalarization())
-    return EngineDecoder(ctx.engine, c.k, c.block_size, c.max_new_tokens, selector, hidden=ctx.hidden)
+    return EngineDecoder(ctx.engine, args.k, args.block_size, ctx.cfg.max_new_tokens, selector, hidden=ctx.hidden)
 
 
 register_method(
@@ -30,7 +56,7 @@ register_method(
         "cd",
         "controlled decoding: every `--block-size` tokens keep the best of `--k` candidate blocks by "
         "`--scalarization` of the values (`--values`)",
-        None,
+        CD,
         build_cd,
     )
 )

@@ -30,7 +30,7 @@ import warnings
 import zlib
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -42,6 +42,13 @@ from moalign.decoding.backend import RECACHE, Backend, BlockStep, DecodeResult, 
 from moalign.decoding.registry import MethodContext, MethodSpec, register_method
 from moalign.decoding.scalarize import Scalarization
 from moalign.decoding.selection import ValueFn, rounded, values_for_active
+from moalign.decoding.settings import (
+    MethodSettings,
+    check_scalarization,
+    check_values,
+    scalarization_field,
+    values_field,
+)
 from moalign.errors import MoalignError
 from moalign.objectives.base import objective_device
 
@@ -132,57 +139,73 @@ _STOPWORDS = {"the", "and", "for", "with", "that", "this", "your", "you", "what"
 
 
 @dataclass
-class DarwinArgs:
-    mutations: int = _f(5, "darwin: beams per cycle, one per mutated instruction (n)")
-    replace_every: int = _f(40, "darwin: score the beams and replace the weak ones every m tokens")
-    replace_top_k: int = _f(3, "darwin: beams kept at each replacement (top-k); the others copy one of them")
-    cycles: int = _f(3, "darwin: mutation cycles (the best-so-far after each one is kept: MC = 1..N)")
+class _Beams(MethodSettings):
+    mutations: int = _f(5, "beams per cycle, one per mutated instruction (n)")
+    cycles: int = _f(3, "mutation cycles (the best-so-far after each one is kept: MC = 1..N)")
+    replace_top_k: int = _f(3, "beams kept at each replacement (top-k); the others copy one of them")
+    scalarization: str = scalarization_field()
+    values: str = values_field()
+
+    def check(self) -> None:
+        super().check()
+        self.at_least(1, "mutations", "cycles")
+        if not isinstance(self.replace_top_k, int) or not 1 <= self.replace_top_k <= self.mutations:
+            self.fail("replace_top_k", f"must be between 1 and mutations ({self.mutations}), got {self.replace_top_k!r}")
+        check_scalarization(self)
+        check_values(self)
+
+
+@dataclass
+class _Replacement(_Beams):
+    replace_every: int = _f(40, "score the beams and replace the weak ones every m tokens")
+    recache: str = _f(
+        "reprefill",
+        "a replaced beam keeps its own instruction and is re-encoded (reprefill), or takes the copied beam's "
+        "cache whole (copy: cheaper, continues under the other instruction)",
+        choices=RECACHE,
+    )
+
+    def check(self) -> None:
+        super().check()
+        self.at_least(1, "replace_every")
+        self.one_of("recache", RECACHE)
+
+
+@dataclass
+class _Mutation(_Beams):
     mutation_mode: str = _f(
         "one",
-        "darwin: one (sample one rewrite per request, keep the usable ones) or list (one request for a "
-        "numbered list of n rewrites)",
+        "one (sample one rewrite per request, keep the usable ones) or list (one request for a numbered list "
+        "of n rewrites)",
         choices=("one", "list"),
     )
     mutation_oversample: int = _f(
         3,
-        "darwin, --mutation-mode one: requests per wanted rewrite (the n most faithful usable replies are kept; "
-        "the first n with --mutation-min-similarity 0)",
+        "mutation mode one: requests per wanted rewrite (the n most faithful usable replies are kept; the first "
+        "n with mutation_min_similarity 0)",
     )
     mutation_min_similarity: float = _f(
         0.7,
-        "darwin, --mutation-mode one: a rewrite whose sentence embedding (MiniLM) has a cosine similarity below "
-        "this with its request (or the request with its set-up) is dropped as drift; 0 turns the check off",
+        "mutation mode one: a rewrite whose sentence embedding (MiniLM) has a cosine similarity below this with "
+        "its request (or the request with its set-up) is dropped as drift; 0 turns the check off",
     )
     mutation_template: str | None = _f(
         None,
-        "darwin: file with the mutation prompt ({instruction} and, in list mode, {n} slots); default: built "
-        "in (a few-shot request for one rewrite, or the numbered-list request)",
+        "file with the mutation prompt ({instruction} and, in list mode, {n} slots); default: built in (a "
+        "few-shot request for one rewrite, or the numbered-list request)",
     )
-    mutator: str | None = _f(None, "darwin: model that mutates instructions (default: the policy)")
-    mutation_temperature: float = _f(0.7, "darwin: sampling temperature of the mutator")
-    mutation_top_k: int = _f(40, "darwin: top-k sampling of the mutator")
-    mutation_max_new_tokens: int = _f(160, "darwin: token budget of one mutation reply")
-    recache: str = _f(
-        "reprefill",
-        "darwin: a replaced beam keeps its own instruction and is re-encoded (reprefill), or takes the "
-        "copied beam's cache whole (copy: cheaper, continues under the other instruction)",
-        choices=RECACHE,
-    )
+    mutator: str | None = _f(None, "model that mutates instructions (default: the policy)")
+    mutation_temperature: float = _f(0.7, "sampling temperature of the mutator")
+    mutation_top_k: int = _f(40, "top-k sampling of the mutator")
+    mutation_max_new_tokens: int = _f(160, "token budget of one mutation reply")
 
-    def validate(self) -> None:
-        for name in ("mutations", "replace_every", "cycles", "mutation_max_new_tokens", "mutation_oversample"):
-            if getattr(self, name) < 1:
-                raise MoalignError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not 1 <= self.replace_top_k <= self.mutations:
-            raise MoalignError(
-                f"--replace-top-k must be between 1 and --mutations ({self.mutations}), got {self.replace_top_k}"
-            )
-        if not 0.0 <= self.mutation_min_similarity <= 1.0:
-            raise MoalignError(f"--mutation-min-similarity must be between 0 and 1, got {self.mutation_min_similarity}")
-        if self.recache not in RECACHE:
-            raise MoalignError(f"--recache must be one of {', '.join(RECACHE)}, got {self.recache!r}")
-        if self.mutation_mode not in ("one", "list"):
-            raise MoalignError(f"--mutation-mode must be one or list, got {self.mutation_mode!r}")
+    def check(self) -> None:
+        super().check()
+        self.at_least(1, "mutation_oversample", "mutation_max_new_tokens")
+        sim = self.mutation_min_similarity
+        if not isinstance(sim, int | float) or not 0.0 <= sim <= 1.0:
+            self.fail("mutation_min_similarity", f"must be between 0 and 1, got {sim!r}")
+        self.one_of("mutation_mode", ("one", "list"))
         self.template()  # a bad template fails here, before any decoding
 
     def template(self) -> str | None:
@@ -196,6 +219,25 @@ class DarwinArgs:
         if "{instruction}" not in text:
             raise MoalignError(f"mutation template {self.mutation_template} has no {{instruction}} slot")
         return text
+
+
+@dataclass
+class Darwin(_Mutation, _Replacement):
+    """Darwin: ``cycles`` of instruction mutation into ``mutations`` beams, with reward-guided replacement
+    every ``replace_every`` tokens (the top ``replace_top_k`` kept); reward = ``scalarization``."""
+
+
+@dataclass
+class SampleReplace(_Replacement):
+    """Darwin without mutation: ``mutations`` beams of the original instruction, with replacement."""
+
+
+@dataclass
+class MutateBoN(_Mutation):
+    """Darwin without replacement: best-of-n over mutated instructions, archive as in Darwin."""
+
+
+DarwinArgs = Darwin  # the older name
 
 
 def mutation_prompt(template: str, instruction: str, n: int) -> str:
@@ -829,8 +871,9 @@ class DarwinDecoder:
 
 
 def _builder(mutate: bool, replace: bool):
-    def build(ctx: MethodContext, args: DarwinArgs) -> DarwinDecoder:
-        return DarwinDecoder(ctx, args, mutate=mutate, replace=replace)
+    def build(ctx: MethodContext, args: _Beams) -> DarwinDecoder:
+        full = args if isinstance(args, Darwin) else Darwin(**asdict(args))  # an ablation: Darwin's other defaults
+        return DarwinDecoder(ctx, full, mutate=mutate, replace=replace)
 
     return build
 
@@ -839,13 +882,13 @@ register_method(MethodSpec(
     "darwin",
     "evolutionary decoding: `--cycles` of instruction mutation into `--mutations` beams with reward-guided "
     "replacement every `--replace-every` tokens (top `--replace-top-k` kept); reward = `--scalarization`",
-    DarwinArgs, _builder(mutate=True, replace=True),
+    Darwin, _builder(mutate=True, replace=True),
 ))  # fmt: skip
 register_method(MethodSpec(
     "sample-replace", "Darwin without mutation: `--mutations` beams of the original instruction, with replacement",
-    DarwinArgs, _builder(mutate=False, replace=True),
+    SampleReplace, _builder(mutate=False, replace=True),
 ))  # fmt: skip
 register_method(MethodSpec(
     "mutate-bon", "Darwin without replacement: best-of-n over mutated instructions, archive as in Darwin",
-    DarwinArgs, _builder(mutate=True, replace=False),
+    MutateBoN, _builder(mutate=True, replace=False),
 ))  # fmt: skip

@@ -340,3 +340,12 @@ def _left_pad(x: torch.Tensor, length: int, value, dim: int = 1) -> torch.Tensor
     shape = list(x.shape)
     shape[dim] = missing
     return torch.cat([torch.full(shape, value, dtype=x.dtype, device=x.device), x], dim=dim)
+
+
+def open_local(cfg, sampling: SamplingConfig, policy=None):
+    """The policy (``policy``, or ``cfg.policy`` loaded on ``cfg.device`` in ``cfg.dtype``) and its in-process
+    engine (``--backend local``)."""
+    from moalign.policies import default_device, load_policy
+
+    policy = policy or load_policy(cfg.policy, device=cfg.device or default_device(), dtype=cfg.dtype)
+    return policy, TransformersBackend(policy, sampling, system_prompt=cfg.system_prompt)

@@ -1,10 +1,11 @@
 """The decoding-method registry.
 
-A method is one module: an args dataclass (its own settings; every field becomes a ``moalign generate``
-flag and a field of :class:`~moalign.config.GenerateConfig`), a ``build(ctx, args)`` that returns a
-:class:`Decoder`, and one registration line::
+A method is one module: a settings dataclass (exactly its own settings, checked when it is made: the object a
+user passes to :func:`moalign.decode`, e.g. ``RMOD(k=8, lam=0.5)``; every field is also a ``moalign generate
+--method NAME`` flag and a field of :class:`~moalign.config.GenerateConfig`), a ``build(ctx, settings)`` that
+returns a :class:`Decoder`, and one registration line::
 
-    register_method(MethodSpec("my-method", "one line of help", MyArgs, build_my_method))
+    register_method(MethodSpec("my-method", "one line of help", MyMethod, build_my_method))
 
 Built-in methods live in the modules of ``BUILTIN_MODULES``; ``--method`` choices, ``compare``'s method
 list and the README's method table (``moalign methods``) all come from here.
@@ -47,14 +48,24 @@ class Decoder(Protocol):
 
 @dataclass
 class MethodContext:
-    """What a method is built from: the run's config, the policy and its backend (``engine``), the
-    (normalised) scorer."""
+    """What a method is built from: the run's config (the settings every method shares: ``max_new_tokens``,
+    ``system_prompt``, devices), the policy and its backend (``engine``), the (normalised) scorer, and the
+    method's own settings (``args``; their ``values`` and ``scalarization`` when it has them)."""
 
-    cfg: Any  # GenerateConfig
+    cfg: Any  # a GenerateConfig
     policy: Policy
     engine: Backend
     scorer: ObjectiveScorer
+    args: Any = None  # the method's settings object (defaults to cfg.method_args())
     _value_fn: Any = None
+
+    def __post_init__(self) -> None:
+        if self.args is None and hasattr(self.cfg, "method_args"):
+            self.args = self.cfg.method_args()
+
+    def setting(self, name: str, default):
+        """The method's own setting ``name`` (``values``, ``scalarization``), or ``default`` if it has none."""
+        return getattr(self.args, name, default)
 
     def value_fn(self):
         """The run's value function (``--values``): the objectives on the partial text, or value heads on
@@ -62,18 +73,19 @@ class MethodContext:
         if self._value_fn is None:
             from moalign.decoding.values import RewardOnPrefix
 
-            if self.cfg.values == "reward":
+            values = self.setting("values", "reward")
+            if values == "reward":
                 self._value_fn = RewardOnPrefix(self.scorer)
             else:
                 if not self.engine.capabilities.hidden_states:  # e.g. a completions server: say so
                     raise MoalignError(
-                        "value heads (--values PATH) need the policy's hidden states, which this backend "
-                        f"({type(self.engine).__name__}) does not return: use --values reward, or --backend local"
+                        "value heads (values=PATH) need the policy's hidden states, which this backend "
+                        f"({type(self.engine).__name__}) does not return: use values='reward', or the local backend"
                     )
                 from moalign.decoding.value_heads import load_value_function
 
                 self._value_fn = load_value_function(
-                    self.cfg.values, self.policy, self.scorer, system_prompt=self.cfg.system_prompt
+                    values, self.policy, self.scorer, system_prompt=self.cfg.system_prompt
                 )
                 device = getattr(self.cfg, "objective_device", None)
                 if device:  # --objective-device: the heads on their own device (default: the policy's)
@@ -101,7 +113,7 @@ class MethodContext:
     def scalarization(self):
         from moalign.decoding.scalarize import parse_scalarization
 
-        return parse_scalarization(self.cfg.scalarization, self.scorer.names)
+        return parse_scalarization(self.setting("scalarization", "uniform"), self.scorer.names)
 
 
 @dataclass(frozen=True)
@@ -112,7 +124,7 @@ class MethodSpec:
     build: Callable[[MethodContext, Any], Decoder]
 
     def make_args(self, values: dict):
-        """The method's args from a mapping holding (at least) its fields; validated if it can."""
+        """The method's settings from a mapping holding (at least) its fields (a run's config); checked."""
         if self.args is None:
             return None
         names = {f.name for f in dataclasses.fields(self.args)}
@@ -120,6 +132,33 @@ class MethodSpec:
         if hasattr(args, "validate"):
             args.validate()
         return args
+
+    def settings_of(self, method) -> dict:
+        """``method`` (this method's settings object) as a mapping of its fields."""
+        return dataclasses.asdict(method) if method is not None else {}
+
+
+#: where the policy runs (``--backend``): name -> (module, opener, in process?, help). An opener is
+#: ``open(cfg, sampling, policy=None) -> (policy, Backend)``; ``local`` uses a passed policy, ``server`` ignores it
+BACKENDS: dict[str, tuple[str, str, bool, str]] = {
+    "local": ("moalign.decoding.in_process", "open_local", True, "the in-process transformers engine"),
+    "server": ("moalign.decoding.completions", "connect", False, "an OpenAI-compatible completions server"),
+}
+
+
+def open_backend(cfg, sampling, policy=None):
+    """The run's policy and its :class:`~moalign.decoding.backend.Backend` (``cfg.backend``)."""
+    import importlib
+
+    if cfg.backend not in BACKENDS:
+        raise MoalignError(f"backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
+    module, opener, _, _ = BACKENDS[cfg.backend]
+    return getattr(importlib.import_module(module), opener)(cfg, sampling, policy)
+
+
+def loads_policy(backend: str) -> bool:
+    """Whether ``backend`` runs the policy in this process (so a comparison loads it once for every run)."""
+    return BACKENDS[backend][2] if backend in BACKENDS else True
 
 
 #: the decoding methods (:class:`MethodSpec` by name); built-ins load on the first lookup
@@ -142,30 +181,61 @@ def get_method(name: str) -> MethodSpec:
     return METHODS.get(name)
 
 
+def spec_of(method) -> MethodSpec:
+    """The registered method of a settings object (``RMOD(...)``), or of a name."""
+    if isinstance(method, str):
+        return get_method(method)
+    for _, spec in METHODS.items():
+        if spec.args is not None and type(method) is spec.args:
+            return spec
+    raise MoalignError(
+        f"{type(method).__name__} is not a registered method's settings (registered: {', '.join(available_methods())})"
+    )
+
+
+def method_from_config(values: dict):
+    """The settings object of the method a run's config names (``config`` of its ``meta.json``)."""
+    spec = get_method(values.get("method", "sample"))
+    return spec.make_args(values) if spec.args is not None else None
+
+
 def method_arg_fields() -> list[tuple[str, Any, dataclasses.Field]]:
     """Every registered method's settings as ``(name, type, field)`` for ``make_dataclass``; a setting
-    shared by several methods (same name) appears once and must have the same default."""
+    shared by several methods (same name) appears once, must have the same default, and its help names the
+    methods that have it."""
     out: dict[str, tuple[str, Any, dataclasses.Field]] = {}
-    for _, spec in METHODS.items():
+    owners: dict[str, list[str]] = {}
+    for method, spec in METHODS.items():
         if spec.args is None:
             continue
         hints = typing.get_type_hints(spec.args)
         for f in dataclasses.fields(spec.args):
-            if f.default_factory is dataclasses.MISSING:
-                new = dataclasses.field(default=f.default, metadata=f.metadata)
-            else:
-                new = dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)
+            owners.setdefault(f.name, []).append(method)
             if f.name in out:
-                if out[f.name][2].default != new.default:
+                if out[f.name][2].default != f.default:
                     raise MoalignError(f"method setting {f.name!r} is declared twice with different defaults")
                 continue
-            out[f.name] = (f.name, hints[f.name], new)
-    return list(out.values())
+            out[f.name] = (f.name, hints[f.name], f)
+    fields = []
+    for name, tp, f in out.values():
+        meta = {**f.metadata, "help": f"{', '.join(owners[name])}: {f.metadata.get('help', '')}", "methods": owners[name]}
+        if f.default_factory is dataclasses.MISSING:
+            new = dataclasses.field(default=f.default, metadata=meta)
+        else:
+            new = dataclasses.field(default_factory=f.default_factory, metadata=meta)
+        fields.append((name, tp, new))
+    return fields
+
+
+def own_settings(method: str) -> list[str]:
+    """The names of ``method``'s own settings."""
+    args = get_method(method).args
+    return [f.name for f in dataclasses.fields(args)] if args is not None else []
 
 
 def foreign_settings(method: str) -> dict[str, list[str]]:
     """The settings other registered methods own and ``method`` does not have: setting -> its owners."""
-    own = {f.name for f in dataclasses.fields(get_method(method).args)} if get_method(method).args else set()
+    own = set(own_settings(method))
     out: dict[str, list[str]] = {}
     for name, spec in METHODS.items():
         if name == method or spec.args is None:
@@ -178,12 +248,13 @@ def foreign_settings(method: str) -> dict[str, list[str]]:
 
 def methods_table() -> str:
     """A markdown table of the registered methods and their own settings (the README's method table)."""
-    rows = ["| method | what it does | its own settings |", "|---|---|---|"]
+    rows = ["| method | Python | what it does | its own settings |", "|---|---|---|---|"]
     for _, spec in METHODS.items():
         flags = (
             ", ".join(f"`--{f.name.replace('_', '-')}`" for f in dataclasses.fields(spec.args))
             if spec.args is not None
             else "—"
         )
-        rows.append(f"| `{spec.name}` | {spec.help} | {flags} |")
+        cls = f"`{spec.args.__name__}`" if spec.args is not None else "—"
+        rows.append(f"| `{spec.name}` | {cls} | {spec.help} | {flags} |")
     return "\n".join(rows)

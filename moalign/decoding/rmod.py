@@ -17,25 +17,38 @@ from moalign.configbase import config_field as _f
 from moalign.decoding.backend import BlockStep, Selection
 from moalign.decoding.registry import MethodContext, MethodSpec, register_method
 from moalign.decoding.selection import EngineDecoder, ValueFn, rounded, values_for_active
+from moalign.decoding.settings import MethodSettings, block_size_field, check_values, k_field, values_field
 from moalign.decoding.weights import select_candidates, solve_worst_case_weights
-from moalign.errors import MoalignError
 
 
 @dataclass
-class RMODArgs:
-    lam: float = _f(0.5, "rmod: lambda, the tilt strength of the worst-case game")
+class RMOD(MethodSettings):
+    """Robust multi-objective decoding: every ``block_size`` tokens, ``k`` candidate blocks, worst-case weights
+    from the tilted game of strength ``lam``, then ``rmod_select``."""
+
+    k: int = k_field()
+    block_size: int = block_size_field()
+    lam: float = _f(0.5, "lambda, the tilt strength of the worst-case game")
     rmod_select: str = _f(
-        "argmax", "rmod: argmax of w*.v, or sample from softmax(lambda v.w*)", choices=("argmax", "sample")
+        "argmax", "argmax of w*.v, or sample from softmax(lambda v.w*)", choices=("argmax", "sample")
     )
     solver: str = _f(
         "exact",
-        "rmod: exact worst-case solver, or the paper code's fixed-step 'reference'",
+        "exact worst-case solver, or the paper code's fixed-step 'reference'",
         choices=("exact", "reference"),
     )
+    values: str = values_field()
 
-    def validate(self) -> None:
-        if not self.lam > 0:
-            raise MoalignError(f"--lam must be > 0, got {self.lam}")
+    def check(self) -> None:
+        self.at_least(1, "k", "block_size")
+        if not isinstance(self.lam, int | float) or isinstance(self.lam, bool) or not self.lam > 0:
+            self.fail("lam", f"must be > 0, got {self.lam!r}")
+        self.one_of("rmod_select", ("argmax", "sample"))
+        self.one_of("solver", ("exact", "reference"))
+        check_values(self)
+
+
+RMODArgs = RMOD  # the older name
 
 
 def rmod_selector(value_fn: ValueFn, lam: float, rule: str = "argmax", solver: str = "exact"):
@@ -62,10 +75,9 @@ def rmod_selector(value_fn: ValueFn, lam: float, rule: str = "argmax", solver: s
     return select
 
 
-def build_rmod(ctx: MethodContext, args: RMODArgs) -> EngineDecoder:
-    c = ctx.cfg
+def build_rmod(ctx: MethodContext, args: RMOD) -> EngineDecoder:
     selector = rmod_selector(ctx.value_fn(), args.lam, args.rmod_select, args.solver)
-    return EngineDecoder(ctx.engine, c.k, c.block_size, c.max_new_tokens, selector, hidden=ctx.hidden)
+    return EngineDecoder(ctx.engine, args.k, args.block_size, ctx.cfg.max_new_tokens, selector, hidden=ctx.hidden)
 
 
 register_method(
@@ -73,7 +85,7 @@ register_method(
         "rmod",
         "robust multi-objective decoding: every block, worst-case weights w* from an exact convex solver, "
         "then the candidate maximising w*·v (`--k`, `--block-size`, `--values`)",
-        RMODArgs,
+        RMOD,
         build_rmod,
     )
 )

@@ -50,6 +50,28 @@ def load_runs(paths: list[str]) -> tuple[dict[str, list[dict]], dict[str, dict]]
     return runs, metas
 
 
+def evaluate(
+    inputs: str | Sequence[str],
+    *,
+    objectives: str | Sequence[str] | None = None,
+    reference: str | None = None,
+    judges: str | Sequence[str] | None = None,
+    normalize: str = "auto",
+    rescore: bool = False,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> EvaluationResult:
+    """Per-objective, worst-case and win-rate metrics (with bootstrap intervals) of runs written by
+    ``moalign generate`` or ``moalign.decode(..., out=PATH)``; ``judges`` (names or ``rm:PATH``) score the
+    responses too and are reported beside the proxy objectives. ``.table()`` prints it, ``.to_dict()`` saves it.
+    """
+    inputs = [inputs] if isinstance(inputs, str | os.PathLike) else [str(p) for p in inputs]
+    join = lambda x: x if x is None or isinstance(x, str) else ",".join(x)  # noqa: E731
+    cfg = EvaluateConfig(inputs=[str(p) for p in inputs], objectives=join(objectives), reference=reference,
+                         judges=join(judges), normalize=normalize, rescore=rescore, n_boot=n_boot, seed=seed)  # fmt: skip
+    return evaluate_files(cfg)
+
+
 def evaluate_files(cfg: EvaluateConfig) -> EvaluationResult:
     if not cfg.inputs:
         raise MoalignError("no --inputs given")
