@@ -19,7 +19,7 @@ from moalign.data.prompts import Prompt, load_prompts
 from moalign.decoding.backend import Backend, SamplingConfig
 from moalign.decoding.registry import MethodContext, get_method, open_backend
 from moalign.decoding.values import ObjectiveScorer
-from moalign.errors import MoalignError
+from moalign.errors import SettingError
 from moalign.objectives.base import Objective, move_objectives, resolve_objectives
 from moalign.objectives.normalize import (
     NormStats,
@@ -90,7 +90,7 @@ def _generate(cfg: GenerateConfig, policy, objectives, prompts, progress: bool) 
     prompt_report: dict = {}
     if prompts is None:
         if not cfg.prompts:
-            raise MoalignError("no prompts given: pass --prompts PATH")
+            raise SettingError("generate", "prompts", "is required: a prompts file (JSONL/JSON/CSV/TXT, gzip too) or a hub dataset id")
         prompts = load_prompts(
             cfg.prompts, column=cfg.prompt_column, limit=cfg.limit, skip_invalid=cfg.skip_invalid,
             report=prompt_report,
@@ -104,8 +104,8 @@ def _generate(cfg: GenerateConfig, policy, objectives, prompts, progress: bool) 
 
         drift = cfg.method == "darwin" and getattr(cfg, "mutation_min_similarity", 0) > 0  # Darwin's drift check
         if not drift and not any(embeds_with_minilm(o) for o in objectives):
-            raise MoalignError(f"--encoder-url: none of the objectives ({', '.join(names)}) embeds with MiniLM "
-                               "(helpful, harmless, relevant do); drop it")  # fmt: skip
+            raise SettingError("generate", "encoder_url", f"is set but none of the objectives ({', '.join(names)}) "
+                               "embeds with MiniLM (helpful, harmless, relevant do): drop it")  # fmt: skip
     sampling = SamplingConfig(cfg.temperature, cfg.top_p, cfg.top_k)
     policy, engine = open_backend(cfg, sampling, policy)  # a server backend does not use a passed local policy
     if cfg.objective_device:

@@ -99,7 +99,7 @@ def _same_shape(a, b) -> bool:
 def test_base_url_and_capabilities_parse():
     assert normalize_base_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000/v1"
     assert normalize_base_url("http://h:1/v1/") == "http://h:1/v1"
-    with pytest.raises(MoalignError, match="--base-url"):
+    with pytest.raises(MoalignError, match="^server: base_url must be an http"):
         normalize_base_url("127.0.0.1:8000")
     assert ServerCapabilities.parse("auto") is None
     assert ServerCapabilities.parse("none") == ServerCapabilities()

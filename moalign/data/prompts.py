@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from moalign.errors import MoalignError
+from moalign.errors import MoalignError, SettingError
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
@@ -117,7 +117,7 @@ def _prompt_from_record(rec: dict, column: str | None, idx: int) -> Prompt:
     else:
         col = next((c for c in PROMPT_COLUMNS if c in rec), None)
         if col is None:
-            raise MoalignError(f"no prompt column found (columns {sorted(rec)}); pass --prompt-column")
+            raise MoalignError(f"no prompt column found (columns {sorted(rec)}); name it (prompt_column, --prompt-column)")
         value = rec[col]
     if col == "chosen" and isinstance(value, str):
         value = hh_prompt_and_response(value)[0]
@@ -257,7 +257,7 @@ def load_prompts(
     from moalign.data.files import read_records
 
     if limit is not None and limit < 1:
-        raise MoalignError(f"--limit must be >= 1, got {limit}")
+        raise SettingError("prompts", "limit", f"must be >= 1, got {limit}")
     if isinstance(source, str):
         items = _record_items(read_records(source, split=split), column)
         out, stats = _collect(items, source, limit, dedupe, skip_invalid)

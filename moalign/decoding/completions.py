@@ -46,7 +46,7 @@ import torch
 from moalign.data.prompts import Prompt
 from moalign.decoding.backend import Capabilities, RowOutput, RowsView, SamplingConfig, strip_eos
 from moalign.decoding.loop import BlockwiseDecoding
-from moalign.errors import MoalignError
+from moalign.errors import MoalignError, SettingError
 from moalign.policies import eos_token_ids, render_chat
 
 CAPABILITIES = ("token_ids", "n")
@@ -124,7 +124,7 @@ def normalize_base_url(url: str) -> str:
     url = url.strip().rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise MoalignError(f"--base-url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {url!r}")
+        raise SettingError("server", "base_url", f"must be an http(s) URL such as http://127.0.0.1:8000/v1, got {url!r}")
     return url if parts.path.endswith("/v1") else url + "/v1"
 
 
@@ -641,15 +641,15 @@ def connect(cfg, sampling: SamplingConfig, policy=None) -> tuple[ServerPolicy, C
     from moalign.policies import load_tokenizer
 
     if not cfg.base_url:
-        raise MoalignError(
-            "--backend server needs --base-url URL (an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1)"
+        raise SettingError(
+            "server", "base_url", "is required: the URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1"
         )
     declared = ServerCapabilities.parse(cfg.server_capabilities)
     api_key = None
     if cfg.api_key_env:
         api_key = os.environ.get(cfg.api_key_env)
         if not api_key:
-            raise MoalignError(f"--api-key-env: environment variable {cfg.api_key_env} is not set")
+            raise SettingError("server", "api_key_env", f"is {cfg.api_key_env}, but the environment variable {cfg.api_key_env} is not set")
     client = ServerClient(
         cfg.base_url, model=cfg.model, api_key=api_key, timeout=cfg.request_timeout, retries=cfg.retries,
         max_concurrency=cfg.max_concurrency,

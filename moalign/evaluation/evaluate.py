@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from moalign.config import EvaluateConfig
-from moalign.errors import MoalignError
+from moalign.errors import MoalignError, SettingError
 from moalign.evaluation.metrics import EvaluationResult, evaluate_methods
 from moalign.objectives.normalize import NormStats
 from moalign.records import meta_path, read_records
@@ -74,7 +74,7 @@ def evaluate(
 
 def evaluate_files(cfg: EvaluateConfig) -> EvaluationResult:
     if not cfg.inputs:
-        raise MoalignError("no --inputs given")
+        raise SettingError("evaluate", "inputs", "names no run")
     judge_specs = parse_judges(cfg.judges) if cfg.judges else None  # an unknown judge fails before any work
     runs, metas = load_runs(cfg.inputs)
     labels = list(runs)
@@ -82,14 +82,14 @@ def evaluate_files(cfg: EvaluateConfig) -> EvaluationResult:
     if cfg.reference:
         ref = run_label(cfg.reference, set())
         if ref not in runs:
-            raise MoalignError(f"--reference {cfg.reference} is not one of --inputs")
+            raise SettingError("evaluate", "reference", f"{cfg.reference} is not one of the inputs")
         reference = ref
     if cfg.objectives:
         names = [n.strip() for n in cfg.objectives.split(",") if n.strip()]
     else:
         names = list(runs[labels[0]][0].get("scores", {}))
         if not names:
-            raise MoalignError("the inputs carry no scores: pass --objectives to score them")
+            raise SettingError("evaluate", "objectives", "are needed: the inputs carry no scores")
     decoded = {label: decoding_objectives(metas[label], runs[label]) for label in labels}
     if cfg.rescore or any(
         n not in r.get("scores", {}) for recs in runs.values() for r in recs for n in names
@@ -130,7 +130,7 @@ def parse_judges(specs: str | Sequence[str]):
         specs = [s.strip() for s in specs.split(",") if s.strip()]
     specs = [str(s).strip() for s in specs]
     if not specs:
-        raise MoalignError("--judges names no judge")
+        raise SettingError("evaluate", "judges", "names no judge")
     objs = resolve_objectives(specs)  # one-line error for an unknown name; names must be unique
     return list(zip(specs, objs))
 

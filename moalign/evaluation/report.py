@@ -209,13 +209,34 @@ def _single_bars(ax, labels, ivs, color, title, ylabel, hatched=(), scale=1.0) -
     ax.set_title(title, fontsize="medium")
 
 
+def _objective_space(ax, methods, names, means, title: str) -> None:
+    """Each method at (mean of ``names[0]``, mean of ``names[1]``) with its intervals as error bars; the
+    non-dominated methods joined (higher is better on both)."""
+    pts = np.array([[means[m][names[0]].estimate, means[m][names[1]].estimate] for m in methods], dtype=float)
+    front = _pareto_mask(pts)
+    if front.sum() > 1:
+        fp = pts[front][np.argsort(pts[front][:, 0])]
+        ax.plot(fp[:, 0], fp[:, 1], linestyle="--", color="gray", linewidth=1, label="non-dominated", zorder=1)
+        ax.legend(fontsize="small")
+    for j, m in enumerate(methods):
+        ix, iy = means[m][names[0]], means[m][names[1]]
+        ax.errorbar([ix.estimate], [iy.estimate], xerr=_yerr([ix]), yerr=_yerr([iy]), fmt="o", color=f"C{j % 10}",
+                    capsize=3, zorder=2)  # fmt: skip
+        ax.annotate(m, (ix.estimate, iy.estimate), textcoords="offset points", xytext=(5, 5), fontsize="small")
+    ax.set_xlabel(names[0])
+    ax.set_ylabel(names[1])
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize="medium")
+
+
 def _judged_comparison(result: EvaluationResult) -> Figure:
     """PROXY row and JUDGES row of :func:`plot_comparison` (a result with judges)."""
     methods = list(result.methods)
     sm = result.methods
     conf = round(100 * (1 - result.alpha))
     win_methods = [m for m in methods if sm[m].win_rate is not None]
-    n_cols = (3 if win_methods else 2) + 1
+    space_col = len(result.objectives) >= 2 and len(result.judges) >= 2  # the objective-space panels
+    n_cols = (3 if win_methods else 2) + 1 + int(space_col)
     width_per = max(4.0, 0.9 * len(methods) + 1.5)
     fig = Figure(figsize=(width_per * n_cols + 1.0, 9.6), layout="constrained")
     axes = fig.subplots(2, n_cols, squeeze=False)
@@ -244,6 +265,11 @@ def _judged_comparison(result: EvaluationResult) -> Figure:
             ax.axhline(50, color="black", linestyle="--", linewidth=0.8, label="parity (50%)")
             ax.set_ylim(0, 100)
             ax.legend(fontsize="small", loc="lower right")
+
+    if space_col:  # each method as a point in the plane of the first two objectives (proxy) and judges
+        for row, (group, names) in enumerate([("PROXY", result.objectives), ("JUDGES", result.judges)]):
+            means = {m: (sm[m].objective_means if row == 0 else sm[m].judge.objective_means) for m in methods}
+            _objective_space(axes[row][n_cols - 2], methods, names[:2], means, f"{group}: objective space (raw means)")
 
     # proxy vs judge worst case, side by side per method (each in its own score space)
     ax = axes[0][n_cols - 1]

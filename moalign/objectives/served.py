@@ -30,7 +30,7 @@ from functools import cached_property
 import torch
 
 from moalign.compute import ModelCost
-from moalign.errors import MoalignError
+from moalign.errors import MoalignError, SettingError
 from moalign.objectives.base import Objective
 
 MINILM_WIDTH = 384
@@ -40,7 +40,7 @@ def parse_url(spec: str) -> tuple[str, str | None]:
     """``http://HOST:PORT/v1#MODEL`` -> (base URL without a trailing slash, model or None)."""
     url, _, model = spec.strip().partition("#")
     if not url.startswith(("http://", "https://")):
-        raise MoalignError(f"--encoder-url must be an http(s) URL such as http://127.0.0.1:8080/v1, got {spec!r}")
+        raise SettingError("generate", "encoder_url", f"must be an http(s) URL such as http://127.0.0.1:8080/v1, got {spec!r}")
     return url.rstrip("/"), (model or None)
 
 
@@ -341,7 +341,7 @@ def served_encoder(spec: str | None, api_key_env: str | None = None, **kw) -> It
     if api_key_env:
         key = os.environ.get(api_key_env)
         if not key:
-            raise MoalignError(f"--encoder-api-key-env: environment variable {api_key_env} is not set")
+            raise SettingError("generate", "encoder_api_key_env", f"is {api_key_env}, but the environment variable {api_key_env} is not set")
     server = EncoderServer(spec, api_key=key, **kw)
     previous = _SERVER
     try:
