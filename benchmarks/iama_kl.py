@@ -223,7 +223,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
-    colors = {"iama": "tab:red", "grpo-batch": "tab:blue", "grpo-group": "tab:green"}
+    colors = {"iama": "tab:red", "grpo-batch": "tab:blue", "grpo-group": "tab:green", "gdpo": "tab:purple"}
     for ax, kind in zip(axes[0], kinds):
         for arm in arms:
             ps = [points["base-0"]] + [p for p in points.values() if p["arm"] == arm]
