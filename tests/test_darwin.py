@@ -10,13 +10,8 @@ import torch
 from moalign.cli import main
 from moalign.config import GenerateConfig, for_method
 from moalign.data.prompts import to_prompt
-from moalign.decoding.darwin import (
-    DarwinArgs,
-    mutation_prompt,
-    parse_mutations,
-    replacement_parents,
-    with_instruction,
-)
+from moalign.decoding.darwin import DarwinArgs, replacement_parents, with_instruction
+from moalign.decoding.rewrites import mutation_prompt, parse_mutations
 from moalign.errors import MoalignError
 from moalign.generate import generate
 from moalign.objectives.base import CallableObjective
@@ -173,7 +168,7 @@ def test_cli_darwin_and_bad_flag(tmp_path, tiny_policy_dir, capsys):
 @pytest.mark.real
 def test_darwin_real_policy(tmp_path, real_policy, shared_data):
     from moalign.data.prompts import load_prompts
-    from moalign.decoding.darwin import parse_rewrite, split_request
+    from moalign.decoding.rewrites import parse_rewrite, split_request
     from moalign.objectives.base import resolve_objectives
 
     prompts = load_prompts(str(shared_data / "mt-bench-questions.jsonl"), limit=2)
@@ -229,7 +224,7 @@ def test_darwin_real_policy(tmp_path, real_policy, shared_data):
     ],
 )
 def test_parse_rewrite_tells_rewrites_from_answers(reply, finished, verdict):
-    from moalign.decoding.darwin import parse_rewrite
+    from moalign.decoding.rewrites import parse_rewrite
 
     instruction = "What are the main differences between Python and JavaScript programming languages?"
     text, why = parse_rewrite(reply, instruction, finished=finished)
@@ -251,7 +246,7 @@ def test_parse_rewrite_tells_rewrites_from_answers(reply, finished, verdict):
     ],
 )
 def test_parse_rewrite_keeps_the_kind_of_request(reply, verdict):
-    from moalign.decoding.darwin import parse_rewrite
+    from moalign.decoding.rewrites import parse_rewrite
 
     instruction = "Write a blog post about a recent trip to Hawaii that highlights cultural experiences."
     assert parse_rewrite(reply, instruction)[1] == verdict
@@ -305,7 +300,7 @@ def test_parse_rewrite_keeps_the_kind_of_request(reply, verdict):
     ],
 )
 def test_parse_rewrite_keeps_what_the_question_needs(instruction, reply, verdict):
-    from moalign.decoding.darwin import parse_rewrite
+    from moalign.decoding.rewrites import parse_rewrite
 
     assert parse_rewrite(reply, instruction)[1] == verdict
 
@@ -335,7 +330,7 @@ def test_parse_rewrite_keeps_what_the_question_needs(instruction, reply, verdict
     ],
 )
 def test_split_request_rewrites_the_question_and_keeps_the_rest(instruction, parts):
-    from moalign.decoding.darwin import RequestParts, split_request
+    from moalign.decoding.rewrites import RequestParts, split_request
 
     got = split_request(instruction)
     assert got == RequestParts(*parts)
@@ -350,7 +345,7 @@ def test_split_request_rewrites_the_question_and_keeps_the_rest(instruction, par
 def test_worked_examples_are_requests_the_rule_accepts():
     """Every worked example's reply is itself a usable rewrite of its instruction by the rule (the examples
     show the policy what the rule wants), and the rule calls a reply that copies one a leak elsewhere."""
-    from moalign.decoding.darwin import _EXAMPLE_WORDS, REWRITE_EXAMPLES, _content_words, parse_rewrite
+    from moalign.decoding.rewrites import _EXAMPLE_WORDS, REWRITE_EXAMPLES, _content_words, parse_rewrite
 
     for instruction, reply in REWRITE_EXAMPLES:
         assert parse_rewrite(reply, instruction) == (reply, "ok"), instruction
@@ -361,7 +356,7 @@ def test_worked_examples_are_requests_the_rule_accepts():
 
 
 def test_rewrite_request_is_few_shot_or_the_users_template(tmp_path):
-    from moalign.decoding.darwin import REWRITE_EXAMPLES, rewrite_request
+    from moalign.decoding.rewrites import REWRITE_EXAMPLES, rewrite_request
 
     p = rewrite_request("Explain tides.")
     roles = [m["role"] for m in p.messages]
@@ -403,7 +398,7 @@ def test_mutation_mode_one_keeps_usable_rewrites_and_counts_the_rest(tiny_policy
 
 
 def test_faithfulness_is_the_best_cosine_over_the_references():
-    from moalign.decoding.darwin import faithfulness
+    from moalign.decoding.rewrites import faithfulness
 
     g = torch.Generator().manual_seed(0)
     rw = torch.nn.functional.normalize(torch.randn(5, 7, generator=g, dtype=torch.float64), dim=-1)
@@ -418,7 +413,7 @@ def test_faithfulness_is_the_best_cosine_over_the_references():
 def test_drift_check_on_minilm_rejects_another_request_and_reads_each_text_once():
     """The real encoder: a paraphrase passes, a rewrite that asks something else does not, a rewrite that folds
     the set-up in is compared with the set-up + request; the encoder's reads are counted once per text."""
-    from moalign.decoding.darwin import DriftCheck, split_request
+    from moalign.decoding.rewrites import DriftCheck, split_request
     from moalign.objectives.embeddings import token_counts
 
     parts = [split_request("How can I increase my productivity while working from home?"),
@@ -447,7 +442,7 @@ def test_drift_check_on_minilm_rejects_another_request_and_reads_each_text_once(
 
 def test_rewrite_selector_cuts_a_group_at_n_usable_rewrites_unless_told_not_to():
     from moalign.decoding.backend import BlockStep
-    from moalign.decoding.darwin import _stop_when_decided
+    from moalign.decoding.rewrites import _stop_when_decided
 
     instr = "How can I increase my productivity while working from home?"
     rows = ["Could you suggest a way to boost my productivity while working from home?\nThat",
@@ -470,7 +465,7 @@ def test_mutation_min_similarity_is_checked():
 
 
 def test_mutation_complete_waits_for_the_whole_last_item():
-    from moalign.decoding.darwin import mutation_complete
+    from moalign.decoding.rewrites import mutation_complete
 
     assert not mutation_complete("1. a\n2. b", 2)  # the second item may still be growing
     assert not mutation_complete("1. a\n2. b\n", 2)  # a bare trailing newline does not count
