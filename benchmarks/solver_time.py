@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from harness import environment, parser
 
-from moalign.decoding.weights import solve_worst_case_weights
+from moalign.decoding.worst_case import solve_worst_case_weights
 
 LAMS = (0.1, 1.0, 5.0, 50.0)
 

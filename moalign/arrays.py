@@ -44,3 +44,9 @@ def as_vector(x: Any, what: str, length: int | None = None) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise MoalignError(f"{what}: contains NaN/inf")
     return arr
+
+
+def wins(a, b):
+    """Per element 1 where ``a > b``, 1/2 on a tie, 0 otherwise (numpy arrays or torch tensors, float): the
+    pairwise accuracy and win rate every report counts, ties as half."""
+    return (a > b) * 1.0 + (a == b) * 0.5

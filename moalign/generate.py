@@ -25,7 +25,7 @@ from moalign.objectives.normalize import (
     NormStats,
     covers,
     fit_norm_stats,
-    load_norm_stats,
+    resolve_normalization,
     shipped_norm_stats,
 )
 from moalign.policies import Policy, default_device, load_policy  # noqa: F401  (re-exported)
@@ -59,14 +59,13 @@ def estimate_norm_stats(
 
 
 def resolve_norm(cfg: GenerateConfig, names: list[str], engine, prompts, scorer_raw) -> NormStats | None:
-    if cfg.normalize == "none":
-        return None
-    if cfg.normalize != "auto":
-        return load_norm_stats(cfg.normalize).subset(names)
-    shipped = shipped_norm_stats(cfg.policy)
-    if covers(shipped, names):
-        return shipped.subset(names)
-    return estimate_norm_stats(engine, prompts, scorer_raw, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    def auto() -> NormStats:  # the policy's shipped statistics where they cover the objectives, else estimated
+        shipped = shipped_norm_stats(cfg.policy)
+        if covers(shipped, names):
+            return shipped.subset(names)
+        return estimate_norm_stats(engine, prompts, scorer_raw, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+
+    return resolve_normalization(cfg.normalize, names, auto)
 
 
 def generate(

@@ -31,7 +31,7 @@ def test_rmod_picks_argmax_of_its_own_solved_weights():
     """Fails if RMOD picks with uniform weights, or picks the argmin: the chosen candidate maximises w*.v for
     the w* it logged, and on these values uniform weights and w* pick different candidates."""
     from moalign.decoding.rmod import rmod_selector
-    from moalign.decoding.weights import solve_worst_case_weights
+    from moalign.decoding.worst_case import solve_worst_case_weights
 
     # candidate 0 is great on objective 0 only; candidate 1 is balanced; candidate 2 is great on objective 1
     # but terrible on 0. Uniform weights pick candidate 2 (sum 2.2); the worst-case weights lean to objective 0

@@ -9,7 +9,7 @@ import torch
 
 from moalign.config import GenerateConfig
 from moalign.data.prompts import load_prompts
-from moalign.decoding.weights import rmod_objective, solve_worst_case_weights
+from moalign.decoding.worst_case import rmod_objective, solve_worst_case_weights
 from moalign.generate import generate
 from moalign.objectives.base import resolve_objectives
 

@@ -1,4 +1,4 @@
-"""Tests for the RMOD worst-case weight solver (moalign.decoding.weights).
+"""Tests for the RMOD worst-case weight solver (moalign.decoding.worst_case).
 
 References used here are independent of the solver: scipy's SLSQP on the simplex (multi-start), scipy's
 linprog for the lam -> inf limit, closed forms (G = 1, identical / dominating objectives, small lam), autograd
@@ -17,7 +17,7 @@ from scipy.optimize import linprog, minimize
 from scipy.special import logsumexp
 from scipy.stats import chi2
 
-from moalign.decoding.weights import (
+from moalign.decoding.worst_case import (
     WeightSolution,
     rmod_objective,
     select_candidates,

@@ -1,7 +1,7 @@
 """RMOD: robust multi-objective decoding (spec: shared/specs/rmod.md).
 
 Every block: K candidate blocks, values v [K, G] per prompt, worst-case weights
-``w* = argmin_{w in simplex} logsumexp_k(lambda v_k . w)`` (see ``moalign.decoding.weights``), then keep
+``w* = argmin_{w in simplex} logsumexp_k(lambda v_k . w)`` (see ``moalign.decoding.worst_case``), then keep
 ``argmax_k w* . v_k`` (the paper's practical rule) or sample ``k ~ softmax(lambda v . w*)`` (the exact best
 response; drawn from the step's generator, which is seeded by the run seed and the batch). Each record's
 trace carries the per-block weights, the chosen values and the solver's gap.
@@ -18,7 +18,7 @@ from moalign.decoding.backend import BlockStep, Selection
 from moalign.decoding.registry import MethodContext, MethodSpec, register_method
 from moalign.decoding.selection import EngineDecoder, ValueFn, rounded, values_for_active
 from moalign.decoding.settings import MethodSettings, block_size_field, check_values, k_field, values_field
-from moalign.decoding.weights import select_candidates, solve_worst_case_weights
+from moalign.decoding.worst_case import select_candidates, solve_worst_case_weights
 
 
 @dataclass

@@ -275,8 +275,15 @@ def _shipped_judge_norm(judge_specs, metas: dict[str, dict]) -> NormStats | None
 
 
 def _norm(spec: str, metas: dict[str, dict], names: list[str]) -> NormStats | None:
-    if spec == "none":
+    from moalign.objectives.normalize import resolve_normalization
+
+    def auto() -> NormStats | None:  # the first run whose saved statistics cover the objectives
+        for m in metas.values():
+            if m.get("norm") and all(n in m["norm"]["names"] for n in names):
+                return NormStats.from_dict(m["norm"]).subset(names)
         return None
+
+    return resolve_normalization(spec, names, auto)
     if spec != "auto":
         from moalign.objectives.normalize import load_norm_stats
 

@@ -43,6 +43,7 @@ import numpy as np
 
 from moalign.arrays import as_matrix as _as_matrix
 from moalign.arrays import to_numpy as _to_numpy
+from moalign.arrays import wins
 from moalign.errors import MoalignError
 from moalign.objectives.normalize import NormStats, fit_norm_stats, normalize_scores
 
@@ -177,7 +178,7 @@ def paired_win_ci(a: Any, b: Any, *, n_boot: int = 2000, alpha: float = 0.05, se
     x, y = _to_numpy(a, "a"), _to_numpy(b, "b")
     if x.shape != y.shape:
         raise MoalignError(f"paired arrays differ in shape: {x.shape} vs {y.shape}")
-    ind = (x > y).astype(np.float64) + 0.5 * (x == y)
+    ind = wins(x, y).astype(np.float64)
     return Interval(*bootstrap_ci(np.mean, ind, n_boot=n_boot, alpha=alpha, seed=seed))
 
 

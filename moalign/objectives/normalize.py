@@ -157,3 +157,14 @@ def save_norm_stats(stats: NormStats, path: str | Path) -> None:
 
 def covers(stats: NormStats | None, names: list[str]) -> bool:
     return stats is not None and all(n in stats.names for n in names)
+
+
+def resolve_normalization(spec: str, names: Sequence[str], auto) -> NormStats | None:
+    """What every ``normalize`` setting means: ``none`` -> no scaling; a PATH -> that stats JSON, which must
+    cover ``names``; ``auto`` -> ``auto()``, the caller's default (the policy's shipped statistics, a run's saved
+    ones, or statistics estimated from samples), or None."""
+    if spec == "none":
+        return None
+    if spec != "auto":
+        return load_norm_stats(spec).subset(list(names))
+    return auto()

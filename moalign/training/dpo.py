@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from moalign.arrays import wins
 from moalign.configbase import json_default
 from moalign.errors import MoalignError
 from moalign.training.base import (
@@ -245,7 +246,7 @@ class MultiObjectiveDPOTrainer(Trainer):
         pol = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         ref = reference_logps(self.accelerator.unwrap_model(model), batch, self.ref_model)
         loss, r_c, r_r = dpo_loss(pol, ref.to(pol.dtype), self.beta)
-        acc = ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).mean()
+        acc = wins(r_c, r_r).mean()
         return loss, {"accuracy": float(acc), "margin": float((r_c - r_r).mean())}
 
     def _record_metrics(self, k: int, m: dict[str, float]) -> None:
@@ -585,7 +586,7 @@ def train_dpo(cfg: MultiObjectiveDPOConfig) -> dict:
                 max_length=cfg.max_length,
                 max_prompt_length=cfg.max_prompt_length,
             )
-            correct = ((m > 0).double() + 0.5 * (m == 0).double()).tolist()
+            correct = wins(m.double(), 0.0).tolist()
             summary["heldout"][n] = {
                 "n": len(subset),
                 "accuracy": float(sum(correct) / len(correct)),

@@ -37,7 +37,7 @@ from moalign.configbase import config_field as _f
 from moalign.configbase import json_default
 from moalign.errors import MoalignError
 from moalign.objectives.base import Objective, get_objective, move_objectives
-from moalign.objectives.normalize import NormStats, load_norm_stats, shipped_norm_stats
+from moalign.objectives.normalize import NormStats, resolve_normalization, shipped_norm_stats
 from moalign.policies import DEFAULT_POLICY
 from moalign.registry import Choices
 from moalign.training.base import (
@@ -260,18 +260,11 @@ class ObjectiveReward:
 
 
 def _norm_stats(cfg: IAMAConfig, names: list[str]) -> NormStats | None:
-    if cfg.normalize == "none":
-        return None
-    if cfg.normalize == "auto":
+    def auto() -> NormStats | None:  # the policy's shipped statistics when they cover every criterion
         stats = shipped_norm_stats(cfg.policy)
-        if stats is None or not all(n in stats.names for n in names):
-            return None
-        return stats
-    stats = load_norm_stats(cfg.normalize)
-    missing = [n for n in names if n not in stats.names]
-    if missing:
-        raise MoalignError(f"normalisation statistics {cfg.normalize} lack criteria {missing}")
-    return stats
+        return stats if stats is not None and all(n in stats.names for n in names) else None
+
+    return resolve_normalization(cfg.normalize, names, auto)
 
 
 def reward_functions(

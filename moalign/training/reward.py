@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moalign.arrays import wins
 from moalign.errors import MoalignError
 from moalign.objectives.bradley_terry import (
     CONFIG_FILE,
@@ -45,8 +46,7 @@ def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float
     """Share of pairs ranked correctly (``r_c > r_r``); ties count one half."""
     if r_chosen.numel() == 0:
         return float("nan")
-    d = r_chosen - r_rejected
-    return float(((d > 0).float() + 0.5 * (d == 0).float()).mean())
+    return float(wins(r_chosen.float(), r_rejected.float()).mean())
 
 
 @contextmanager
