@@ -1,4 +1,7 @@
-"""Evaluation metrics for multi-objective alignment: plain functions over score matrices.
+"""Evaluating runs: scored records -> an :class:`~moalign.evaluation.results.EvaluationResult`
+(:func:`evaluate_methods`). The statistics are :mod:`moalign.evaluation.statistics`, the result schema
+:mod:`moalign.evaluation.results`, the text table :mod:`moalign.evaluation.tables` (their names are re-exported
+here).
 
 A score matrix ``scores`` has shape ``[n, G]``: ``n`` responses (one per prompt) scored by ``G`` objectives,
 higher is better. Inputs may be numpy arrays, torch tensors or nested sequences; everything is computed in
@@ -32,20 +35,30 @@ value functions, on whole or partial responses, as the method scored them); thei
 comparison "at matched compute" holds equal.
 """
 
+
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from moalign.arrays import as_matrix as _as_matrix
-from moalign.arrays import to_numpy as _to_numpy
-from moalign.arrays import wins
 from moalign.errors import MoalignError
-from moalign.objectives.normalize import NormStats, fit_norm_stats, normalize_scores
+from moalign.evaluation.results import EvaluationResult, JudgeSummary, MethodSummary  # noqa: F401
+from moalign.evaluation.statistics import (  # noqa: F401  (re-exported: the older import path)
+    Interval,
+    bootstrap_ci,
+    mean_ci,
+    paired_diff_ci,
+    paired_win_ci,
+    per_objective_mean,
+    worst_case,
+    worst_case_win_indicator,
+    worst_case_win_rate,
+)
+from moalign.evaluation.tables import gflop  # noqa: F401
+from moalign.objectives.normalize import NormStats, fit_norm_stats, normalize_scores  # noqa: F401
 
 __all__ = [
     "EvaluationResult",
@@ -68,426 +81,6 @@ __all__ = [
     "worst_case_win_indicator",
     "worst_case_win_rate",
 ]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# point metrics
-
-
-def per_objective_mean(scores: Any) -> np.ndarray:
-    """Mean of each objective over responses: ``[n, G] -> [G]``."""
-    return _as_matrix(scores, "scores").mean(axis=0)
-
-
-def worst_case(scores: Any) -> np.ndarray:
-    """Worst objective of each response: ``w_i = min_g scores[i, g]``, ``[n, G] -> [n]``."""
-    return _as_matrix(scores, "scores", allow_empty=True).min(axis=1)
-
-
-def worst_case_win_indicator(a: Any, b: Any, tol: float = 0.0) -> np.ndarray:
-    """Per-pair outcome of ``a`` vs ``b`` on the worst case: 1 win, 0.5 tie, 0 loss (``[n]``).
-
-    With ``d_i = min_g a_ig - min_g b_ig``: a tie is ``|d_i| <= tol`` (``tol=0``: exact equality), a win
-    ``d_i > tol``.
-    """
-    a = _as_matrix(a, "a", allow_empty=True)
-    b = _as_matrix(b, "b", allow_empty=True)
-    if a.shape != b.shape:
-        raise MoalignError(f"paired score matrices differ in shape: a {a.shape} vs b {b.shape}")
-    if not (tol >= 0 and math.isfinite(tol)):
-        raise MoalignError(f"tie tolerance must be finite and >= 0, got {tol}")
-    d = a.min(axis=1) - b.min(axis=1)
-    tie = np.abs(d) <= tol
-    win = d > tol
-    return win.astype(np.float64) + 0.5 * tie.astype(np.float64)
-
-
-def worst_case_win_rate(a: Any, b: Any, tol: float = 0.0) -> float:
-    """``P[min_g a_g > min_g b_g] + 0.5 P[tie]`` over paired rows of ``a`` and ``b`` (both ``[n, G]``).
-
-    Ties are ``|min a - min b| <= tol``. ``win_rate(a, b) + win_rate(b, a) == 1`` for any inputs.
-    """
-    ind = worst_case_win_indicator(a, b, tol)
-    if ind.size == 0:
-        raise MoalignError("worst-case win rate of zero pairs is undefined")
-    return float(ind.mean())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# bootstrap
-
-
-def bootstrap_ci(
-    stat_fn: Callable[..., Any],
-    *arrays: Any,
-    n_boot: int = 1000,
-    alpha: float = 0.05,
-    seed: int = 0,
-) -> tuple[Any, Any, Any]:
-    """Paired percentile bootstrap: ``(estimate, low, high)`` of ``stat_fn(*arrays)``.
-
-    Each replicate draws ``n`` row indices with replacement (one draw shared by all ``arrays``, which keeps
-    pairs together) and evaluates ``stat_fn`` on the resampled arrays; the interval is the ``alpha/2`` and
-    ``1 - alpha/2`` quantiles of the replicates. ``stat_fn`` may return a scalar (floats come back) or an
-    array (arrays come back, quantiles taken elementwise). Reproducible for a given ``seed``.
-    """
-    if not arrays:
-        raise MoalignError("bootstrap_ci needs at least one array")
-    n_boot = int(n_boot)
-    if n_boot < 1:
-        raise MoalignError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0 < alpha < 1:
-        raise MoalignError(f"alpha must be in (0, 1), got {alpha}")
-    arrs = [_to_numpy(a, f"bootstrap array {i}") for i, a in enumerate(arrays)]
-    for i, a in enumerate(arrs):
-        if a.ndim == 0:
-            raise MoalignError(f"bootstrap array {i} is a scalar; rows are resampled along axis 0")
-    n = arrs[0].shape[0]
-    if any(a.shape[0] != n for a in arrs):
-        raise MoalignError(f"bootstrap arrays differ in length: {[a.shape[0] for a in arrs]}")
-    if n == 0:
-        raise MoalignError("bootstrap_ci needs at least one row")
-
-    estimate = np.asarray(stat_fn(*arrs), dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    reps = np.empty((n_boot, *estimate.shape), dtype=np.float64)
-    for k in range(n_boot):
-        idx = rng.integers(0, n, size=n)
-        reps[k] = np.asarray(stat_fn(*(a[idx] for a in arrs)), dtype=np.float64)
-    low, high = np.quantile(reps, [alpha / 2, 1 - alpha / 2], axis=0)
-    if estimate.ndim == 0:
-        return float(estimate), float(low), float(high)
-    return estimate, low, high
-
-
-def mean_ci(values: Any, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> Interval:
-    """The mean of ``values [n]`` (one per prompt) with its percentile bootstrap CI."""
-    return Interval(*bootstrap_ci(np.mean, _to_numpy(values, "values"), n_boot=n_boot, alpha=alpha, seed=seed))
-
-
-def paired_diff_ci(a: Any, b: Any, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> Interval:
-    """``mean(a - b)`` over paired rows (the same prompts in the same order) with a paired bootstrap CI."""
-    x, y = _to_numpy(a, "a"), _to_numpy(b, "b")
-    if x.shape != y.shape:
-        raise MoalignError(f"paired arrays differ in shape: {x.shape} vs {y.shape}")
-    return Interval(*bootstrap_ci(np.mean, x - y, n_boot=n_boot, alpha=alpha, seed=seed))
-
-
-def paired_win_ci(a: Any, b: Any, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> Interval:
-    """Share of paired rows where ``a > b`` (ties count 1/2) with a paired bootstrap CI."""
-    x, y = _to_numpy(a, "a"), _to_numpy(b, "b")
-    if x.shape != y.shape:
-        raise MoalignError(f"paired arrays differ in shape: {x.shape} vs {y.shape}")
-    ind = wins(x, y).astype(np.float64)
-    return Interval(*bootstrap_ci(np.mean, ind, n_boot=n_boot, alpha=alpha, seed=seed))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# comparison of methods
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A point estimate with a confidence interval ``[low, high]``."""
-
-    estimate: float
-    low: float
-    high: float
-
-    @property
-    def half_width(self) -> float:
-        return (self.high - self.low) / 2
-
-    def to_dict(self) -> dict:
-        return {"estimate": self.estimate, "low": self.low, "high": self.high}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Interval:
-        return cls(float(d["estimate"]), float(d["low"]), float(d["high"]))
-
-
-@dataclass
-class JudgeSummary:
-    """One method scored by the judges: raw judge means, the mean worst case over z-scored judges and its
-    win rate vs the reference (``None`` for the reference itself), the gap ``proxy worst case - judge worst
-    case`` (per prompt, paired), the mean response length in words, and the judges this run decoded with
-    (``optimised``: not independent judges of it)."""
-
-    objective_means: dict[str, Interval]
-    worst_case: Interval
-    length_words: Interval
-    gap: Interval
-    win_rate: Interval | None = None
-    optimised: list[str] = field(default_factory=list)
-    gain: Interval | None = None  # mean paired judge worst-case gain over the reference
-
-    def to_dict(self) -> dict:
-        return {
-            "objective_means": {k: v.to_dict() for k, v in self.objective_means.items()},
-            "worst_case": self.worst_case.to_dict(),
-            "win_rate": None if self.win_rate is None else self.win_rate.to_dict(),
-            "proxy_minus_judge_worst_case": self.gap.to_dict(),
-            "length_words": self.length_words.to_dict(),
-            "optimised": list(self.optimised),
-            "gain": None if self.gain is None else self.gain.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> JudgeSummary:
-        return cls(
-            objective_means={k: Interval.from_dict(v) for k, v in d["objective_means"].items()},
-            worst_case=Interval.from_dict(d["worst_case"]),
-            length_words=Interval.from_dict(d["length_words"]),
-            gap=Interval.from_dict(d["proxy_minus_judge_worst_case"]),
-            win_rate=None if d.get("win_rate") is None else Interval.from_dict(d["win_rate"]),
-            optimised=[str(x) for x in d.get("optimised", [])],
-            gain=None if d.get("gain") is None else Interval.from_dict(d["gain"]),
-        )
-
-
-@dataclass
-class MethodSummary:
-    """Metrics of one method. ``objective_means`` are on raw scores; ``worst_case``, ``win_rate`` and ``gain``
-    (the mean paired worst-case gain over the reference) on the result's ``score_space``; ``win_rate`` and
-    ``gain`` are ``None`` for the reference method or without a reference."""
-
-    method: str
-    n: int
-    objective_means: dict[str, Interval]
-    worst_case: Interval
-    win_rate: Interval | None = None
-    n_paired: int | None = None
-    n_responses: int | None = None  # records (responses); ``n`` counts prompts. None: one per prompt
-    judge: JudgeSummary | None = None  # the judges' view of this method (only when judges were given)
-    #: mean tokens per response read by the policy / the scorers / both (None: records without the counts)
-    compute: dict[str, float] | None = None
-    gain: Interval | None = None
-
-    @property
-    def samples_per_prompt(self) -> float:
-        return 1.0 if self.n_responses is None else self.n_responses / self.n
-
-    def to_dict(self) -> dict:
-        d = {
-            "method": self.method,
-            "n": self.n,
-            "n_responses": self.n if self.n_responses is None else self.n_responses,
-            "objective_means": {k: v.to_dict() for k, v in self.objective_means.items()},
-            "worst_case": self.worst_case.to_dict(),
-            "win_rate": None if self.win_rate is None else self.win_rate.to_dict(),
-            "n_paired": self.n_paired,
-            "gain": None if self.gain is None else self.gain.to_dict(),
-            "compute": self.compute,
-        }
-        if self.judge is not None:
-            d["judge"] = self.judge.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> MethodSummary:
-        return cls(
-            method=str(d["method"]),
-            n=int(d["n"]),
-            objective_means={k: Interval.from_dict(v) for k, v in d["objective_means"].items()},
-            worst_case=Interval.from_dict(d["worst_case"]),
-            win_rate=None if d.get("win_rate") is None else Interval.from_dict(d["win_rate"]),
-            n_paired=None if d.get("n_paired") is None else int(d["n_paired"]),
-            n_responses=None if d.get("n_responses") is None else int(d["n_responses"]),
-            judge=None if d.get("judge") is None else JudgeSummary.from_dict(d["judge"]),
-            compute=None if d.get("compute") is None else {k: float(v) for k, v in d["compute"].items()},
-            gain=None if d.get("gain") is None else Interval.from_dict(d["gain"]),
-        )
-
-
-@dataclass
-class EvaluationResult:
-    """Metrics of several methods on the same prompts (see :func:`evaluate_methods`)."""
-
-    objectives: list[str]
-    methods: dict[str, MethodSummary]
-    reference: str | None
-    score_space: str
-    n_boot: int
-    alpha: float
-    seed: int
-    tie_tol: float = 0.0
-    norm: NormStats | None = None
-    extra: dict = field(default_factory=dict)
-    judges: list[str] = field(default_factory=list)  # empty: no judges (proxy figures only)
-    judge_norm: NormStats | None = None  # z-score statistics of the judges (fitted on: .source)
-
-    @property
-    def judge_score_space(self) -> str | None:
-        return None if self.judge_norm is None else self.judge_norm.describe()
-
-    def to_dict(self) -> dict:
-        """A JSON-able dict (plain floats, lists and strings)."""
-        d = {
-            "objectives": list(self.objectives),
-            "reference": self.reference,
-            "score_space": self.score_space,
-            "n_boot": self.n_boot,
-            "alpha": self.alpha,
-            "seed": self.seed,
-            "tie_tol": self.tie_tol,
-            "norm": None if self.norm is None else self.norm.to_dict(),
-            "methods": {k: v.to_dict() for k, v in self.methods.items()},
-            "extra": dict(self.extra),
-        }
-        if self.judges:
-            d["judges"] = list(self.judges)
-            d["judge_score_space"] = self.judge_score_space
-            d["judge_norm"] = None if self.judge_norm is None else self.judge_norm.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> EvaluationResult:
-        try:
-            return cls(
-                objectives=list(d["objectives"]),
-                methods={k: MethodSummary.from_dict(v) for k, v in d["methods"].items()},
-                reference=d.get("reference"),
-                score_space=str(d["score_space"]),
-                n_boot=int(d["n_boot"]),
-                alpha=float(d["alpha"]),
-                seed=int(d["seed"]),
-                tie_tol=float(d.get("tie_tol", 0.0)),
-                norm=None if d.get("norm") is None else NormStats.from_dict(d["norm"]),
-                extra=dict(d.get("extra", {})),
-                judges=list(d.get("judges", [])),
-                judge_norm=None if d.get("judge_norm") is None else NormStats.from_dict(d["judge_norm"]),
-            )
-        except (KeyError, TypeError) as e:
-            raise MoalignError(f"not an evaluation result: missing or malformed field {e}") from None
-
-    def table(self) -> str:
-        """A plain-text aligned table: one row per method; ``±`` is the half-width of the CI.
-
-        With judges, the PROXY columns (objectives) and the JUDGES columns (judge means, response length,
-        judge worst case and win rate) stand side by side under a group row, followed by the gap
-        ``proxy - judge`` of the worst case; a judge that a method decoded with is marked ``*``.
-        """
-        conf = round(100 * (1 - self.alpha))
-        multi = any(m.samples_per_prompt != 1 for m in self.methods.values())
-        judged = bool(self.judges)
-        head = ["method", "n", *(["responses"] if multi else []), *[f"{g} (raw)" for g in self.objectives]]
-        proxy_cols = (len(head) - len(self.objectives), None)
-        head.append("worst case")
-        if self.reference is not None:
-            head += [f"gain vs {self.reference}", f"win vs {self.reference} (%)"]
-        proxy_cols = (proxy_cols[0], len(head))
-        costed = any(m.compute is not None for m in self.methods.values())
-        if costed:
-            head += ["policy tok", "scorer tok", "GFLOP"]
-        any_mark = judged and any(m.judge is not None and m.judge.optimised for m in self.methods.values())
-        if judged:
-            judge_cols = (len(head), None)
-            head += [f"{j} (raw)" for j in self.judges]
-            head += ["length (words)", "worst case"]
-            if self.reference is not None:
-                head += [f"gain vs {self.reference}", f"win vs {self.reference} (%)"]
-            judge_cols = (judge_cols[0], len(head))
-            head.append("proxy - judge")
-        rows = []
-        for name, m in self.methods.items():
-            row = [name, str(m.n), *([str(m.n_responses or m.n)] if multi else [])]
-            row += [_pm(m.objective_means[g]) for g in self.objectives]
-            row.append(_pm(m.worst_case))
-            if self.reference is not None:
-                row += [self._gain_cell(name, m.gain), self._win_cell(name, m.win_rate)]
-            if costed:
-                c = m.compute
-                row += [f"{c['policy_tokens']:.0f}", f"{c['scorer_tokens']:.0f}", gflop(c.get("total_flops"))] \
-                    if c else ["-", "-", "-"]  # fmt: skip
-            if judged:
-                js = m.judge
-                if js is None:
-                    raise MoalignError(f"method {name!r} has no judge scores but the result has judges")
-
-                def mark(flag: bool) -> str:
-                    return "*" if flag else (" " if any_mark else "")
-
-                row += [_pm(js.objective_means[j]) + mark(j in js.optimised) for j in self.judges]
-                row.append(_pm(js.length_words, 1) + mark(False))
-                row.append(_pm(js.worst_case) + mark(bool(js.optimised)))
-                if self.reference is not None:
-                    row.append(self._gain_cell(name, js.gain) + mark(bool(js.optimised)))
-                    row.append(self._win_cell(name, js.win_rate) + mark(bool(js.optimised)))
-                row.append(_pm(js.gap, signed=True) + mark(bool(js.optimised)))
-            rows.append(row)
-        widths = [max(len(r[j]) for r in [head, *rows]) for j in range(len(head))]
-
-        groups: list[tuple[str, tuple[int, int]]] = []
-        if judged:
-            groups = [("PROXY (decoding objectives)", proxy_cols), ("JUDGES (other signals)", judge_cols)]
-            for label, (a, b) in groups:  # widen the group's last column until its label fits
-                span = sum(widths[a:b]) + 2 * (b - a - 1)
-                widths[b - 1] += max(0, len(label) - span)
-
-        def fmt(r: list[str]) -> str:
-            return "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
-
-        lines = [fmt(head), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)]
-        if groups:
-            cells, j = [], 0
-            for label, (a, b) in groups:
-                cells += [" " * widths[k] for k in range(j, a)]
-                span = sum(widths[a:b]) + 2 * (b - a - 1)
-                cells.append(label.center(span, "-") if len(label) + 2 <= span else label.ljust(span))
-                j = b
-            cells += [" " * widths[k] for k in range(j, len(widths))]
-            lines.insert(0, "  ".join(cells).rstrip())
-        per = "mean over prompts of min over objectives"
-        if multi:
-            per = "mean over prompts of (mean over a prompt's samples of) min over objectives; n = prompts"
-        notes = [
-            f"{'PROXY ' if judged else ''}worst case = {per}, on {self.score_space} scores",
-            f"± = half-width of the {conf}% paired bootstrap CI ({self.n_boot} resamples)",
-        ]
-        if self.reference is not None:
-            notes.append(
-                f"gain = mean over prompts of (worst case - {self.reference}'s) [{conf}% paired bootstrap CI]; win "
-                f"rate = P[worst case > {self.reference}'s] + 0.5 P[tie]; same score space, paired by prompt_id"
-            )
-        if costed:
-            notes.append(
-                "policy tok / scorer tok = mean tokens per response read by the policy (prompts, generated and "
-                "re-read tokens) and by the scorers' models (what they actually read: a cache hit reads nothing); "
-                "GFLOP = policy + scorers, 2 x non-embedding parameters x tokens read, per model; matched compute "
-                "= equal total FLOPs"
-            )
-        if judged:
-            notes += [
-                f"JUDGES worst case{' and win rate' if self.reference is not None else ''}: the same over the "
-                f"judges, on {self.judge_score_space} scores",
-                "length = mean response length in words (whitespace-separated; a prompt's samples averaged)",
-                "proxy - judge = mean over prompts of (proxy worst case - judge worst case), each in its own "
-                "score space",
-            ]
-            if any_mark:
-                notes.append(
-                    "* optimised by this run: not an independent judge (the judge worst case, win rate and gap "
-                    "include it)"
-                )
-        return "\n".join([*lines, *notes])
-
-    def _gain_cell(self, name: str, gain: Interval | None) -> str:
-        if gain is None:
-            return "(reference)" if name == self.reference else "-"
-        return f"{gain.estimate:+.3f} [{gain.low:+.2f}, {gain.high:+.2f}]"
-
-    def _win_cell(self, name: str, wr: Interval | None) -> str:
-        if wr is None:
-            return "(reference)" if name == self.reference else "-"
-        return f"{100 * wr.estimate:.1f} ± {100 * wr.half_width:.1f}"
-
-    def __str__(self) -> str:
-        return self.table()
-
-
-def _pm(iv: Interval, digits: int = 3, signed: bool = False) -> str:
-    sign = "+" if signed else ""
-    return f"{iv.estimate:{sign}.{digits}f} ± {iv.half_width:.{digits}f}"
 
 
 def _sample_index(method: str, pid: str, rec: Mapping[str, Any]) -> int:
@@ -590,11 +183,6 @@ def compute_per_response(records: Sequence[Mapping[str, Any]]) -> dict[str, floa
         a, b = float(np.mean(pf)), float(np.mean(sf))
         out.update(policy_flops=a, scorer_flops=b, total_flops=a + b)
     return out
-
-
-def gflop(x: float | None) -> str:
-    """FLOPs as GFLOP in a table cell (``-`` when unknown)."""
-    return "-" if x is None else f"{x / 1e9:.2f}"
 
 
 def response_words(text: Any) -> int:
