@@ -3,7 +3,7 @@ sharded with torch's FSDP2 (``fully_shard``, every decoder layer and the root) o
 through the trainer's own step functions: ``take_local_grads`` (each objective's gradient reduce-scattered into
 the shards), ``write_combined_gradient`` (the Gram matrix of the shards all-reduced, the combination written
 into each process's shards). accelerate routes several CPU processes to DDP, never FSDP, so the trainer's FSDP
-wiring is exercised here through these functions; ``tests/test_multiprocess.py`` compares the two runs.
+wiring is exercised here through these functions; ``tests/training/test_multiprocess.py`` compares the two runs.
 
     python tests/_fsdp_worker.py one POLICY_DIR PAIRS_DIR OUT.pt
     torchrun --nproc_per_node 2 tests/_fsdp_worker.py fsdp POLICY_DIR PAIRS_DIR OUT.pt

@@ -1,4 +1,4 @@
-"""Run by tests/test_multiprocess.py under ``accelerate launch``: one IAMA step on the tiny policy,
+"""Run by tests/training/test_multiprocess.py under ``accelerate launch``: one IAMA step on the tiny policy,
 dumping per process what ``IAMATrainer._calculate_rewards`` saw and returned (not a test module)."""
 
 import json

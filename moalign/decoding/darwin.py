@@ -28,7 +28,7 @@ from __future__ import annotations
 import warnings
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -246,6 +246,24 @@ class _ReplacementSelector:
         return Selection(s[:, r:].argmax(dim=1) + r, info, parents)
 
 
+@dataclass
+class _PromptSearch:
+    """One prompt's search over the cycles: its archive of (instruction prompt, reward), the best response so
+    far, the compute spent, the trace; and this cycle's parent, instructions, beam prompts and mutation record."""
+
+    prompt: Prompt
+    archive: list[tuple[Prompt, float]]
+    spent: DecodeResult
+    best: DecodeResult | None = None
+    best_r: float = float("-inf")
+    best_cycle: int = 0
+    trace: list[dict] = field(default_factory=list)
+    parent: tuple[Prompt, float] | None = None
+    instructions: list[str] = field(default_factory=list)
+    beams: list[Prompt] = field(default_factory=list)
+    mutation: dict | None = None
+
+
 class DarwinDecoder:
     """Darwin and its ablations on the engine; see the module docstring."""
 
@@ -377,9 +395,7 @@ class DarwinDecoder:
             return self._search(prompts, seed, prompt_indices)
 
     def _search(self, prompts, seed: int, prompt_indices) -> list[list[DecodeResult]]:
-        a, T = self.args, self.max_new_tokens
-        prompts = list(prompts)
-        P, n = len(prompts), a.mutations
+        a, T, n = self.args, self.max_new_tokens, self.args.mutations
 
         def sub(*parts) -> int:
             return zlib.crc32(":".join(map(str, (seed, *parts))).encode()) & 0x7FFFFFFF
@@ -388,103 +404,93 @@ class DarwinDecoder:
         # the archive starts with the original instruction, scored by one plain sample (the first best);
         # that sample is decoded as an extra row of the first cycle (it needs nothing the cycle produces, and
         # the cycle needs nothing from it until its end), so it costs no extra sequential decoding
-        archive: list[list[tuple[Prompt, float]]] = [[(p, float("nan"))] for p in prompts]
-        best: list[DecodeResult | None] = [None] * P
-        best_r = [float("-inf")] * P
-        best_cycle = [0] * P
-        # compute over every cycle: decoding, scoring (replacements and each cycle's final scoring), mutation
-        spent = [DecodeResult.holder(p) for p in prompts]
-        traces: list[list[dict]] = [[] for _ in range(P)]
-
+        states = [_PromptSearch(p, archive=[(p, float("nan"))], spent=DecodeResult.holder(p)) for p in prompts]
         for c in range(1, a.cycles + 1):
             seed_row = 1 if c == 1 else 0
-            pick = [int(torch.randint(len(archive[i]), (1,), generator=rng)) for i in range(P)]
-            parents = [archive[i][pick[i]] for i in range(P)]
-            mut_info: list[dict | None] = [None] * P
+            for st in states:  # each prompt's parent, drawn uniformly from its archive
+                st.parent = st.archive[int(torch.randint(len(st.archive), (1,), generator=rng))]
             if self.mutate:
-                instr, mut_info, mut_cost = self._mutate([pp for pp, _ in parents], seed=sub("mutate", c))
-                for i in range(P):
-                    spent[i].add_compute(mut_cost[i])
-                self._warn_failed(mut_info)
-                beam_prompts = [[with_instruction(parents[i][0], t) for t in instr[i]] for i in range(P)]
+                instr, infos, costs = self._mutate([st.parent[0] for st in states], seed=sub("mutate", c))
+                for st, ins, info, cost in zip(states, instr, infos, costs):
+                    st.spent.add_compute(cost)
+                    st.instructions, st.mutation = ins, info
+                    st.beams = [with_instruction(st.parent[0], t) for t in ins]
+                self._warn_failed(infos)
             else:
-                instr = [[pp.messages[-1]["content"]] * n for pp, _ in parents]
-                beam_prompts = [[pp] * n for pp, _ in parents]
-            row_prompts = [[prompts[i]] * seed_row + beam_prompts[i] for i in range(P)]
-            sel = _ReplacementSelector(self.value_fn, self.reward, self.scal, a.replace_top_k, self.replace, P,
-                                       n + seed_row, reserved=seed_row)  # fmt: skip
-            block = a.replace_every if self.replace else T
+                for st in states:
+                    st.instructions, st.mutation = [st.parent[0].messages[-1]["content"]] * n, None
+                    st.beams = [st.parent[0]] * n
+            sel = _ReplacementSelector(self.value_fn, self.reward, self.scal, a.replace_top_k, self.replace,
+                                       len(states), n + seed_row, reserved=seed_row)  # fmt: skip
             res = self.engine.decode(
-                prompts, k=n + seed_row, block_size=block, max_new_tokens=T, selector=sel, seed=sub("cycle", c),
-                keep_all=True, prompt_indices=prompt_indices, row_prompts=row_prompts, recache=a.recache,
+                [st.prompt for st in states], k=n + seed_row, block_size=a.replace_every if self.replace else T,
+                max_new_tokens=T, selector=sel, seed=sub("cycle", c), keep_all=True, prompt_indices=prompt_indices,
+                row_prompts=[[st.prompt] * seed_row + st.beams for st in states], recache=a.recache,
                 hidden=self.ctx.hidden,
             )  # fmt: skip
-            scores = sel.final_scores
-            for i, r in enumerate(res):
-                if seed_row:
-                    seed_r = float(scores[i, 0])
-                    archive[i] = [(prompts[i], seed_r)]
-                    parents[i] = archive[i][0]
-                    best[i], best_r[i] = r.rows[0], seed_r
-                    traces[i].append({"cycle": 0, "seed_sample": True, "reward": round(seed_r, 4),
-                                      "values": rounded(sel.final_values[i, 0]), "response": r.rows[0].response,
-                                      "forward_tokens": 0, "decoded_with_cycle": 1})  # fmt: skip
-                s = scores[i, seed_row:]
-                rows = r.rows[seed_row:]
-                j = int(s.argmax())
-                # archive: the two instructions most often in the top-k, when their beam beats the parent
-                order = sorted(range(n), key=lambda b: (-int(sel.counts[i, b]), -float(s[b]), b))
-                added = []
-                parent_prompt, parent_r = parents[i]
-                if self.mutate:
-                    known = {pp.messages[-1]["content"] for pp, _ in archive[i]}
-                    for b in order[:2]:
-                        if float(s[b]) > parent_r and instr[i][b] not in known:
-                            archive[i].append((beam_prompts[i][b], float(s[b])))
-                            known.add(instr[i][b])
-                            added.append(b)
-                    if added and len(archive[i]) > 1:
-                        archive[i] = [e for e in archive[i] if e[0] is not parent_prompt]
-                if float(s[j]) > best_r[i]:
-                    best[i], best_r[i], best_cycle[i] = rows[j], float(s[j]), c
-                spent[i].add_compute(r)
-                entry = {
-                    "cycle": c,
-                    "parent": parent_prompt.messages[-1]["content"],
-                    "parent_reward": round(parent_r, 4),
-                    "instructions": instr[i],
-                    "mutation": mut_info[i],
-                    "replacements": [b for b in r.trace if "replaced" in b],
-                    "n_replaced": sum(b.get("replaced", 0) for b in r.trace),
-                    "top_k_counts": sel.counts[i].tolist(),
-                    "beam_rewards": rounded(s),
-                    "best_beam": j,
-                    "cycle_best_reward": round(float(s[j]), 4),
-                    "archive_added": added,
-                    "archive": [[pp.messages[-1]["content"], round(rw, 4)] for pp, rw in archive[i]],
-                    "best_so_far": {"cycle": best_cycle[i], "reward": round(best_r[i], 4),
-                                    "response": best[i].response},
-                    "forward_tokens": r.forward_tokens,  # this cycle's decoding (the seed row's too in cycle 1)
-                    "scorer_tokens": r.scorer_tokens,  # this cycle's scoring (replacements and the final one)
-                    "policy_flops": r.policy_flops,
-                    "scorer_flops": r.scorer_flops,
-                }  # fmt: skip
-                traces[i].append(entry)
+            for i, (st, r) in enumerate(zip(states, res)):
+                self._close_cycle(st, r, sel, i, c, seed_row)
         out = []
-        for i in range(P):
-            b = best[i]
-            out.append(
-                [
-                    DecodeResult(
-                        prompt=prompts[i], response=b.response, token_ids=b.token_ids, finished=b.finished,
-                        trace=traces[i], token_logprobs=b.token_logprobs, row_prompt=b.row_prompt,
-                        policy_flops=0.0,
-                    )
-                ]
-            )  # fmt: skip
-            out[-1][0].add_compute(spent[i])
+        for st in states:
+            b = st.best
+            result = DecodeResult(prompt=st.prompt, response=b.response, token_ids=b.token_ids, finished=b.finished,
+                                  trace=st.trace, token_logprobs=b.token_logprobs, row_prompt=b.row_prompt,
+                                  policy_flops=0.0)  # fmt: skip
+            result.add_compute(st.spent)
+            out.append([result])
         return out
 
+    def _close_cycle(self, st: _PromptSearch, r, sel: _ReplacementSelector, i: int, c: int, seed_row: int) -> None:
+        """The end of cycle ``c`` for one prompt (row ``i`` of the batch): the seed sample in cycle 1, the
+        archive update, the best so far, the compute, the trace entry."""
+        n, scores = self.args.mutations, sel.final_scores
+        if seed_row:
+            seed_r = float(scores[i, 0])
+            st.archive = [(st.prompt, seed_r)]
+            st.parent = st.archive[0]
+            st.best, st.best_r = r.rows[0], seed_r
+            st.trace.append({"cycle": 0, "seed_sample": True, "reward": round(seed_r, 4),
+                             "values": rounded(sel.final_values[i, 0]), "response": r.rows[0].response,
+                             "forward_tokens": 0, "decoded_with_cycle": 1})  # fmt: skip
+        s = scores[i, seed_row:]
+        rows = r.rows[seed_row:]
+        j = int(s.argmax())
+        # archive: the two instructions most often in the top-k, when their beam beats the parent
+        order = sorted(range(n), key=lambda b: (-int(sel.counts[i, b]), -float(s[b]), b))
+        added = []
+        parent_prompt, parent_r = st.parent
+        if self.mutate:
+            known = {pp.messages[-1]["content"] for pp, _ in st.archive}
+            for b in order[:2]:
+                if float(s[b]) > parent_r and st.instructions[b] not in known:
+                    st.archive.append((st.beams[b], float(s[b])))
+                    known.add(st.instructions[b])
+                    added.append(b)
+            if added and len(st.archive) > 1:
+                st.archive = [e for e in st.archive if e[0] is not parent_prompt]
+        if float(s[j]) > st.best_r:
+            st.best, st.best_r, st.best_cycle = rows[j], float(s[j]), c
+        st.spent.add_compute(r)
+        st.trace.append({
+            "cycle": c,
+            "parent": parent_prompt.messages[-1]["content"],
+            "parent_reward": round(parent_r, 4),
+            "instructions": st.instructions,
+            "mutation": st.mutation,
+            "replacements": [b for b in r.trace if "replaced" in b],
+            "n_replaced": sum(b.get("replaced", 0) for b in r.trace),
+            "top_k_counts": sel.counts[i].tolist(),
+            "beam_rewards": rounded(s),
+            "best_beam": j,
+            "cycle_best_reward": round(float(s[j]), 4),
+            "archive_added": added,
+            "archive": [[pp.messages[-1]["content"], round(rw, 4)] for pp, rw in st.archive],
+            "best_so_far": {"cycle": st.best_cycle, "reward": round(st.best_r, 4), "response": st.best.response},
+            "forward_tokens": r.forward_tokens,  # this cycle's decoding (the seed row's too in cycle 1)
+            "scorer_tokens": r.scorer_tokens,  # this cycle's scoring (replacements and the final one)
+            "policy_flops": r.policy_flops,
+            "scorer_flops": r.scorer_flops,
+        })  # fmt: skip
 
 def _builder(mutate: bool, replace: bool):
     def build(ctx: MethodContext, args: _Beams) -> DarwinDecoder:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import harness as H  # noqa: E402
 
 from moalign.evaluation import bootstrap_ci, mean_ci, paired_win_ci  # noqa: E402

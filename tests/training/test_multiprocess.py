@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORDS = "apple river stone cloud quick slow bright dark honest kind rude safe risky calm loud".split()
 
 pytestmark = pytest.mark.skipif(

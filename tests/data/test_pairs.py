@@ -14,7 +14,7 @@ from moalign.data.pairs import PreferencePair, is_heldout, load_pairs, split_pai
 from moalign.data.prompts import to_prompt
 from moalign.errors import MoalignError
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared data folder not available")
 
 HH_FILES = {

@@ -1,7 +1,7 @@
 """IAMA / non-linear GRPO on TRL's GRPOTrainer: the trainer feeds TRL the transform of the gathered rewards.
 
 Objectives here are deterministic functions of the text, so every expected value is computed independently
-from the completions the trainer saw. The transform's own numerics are checked in tests/test_nonlinear.py.
+from the completions the trainer saw. The transform's own numerics are checked in tests/training/test_nonlinear.py.
 """
 
 from __future__ import annotations

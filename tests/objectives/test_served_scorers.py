@@ -22,7 +22,7 @@ from moalign.objectives.served import EncoderServer, served_encoder, share
 from moalign.records import read_records
 
 pytestmark = pytest.mark.real
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "all-MiniLM-L6-v2"
 TEXTS = ["Human: How do I keep basil alive on a windowsill?", "Water it when the soil is dry.", "",
          "word " * 400]  # the last is longer than the encoder's 256 word pieces  # fmt: skip

@@ -13,7 +13,7 @@ from moalign.errors import MoalignError
 from moalign.objectives import available_objectives, get_objective, resolve_objectives
 from moalign.objectives.base import CallableObjective
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared data folder not available")
 
 

@@ -39,7 +39,7 @@ def test_environment_overrides_files_and_every_location_is_passed_on():
 
 
 def test_the_script_reads_this_interpreters_pip():
-    script = Path(__file__).resolve().parents[1] / "scripts" / "uv_args.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "uv_args.py"
     lines = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout.splitlines()
     assert lines[:2] == ["--index-strategy", "unsafe-best-match"]
     listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout

@@ -25,7 +25,7 @@ from moalign.training.dpo import (
 )
 from moalign.training.mo_data import parse_objective_spec, tokenize_pair
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 COMBINERS = ["linear", "mgda", "mgda-normalized", "mgda-decoupled", "groupdro", "pcgrad"]
 
 PAIRS = {
@@ -397,7 +397,7 @@ def test_deepspeed_is_refused_on_the_per_objective_path(tmp_path, kw, message):
 
 def test_fsdp_needs_version_2_shards_and_no_accumulation(tiny):
     """FSDP1's flat parameters and accumulated unreduced gradients are refused in one line each; FSDP2 shards
-    (DTensor parameters) pass. The sharded step itself: tests/test_multiprocess.py."""
+    (DTensor parameters) pass. The sharded step itself: tests/training/test_multiprocess.py."""
     from moalign.training.sharding import as_shard_grad, check_fsdp_per_objective
 
     with pytest.raises(MoalignError, match="--fsdp_version 2") as e:
