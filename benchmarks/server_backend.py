@@ -79,7 +79,7 @@ def run(engine, policy, cfg: GenerateConfig, scorer, prompts, stats=None) -> dic
     spec = get_method(cfg.method)
     counting = CountingEngine(engine)
     decoder = spec.build(
-        MethodContext(cfg=cfg, policy=policy, engine=counting, scorer=scorer), cfg.method_args()
+        MethodContext(cfg=cfg, policy=policy, backend=counting, scorer=scorer), cfg.method_args()
     )
     before = stats.to_dict() if stats is not None else None
     t0 = time.perf_counter()

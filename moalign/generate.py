@@ -37,7 +37,7 @@ def batch_seed(seed: int, first_index: int) -> int:
 
 
 def estimate_norm_stats(
-    engine: Backend,
+    backend: Backend,
     prompts: list[Prompt],
     scorer: ObjectiveScorer,
     *,
@@ -48,7 +48,7 @@ def estimate_norm_stats(
 ) -> NormStats:
     """Fit z-score statistics on plain samples of the policy for the first ``n_prompts`` prompts."""
     sub = prompts[:n_prompts]
-    res = engine.decode(sub, k=n_samples, block_size=max_new_tokens, max_new_tokens=max_new_tokens,
+    res = backend.decode(sub, k=n_samples, block_size=max_new_tokens, max_new_tokens=max_new_tokens,
                         seed=batch_seed(seed, -1), keep_all=True)  # fmt: skip
     ps = [r.prompt.text for r in res for _ in r.candidates]
     rs = [c for r in res for c in r.candidates]
@@ -58,12 +58,12 @@ def estimate_norm_stats(
     )
 
 
-def resolve_norm(cfg: GenerateConfig, names: list[str], engine, prompts, scorer_raw) -> NormStats | None:
+def resolve_norm(cfg: GenerateConfig, names: list[str], backend, prompts, scorer_raw) -> NormStats | None:
     def auto() -> NormStats:  # the policy's shipped statistics where they cover the objectives, else estimated
         shipped = shipped_norm_stats(cfg.policy)
         if covers(shipped, names):
             return shipped.subset(names)
-        return estimate_norm_stats(engine, prompts, scorer_raw, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        return estimate_norm_stats(backend, prompts, scorer_raw, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
 
     return resolve_normalization(cfg.normalize, names, auto)
 
@@ -106,13 +106,13 @@ def _generate(cfg: GenerateConfig, policy, objectives, prompts, progress: bool) 
             raise SettingError("generate", "encoder_url", f"is set but none of the objectives ({', '.join(names)}) "
                                "embeds with MiniLM (helpful, harmless, relevant do): drop it")  # fmt: skip
     sampling = SamplingConfig(cfg.temperature, cfg.top_p, cfg.top_k)
-    policy, engine = open_backend(cfg, sampling, policy)  # a server backend does not use a passed local policy
+    policy, backend = open_backend(cfg, sampling, policy)  # a server backend does not use a passed local policy
     if cfg.objective_device:
         move_objectives(objectives, cfg.objective_device, policy.device)
     raw_scorer = ObjectiveScorer(objectives)
-    norm = resolve_norm(cfg, names, engine, prompts, raw_scorer)
+    norm = resolve_norm(cfg, names, backend, prompts, raw_scorer)
     scorer = ObjectiveScorer(objectives, norm)
-    decoder = spec.build(MethodContext(cfg=cfg, policy=policy, engine=engine, scorer=scorer), args)
+    decoder = spec.build(MethodContext(cfg=cfg, policy=policy, backend=backend, scorer=scorer), args)
 
     meta = {
         "config": asdict(cfg),
@@ -183,12 +183,12 @@ def _generate(cfg: GenerateConfig, policy, objectives, prompts, progress: bool) 
         report = getattr(decoder, "report", None)  # what a method counted over the run (Darwin's mutations)
         if writer is not None:
             writer.close()
-            cost = getattr(engine, "model_cost", None)
+            cost = getattr(backend, "model_cost", None)
             before = ((writer.meta_before or {}).get("compute") or {}).get("scorers", {})  # a resumed run's models
             known = {name: c.get("params") for name, c in before.items()}
             compute = compute_totals(read_records(cfg.out), cost.params if cost else None, known)
             writer.update_meta({"compute": compute, **({"method_report": report} if report else {})})
-        engine.close()
+        backend.close()
     return records
 
 

@@ -51,7 +51,7 @@ def _decode(policy, method: str, **kw):
     objectives = [reader, CallableObjective("chars", lambda p, r: [len(x) / 50 for x in r])]
     cfg = GenerateConfig(method=method, normalize="none", **kw)
     backend = TransformersBackend(policy, SamplingConfig())
-    ctx = MethodContext(cfg=cfg, policy=policy, engine=backend, scorer=ObjectiveScorer(objectives))
+    ctx = MethodContext(cfg=cfg, policy=policy, backend=backend, scorer=ObjectiveScorer(objectives))
     decoder = get_method(method).build(ctx, cfg.method_args())
     res = decoder(PROMPTS, seed=1, prompt_indices=[0, 1])
     return res, reader.log

@@ -41,7 +41,7 @@ def best_of_n_selector(value_fn: ValueFn, scalarize: Scalarization):
 
 def build_best_of_n(ctx: MethodContext, args: BestOfN) -> EngineDecoder:
     T = ctx.cfg.max_new_tokens
-    return EngineDecoder(ctx.engine, args.n, T, T, best_of_n_selector(ctx.reward_fn(), ctx.scalarization()))
+    return EngineDecoder(ctx.backend, args.n, T, T, best_of_n_selector(ctx.reward_fn(), ctx.scalarization()))
 
 
 register_method(

@@ -48,7 +48,7 @@ def cd_selector(value_fn: ValueFn, scalarize: Scalarization):
 
 def build_cd(ctx: MethodContext, args: CD) -> EngineDecoder:
     selector = cd_selector(ctx.value_fn(), ctx.scalarization())
-    return EngineDecoder(ctx.engine, args.k, args.block_size, ctx.cfg.max_new_tokens, selector, hidden=ctx.hidden)
+    return EngineDecoder(ctx.backend, args.k, args.block_size, ctx.cfg.max_new_tokens, selector, hidden=ctx.hidden)
 
 
 register_method(

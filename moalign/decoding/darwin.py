@@ -271,7 +271,7 @@ class DarwinDecoder:
 
     def __init__(self, ctx: MethodContext, args: DarwinArgs, *, mutate: bool, replace: bool):
         self.ctx, self.args, self.mutate, self.replace = ctx, args, mutate, replace
-        self.engine: Backend = ctx.engine
+        self.backend: Backend = ctx.backend
         self.value_fn = ctx.value_fn()
         self.reward = ctx.reward_fn()
         self.scal = ctx.scalarization()
@@ -289,7 +289,7 @@ class DarwinDecoder:
                 policy = load_policy(args.mutator, device=str(ctx.policy.device))
                 self.mutator = TransformersBackend(policy, sampling, system_prompt=None)
             else:  # the policy itself, on the run's backend (in-process or server)
-                self.mutator = ctx.engine_with(sampling)
+                self.mutator = ctx.backend_with(sampling)
         #: where the drift check's sentence encoder runs: --objective-device, else the policy's device
         spec = getattr(ctx.cfg, "objective_device", None)
         policy_device = getattr(ctx.policy, "device", None)
@@ -422,7 +422,7 @@ class DarwinDecoder:
                     st.beams = [st.parent[0]] * n
             sel = _ReplacementSelector(self.value_fn, self.reward, self.scal, a.replace_top_k, self.replace,
                                        len(states), n + seed_row, reserved=seed_row)  # fmt: skip
-            res = self.engine.decode(
+            res = self.backend.decode(
                 [st.prompt for st in states], k=n + seed_row, block_size=a.replace_every if self.replace else T,
                 max_new_tokens=T, selector=sel, seed=sub("cycle", c), keep_all=True, prompt_indices=prompt_indices,
                 row_prompts=[[st.prompt] * seed_row + st.beams for st in states], recache=a.recache,

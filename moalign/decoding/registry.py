@@ -49,12 +49,12 @@ class Decoder(Protocol):
 @dataclass
 class MethodContext:
     """What a method is built from: the run's config (the settings every method shares: ``max_new_tokens``,
-    ``system_prompt``, devices), the policy and its backend (``engine``), the (normalised) scorer, and the
-    method's own settings (``args``; their ``values`` and ``scalarization`` when it has them)."""
+    ``system_prompt``, devices), the policy and its backend, the (normalised) scorer, and the method's own
+    settings (``args``; their ``values`` and ``scalarization`` when it has them)."""
 
     cfg: Any  # a GenerateConfig
     policy: Policy
-    engine: Backend
+    backend: Backend
     scorer: ObjectiveScorer
     args: Any = None  # the method's settings object (defaults to cfg.method_args())
     _value_fn: Any = None
@@ -62,6 +62,10 @@ class MethodContext:
     def __post_init__(self) -> None:
         if self.args is None and hasattr(self.cfg, "method_args"):
             self.args = self.cfg.method_args()
+
+    @property
+    def engine(self) -> Backend:  # the older name of ``backend``
+        return self.backend
 
     def setting(self, name: str, default):
         """The method's own setting ``name`` (``values``, ``scalarization``), or ``default`` if it has none."""
@@ -77,10 +81,10 @@ class MethodContext:
             if values == "reward":
                 self._value_fn = RewardOnPrefix(self.scorer)
             else:
-                if not self.engine.capabilities.hidden_states:  # e.g. a completions server: say so
+                if not self.backend.capabilities.hidden_states:  # e.g. a completions server: say so
                     raise MoalignError(
                         "value heads (values=PATH) need the policy's hidden states, which this backend "
-                        f"({type(self.engine).__name__}) does not return: use values='reward', or the local backend"
+                        f"({type(self.backend).__name__}) does not return: use values='reward', or the local backend"
                     )
                 from moalign.decoding.value_heads import load_value_function
 
@@ -99,10 +103,10 @@ class MethodContext:
         """Whether the run's value function reads the policy's hidden states (the decode must return them)."""
         return bool(getattr(self._value_fn, "needs_hidden_states", False))
 
-    def engine_with(self, sampling, system_prompt: str | None = None):
+    def backend_with(self, sampling, system_prompt: str | None = None):
         """Another backend on the run's policy (in process or on the server) with its own sampling, e.g.
         Darwin's mutator."""
-        return self.engine.with_sampling(sampling, system_prompt)
+        return self.backend.with_sampling(sampling, system_prompt)
 
     def reward_fn(self):
         """The objectives on the text (normalised), whatever ``--values`` says: for complete responses."""

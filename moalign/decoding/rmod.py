@@ -77,7 +77,7 @@ def rmod_selector(value_fn: ValueFn, lam: float, rule: str = "argmax", solver: s
 
 def build_rmod(ctx: MethodContext, args: RMOD) -> EngineDecoder:
     selector = rmod_selector(ctx.value_fn(), args.lam, args.rmod_select, args.solver)
-    return EngineDecoder(ctx.engine, args.k, args.block_size, ctx.cfg.max_new_tokens, selector, hidden=ctx.hidden)
+    return EngineDecoder(ctx.backend, args.k, args.block_size, ctx.cfg.max_new_tokens, selector, hidden=ctx.hidden)
 
 
 register_method(

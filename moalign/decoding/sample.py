@@ -22,7 +22,7 @@ class Sample(MethodSettings):
 
 def build_sample(ctx: MethodContext, args: Sample) -> EngineDecoder:
     T = ctx.cfg.max_new_tokens
-    return EngineDecoder(ctx.engine, args.n, T, T, first_candidate, keep_all=True)
+    return EngineDecoder(ctx.backend, args.n, T, T, first_candidate, keep_all=True)
 
 
 register_method(MethodSpec("sample", "`--n` plain samples per prompt", Sample, build_sample))

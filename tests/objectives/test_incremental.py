@@ -137,7 +137,7 @@ def test_every_method_scores_as_a_full_reencode(tiny_policy, decoder_rm, method,
         cfg = GenerateConfig(method=method, normalize="none", max_new_tokens=12, temperature=1.0,
                              scalarization="worst-case" if method != "rmod" else "uniform", **kw)  # fmt: skip
         backend = TransformersBackend(tiny_policy, SamplingConfig())
-        ctx = MethodContext(cfg=cfg, policy=tiny_policy, engine=backend, scorer=ObjectiveScorer(objs))
+        ctx = MethodContext(cfg=cfg, policy=tiny_policy, backend=backend, scorer=ObjectiveScorer(objs))
         res = get_method(method).build(ctx, cfg.method_args())(PROMPTS, seed=3, prompt_indices=[0, 1, 2])
         runs[incremental] = (res, objs)
     (inc, inc_objs), (ref, ref_objs) = runs[True], runs[False]
@@ -159,7 +159,7 @@ def test_every_method_scores_as_a_full_reencode(tiny_policy, decoder_rm, method,
 def _cd_scorer_tokens(policy, folder, incremental: bool, T: int) -> int:
     objs = _objectives(folder, incremental)
     cfg = GenerateConfig(method="cd", normalize="none", k=8, block_size=4, max_new_tokens=T)
-    ctx = MethodContext(cfg=cfg, policy=policy, engine=TransformersBackend(policy), scorer=ObjectiveScorer(objs))
+    ctx = MethodContext(cfg=cfg, policy=policy, backend=TransformersBackend(policy), scorer=ObjectiveScorer(objs))
     with scoring_scope(reuse=False):
         res = get_method("cd").build(ctx, cfg.method_args())(PROMPTS[1:2], seed=0, prompt_indices=[0])
     return res[0][0].scorer_tokens
