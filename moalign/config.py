@@ -201,6 +201,11 @@ class _FrontSettings:
 
     weighted: str = _f("best-of-n,cd", "methods swept over the weight grid (a weighted --scalarization each)")
     points: str = _f("sample,rmod", "methods without weights, one point each (may be empty)")
+    trained: str = _f(
+        "",
+        "trained policies as points beside the decoding methods: LABEL=POLICY,... (a folder, e.g. an IAMA or DPO "
+        "output dir, or any policy name); each point is plain sampling of that policy on the same prompts",
+    )
     steps: int = _f(4, "weight grid: multiples of 1/STEPS on the simplex (STEPS + 1 weights for two objectives)")
     ref: str | None = _f(
         None,

@@ -20,7 +20,7 @@ import numpy as np
 from moalign.config import GenerateConfig, for_method, versions
 from moalign.data.prompts import demo_prompts_path, load_prompts
 from moalign.decoding.registry import get_method, loads_policy
-from moalign.errors import MoalignError
+from moalign.errors import MoalignError, SettingError
 from moalign.evaluation.fronts import simplex_grid, summarise_fronts
 from moalign.generate import generate
 from moalign.objectives.base import resolve_objectives
@@ -44,8 +44,12 @@ def runs_of(cfg, names: list[str]) -> list[tuple[str, str, tuple[float, ...] | N
     if bad:
         raise MoalignError(f"--weighted: {', '.join(bad)} take(s) no preference weights (those that do: "
                            f"{', '.join(WEIGHTED)}); list it under --points")  # fmt: skip
-    if not weighted and not points:
-        raise MoalignError("a front needs a method: --weighted or --points")
+    trained = trained_policies(getattr(cfg, "trained", ""))
+    if not weighted and not points and not trained:
+        raise MoalignError("a front needs a method: --weighted, --points or --trained")
+    clash = [lab for lab, _ in trained if lab in weighted or lab in points]
+    if clash:
+        raise SettingError("front", "trained", f"labels must differ from the methods' names, got {', '.join(clash)}")
     both = sorted(set(weighted) & set(points))
     if both:
         raise MoalignError(f"{', '.join(both)} listed under both --weighted and --points")
@@ -58,6 +62,23 @@ def runs_of(cfg, names: list[str]) -> list[tuple[str, str, tuple[float, ...] | N
             out.append((label, m, w, for_method(base, m, scalarization=scal, out=str(Path(cfg.out_dir) / f"{label}.jsonl"))))
     for m in points:
         out.append((m, m, None, for_method(base, m, out=str(Path(cfg.out_dir) / f"{m}.jsonl"))))
+    for label, policy in trained:  # plain samples of each trained policy
+        out.append((label, label, None, for_method(base, "sample", policy=policy,
+                                                   out=str(Path(cfg.out_dir) / f"{label}.jsonl"))))  # fmt: skip
+    return out
+
+
+def trained_policies(spec: str) -> list[tuple[str, str]]:
+    """``LABEL=POLICY,...`` -> [(label, policy)] (``--trained``)."""
+    out = []
+    for part in [p.strip() for p in (spec or "").split(",") if p.strip()]:
+        label, eq, policy = part.partition("=")
+        if not eq or not label.strip() or not policy.strip():
+            raise SettingError("front", "trained", f"entries must be LABEL=POLICY, got {part!r}")
+        out.append((label.strip(), policy.strip()))
+    labels = [lab for lab, _ in out]
+    if len(set(labels)) != len(labels):
+        raise SettingError("front", "trained", f"labels must be unique, got {', '.join(labels)}")
     return out
 
 
@@ -93,8 +114,9 @@ def front(cfg, progress: bool = True) -> dict:
     policy = None if not loads_policy(cfg.backend) else load_policy(cfg.policy, device=cfg.device or default_device(),
                                                                dtype=cfg.dtype)  # fmt: skip
     records = {}
-    for label, _, _, gcfg in runs:
-        generate(gcfg, policy=policy, objectives=objectives, prompts=prompts, progress=progress)
+    for label, _, _, gcfg in runs:  # a trained policy's run loads its own policy
+        own = policy if gcfg.policy == cfg.policy else None
+        generate(gcfg, policy=own, objectives=objectives, prompts=prompts, progress=progress)
         records[label] = read_records(gcfg.out)
         if judges:
             from moalign.evaluation.evaluate import score_judges

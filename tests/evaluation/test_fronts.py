@@ -118,6 +118,41 @@ def test_front_command_sweeps_weights_and_summarises_what_it_ran(tiny_policy_dir
     assert again["spaces"]["proxy"]["methods"]["cd"]["points"] == proxy["methods"]["cd"]["points"]
 
 
+def test_trained_policies_are_points_beside_the_methods(tiny_policy_dir, prompts_file, tmp_path, one_thread):
+    """``--trained LABEL=POLICY``: plain samples of that policy (its own weights) as a point of its own, in the
+    same summary and plot as the decoding methods."""
+    import shutil
+
+    import torch
+
+    from moalign.config import FrontConfig
+    from moalign.front import front
+    from moalign.policies import load_policy
+    from moalign.records import read_records
+
+    tuned = tmp_path / "tuned"  # a "trained" policy: the tiny policy with its output layer perturbed
+    shutil.copytree(tiny_policy_dir, tuned)
+    pol = load_policy(str(tuned))
+    with torch.no_grad():
+        pol.model.lm_head.weight.add_(torch.randn_like(pol.model.lm_head.weight), alpha=0.5)
+    pol.model.save_pretrained(tuned)
+    cfg = FrontConfig(policy=str(tiny_policy_dir), objectives="positive,concise", prompts=str(prompts_file),
+                      weighted="", points="sample", trained=f"tuned={tuned}", n=2, max_new_tokens=6,
+                      normalize="none", out_dir=str(tmp_path / "front"), n_boot=50)  # fmt: skip
+    res = front(cfg, progress=False)
+    assert list(res["runs"]) == ["sample", "tuned"] and res["runs"]["tuned"]["method"] == "tuned"
+    assert set(res["spaces"]["proxy"]["methods"]) == {"sample", "tuned"}
+    base, trained = (read_records(tmp_path / "front" / f"{x}.jsonl") for x in ("sample", "tuned"))
+    assert trained[0]["config"]["policy"] == str(tuned) and base[0]["config"]["policy"] == str(tiny_policy_dir)
+    assert [r["response"] for r in trained] != [r["response"] for r in base]  # its own weights decoded
+    from moalign.front import runs_of
+
+    with pytest.raises(MoalignError, match="labels must differ from the methods' names"):
+        runs_of(FrontConfig(weighted="", points="sample", trained=f"sample={tuned}"), ["a", "b"])
+    with pytest.raises(MoalignError, match="entries must be LABEL=POLICY"):
+        runs_of(FrontConfig(weighted="", points="sample", trained=str(tuned)), ["a", "b"])
+
+
 def test_front_refuses_what_it_cannot_sweep(tmp_path, prompts_file):
     from moalign.config import FrontConfig
     from moalign.front import runs_of
