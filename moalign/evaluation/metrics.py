@@ -337,35 +337,33 @@ def evaluate_methods(
             _, len_p = _mean_by_prompt(ids, _words(m, records))
             jdata[m] = (jraw_p, jwc_p, len_p)
 
+    def signal_summary(method: str, names: list[str], raw_p, wc_p, ids, ref_wc):
+        """What the proxy and the judges both report: means per signal, the worst case and, against the
+        reference's per-prompt worst case ``ref_wc`` (None for the reference itself), the win rate and gain."""
+        est, lo, hi = bootstrap_ci(per_objective_mean, raw_p, n_boot=n_boot, alpha=alpha, seed=seed)
+        means = {g: Interval(float(est[j]), float(lo[j]), float(hi[j])) for j, g in enumerate(names)}
+        wc = Interval(*bootstrap_ci(np.mean, wc_p, n_boot=n_boot, alpha=alpha, seed=seed))
+        win = n_paired = gain = None
+        if ref_wc is not None:
+            ref_ids = data[str(reference)][0]
+            win, n_paired, gain = _paired_win(method, str(reference), ids, wc_p, ref_ids, ref_wc, tie_tol, n_boot,
+                                              alpha, seed)  # fmt: skip
+        return means, wc, win, n_paired, gain
+
     summaries: dict[str, MethodSummary] = {}
     for method, (ids, raw, wc_p, n_responses) in data.items():
-        est, lo, hi = bootstrap_ci(per_objective_mean, raw, n_boot=n_boot, alpha=alpha, seed=seed)
-        means = {g: Interval(float(est[j]), float(lo[j]), float(hi[j])) for j, g in enumerate(objectives)}
-        wc = Interval(*bootstrap_ci(np.mean, wc_p, n_boot=n_boot, alpha=alpha, seed=seed))
-        win = gain = None
-        n_paired = None
         is_ref = reference is None or method == str(reference)
-        if not is_ref:
-            ref_ids, _, ref_wc, _ = data[str(reference)]
-            win, n_paired, gain = _paired_win(
-                method, str(reference), ids, wc_p, ref_ids, ref_wc, tie_tol, n_boot, alpha, seed
-            )
+        means, wc, win, n_paired, gain = signal_summary(method, objectives, raw, wc_p, ids,
+                                                        None if is_ref else data[str(reference)][2])  # fmt: skip
         judge = None
         if judges:
             jraw_p, jwc_p, len_p = jdata[method]
-            est, lo, hi = bootstrap_ci(per_objective_mean, jraw_p, n_boot=n_boot, alpha=alpha, seed=seed)
-            jmeans = {g: Interval(float(est[j]), float(lo[j]), float(hi[j])) for j, g in enumerate(judges)}
-            jwin = jgain = None
-            if not is_ref:
-                ref_ids = data[str(reference)][0]
-                jwin, _, jgain = _paired_win(
-                    method, str(reference), ids, jwc_p, ref_ids, jdata[str(reference)][1], tie_tol, n_boot,
-                    alpha, seed,
-                )  # fmt: skip
+            jmeans, jwc, jwin, _, jgain = signal_summary(method, judges, jraw_p, jwc_p, ids,
+                                                         None if is_ref else jdata[str(reference)][1])  # fmt: skip
             decoded = {str(x) for x in (optimised or {}).get(method, ())}
             judge = JudgeSummary(
                 objective_means=jmeans,
-                worst_case=Interval(*bootstrap_ci(np.mean, jwc_p, n_boot=n_boot, alpha=alpha, seed=seed)),
+                worst_case=jwc,
                 length_words=Interval(*bootstrap_ci(np.mean, len_p, n_boot=n_boot, alpha=alpha, seed=seed)),
                 gap=Interval(*bootstrap_ci(np.mean, wc_p - jwc_p, n_boot=n_boot, alpha=alpha, seed=seed)),
                 win_rate=jwin,
