@@ -17,13 +17,10 @@ Writes benchmarks/results/iama_hh.{json,md,png}; runs go to benchmarks/results/i
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS, SHARED_DATA, ci, parser, save_plot, start, write_result  # noqa: E402
+from harness import RESULTS, SHARED_DATA, ci, parser, save_plot, start, write_result
 
 FILES = ("hh-helpful-base-test.jsonl.gz", "hh-harmless-base-test-2000.jsonl.gz")
 JUDGES = {"helpful": RESULTS / "judges" / "judge_helpful", "harmless": RESULTS / "judges" / "judge_harmless"}

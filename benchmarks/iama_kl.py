@@ -28,13 +28,10 @@ benchmarks/results/iama_kl_<task>/ (everything resumes: finished training and ev
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS, SHARED_DATA, ci, fmt, markdown_table, parser, save_plot, start, write_result  # noqa: E402
+from harness import RESULTS, SHARED_DATA, ci, fmt, markdown_table, parser, save_plot, start, write_result
 
 ARMS = {"iama": ("on", "batch"), "grpo-batch": ("off", "batch"), "grpo-group": ("off", "group"), "gdpo": ("off", "group")}
 #: TRL's aggregation of several rewards per arm (default: sum_then_normalize); gdpo: each reward normalised in

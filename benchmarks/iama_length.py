@@ -16,14 +16,11 @@ to benchmarks/results/iama_length/ (resumes: a finished stage is not redone).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS, SHARED_DATA, parser, save_plot, start, write_result  # noqa: E402
+from harness import RESULTS, SHARED_DATA, parser, save_plot, start, write_result
 
 from moalign.objectives.base import Objective, register_objective  # noqa: E402
 

@@ -21,8 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import SHARED_DATA, parser, start, write_result  # noqa: E402
+from harness import SHARED_DATA, parser, start, write_result
 
 
 def worker(args) -> None:

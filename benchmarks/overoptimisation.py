@@ -36,10 +36,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import rmod_hh
 from harness import RESULTS, fmt, parser, save_plot, start, write_result
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import rmod_hh  # noqa: E402
 
 # generation order: the most informative first, so that a run cut short still answers the question
 RUNS = [
