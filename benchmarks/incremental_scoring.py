@@ -14,12 +14,11 @@ two runs wrote the same responses.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import torch
 from harness import SHARED_DATA, parser, start, write_result
 
-from moalign.config import GenerateConfig
+from moalign.config import GenerateConfig, for_method
 from moalign.data.prompts import load_prompts
 from moalign.generate import generate
 from moalign.objectives.reward_model import RewardModelObjective
@@ -54,7 +53,7 @@ def main() -> None:
     rows = {}
     for T in lengths:
         for method in ("cd", "rmod"):
-            cfg = replace(base, method=method, max_new_tokens=T)
+            cfg = for_method(base, method, max_new_tokens=T)
             got = {}
             for mode, objs in objectives.items():
                 t0 = time.perf_counter()

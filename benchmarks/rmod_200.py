@@ -25,7 +25,6 @@ what exists (prompts every present run has answered).
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -56,17 +55,17 @@ SAMPLES = 32  # plain samples per prompt (--samples): best-of-N for N = 1, 2, 4,
 
 
 def variants(args) -> dict:
-    from moalign.config import GenerateConfig
+    from moalign.config import GenerateConfig, for_method
 
     base = GenerateConfig(objectives="helpful,harmless", max_new_tokens=args.max_new_tokens, block_size=16,
                           batch_size=args.batch_size, seed=args.seed)  # fmt: skip
     out = {}
     for k in args.ks:  # the central K first: results exist early for it
-        out[f"cd-k{k}"] = replace(base, method="cd", k=k, scalarization="uniform")
+        out[f"cd-k{k}"] = for_method(base, "cd", k=k, scalarization="uniform")
         for lam in args.lams:
-            out[f"rmod-k{k}-lam{lam:g}"] = replace(base, method="rmod", k=k, lam=lam)
+            out[f"rmod-k{k}-lam{lam:g}"] = for_method(base, "rmod", k=k, lam=lam)
         if k == args.ks[0]:
-            out[f"sample{args.samples}"] = replace(base, method="sample", n=args.samples)
+            out[f"sample{args.samples}"] = for_method(base, "sample", n=args.samples)
     return out
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from harness import RESULTS, SHARED_DATA, fmt, iv_list, mean_cis, parser, start, write_result
 
-from moalign.config import GenerateConfig
+from moalign.config import GenerateConfig, for_method
 from moalign.data.pairs import load_pairs, split_pairs
 from moalign.data.prompts import Prompt
 from moalign.evaluation import paired_diff_ci, paired_win_ci
@@ -52,11 +52,11 @@ def heldout_prompts(n: int, offset: int = 0) -> list[Prompt]:
 def run_config(label: str, base: GenerateConfig) -> GenerateConfig:
     """The generate config of a run label: ``sampleN``, ``cd-kK`` (CD-Uniform) or ``rmod-kK-lamL``."""
     if m := re.fullmatch(r"sample(\d+)", label):
-        return replace(base, method="sample", n=int(m[1]))
+        return for_method(base, "sample", n=int(m[1]))
     if m := re.fullmatch(r"cd-k(\d+)", label):
-        return replace(base, method="cd", k=int(m[1]), scalarization="uniform")
+        return for_method(base, "cd", k=int(m[1]), scalarization="uniform")
     if m := re.fullmatch(r"rmod-k(\d+)-lam([0-9.]+)", label):
-        return replace(base, method="rmod", k=int(m[1]), lam=float(m[2]))
+        return for_method(base, "rmod", k=int(m[1]), lam=float(m[2]))
     raise ValueError(f"unknown run label {label!r}")
 
 

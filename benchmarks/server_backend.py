@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from harness import parser, start, write_result  # noqa: E402
 from llama_server import LlamaServer, NativeLlamaServer  # noqa: E402  (scripts/, on the path through _common)
 
-from moalign.config import GenerateConfig  # noqa: E402
+from moalign.config import GenerateConfig, for_method  # noqa: E402
 from moalign.data.prompts import demo_prompts_path, load_prompts  # noqa: E402
 from moalign.decoding.backend import SamplingConfig, first_candidate, strip_eos  # noqa: E402
 from moalign.decoding.in_process import TransformersBackend  # noqa: E402
@@ -122,8 +122,8 @@ def main() -> None:
     scorer.raw(["warm up"], ["the objectives' models load here, outside the timings"])
     base = GenerateConfig(max_new_tokens=args.max_new_tokens, seed=0, normalize="none")
     methods = {
-        "best-of-8": replace(base, method="best-of-n", n=8),
-        "cd-k8-b16": replace(base, method="cd", k=8, block_size=16),
+        "best-of-8": for_method(base, "best-of-n", n=8),
+        "cd-k8-b16": for_method(base, "cd", k=8, block_size=16),
     }
     t0 = time.perf_counter()
     policy = load_policy(DEFAULT_POLICY)
