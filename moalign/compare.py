@@ -7,7 +7,14 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from moalign.config import CompareConfig, EvaluateConfig, GenerateConfig, for_method, versions
+from moalign.config import (
+    CompareConfig,
+    EvaluateConfig,
+    GenerateConfig,
+    for_method,
+    refuse_unused_method_flags,
+    versions,
+)
 from moalign.data.prompts import demo_prompts_path, load_prompts
 from moalign.decoding.registry import foreign_settings, get_method, loads_policy
 from moalign.errors import MoalignError
@@ -47,17 +54,6 @@ def parse_method(spec: str) -> tuple[str, str, dict]:
                 raise MoalignError(f"method {spec!r}: bad value {val!r} for {key}") from None
             label += f"-{key}{val}"
     return label, name, overrides
-
-
-def refuse_unused_method_flags(cfg, methods: list[str]) -> None:
-    """A method's setting given to ``compare`` (away from its default) that none of ``methods`` has is an error:
-    it would change nothing."""
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    owned = {f.name for m in methods if get_method(m).args for f in dataclasses.fields(get_method(m).args)}
-    for name, owners in foreign_settings(methods[0]).items():
-        if name not in owned and getattr(cfg, name) != defaults.get(name):
-            raise MoalignError(f"--{name.replace('_', '-')} belongs to {', '.join(owners)}, none of the methods "
-                               f"compared ({', '.join(dict.fromkeys(methods))})")  # fmt: skip
 
 
 def compare(cfg: CompareConfig, progress: bool = True) -> EvaluationResult:

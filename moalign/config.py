@@ -256,6 +256,17 @@ def for_method(cfg, method: str, **overrides):
     return dataclasses.replace(cfg, **{**reset, "method": method, **overrides})
 
 
+def refuse_unused_method_flags(cfg, methods: list[str]) -> None:
+    """A method's setting given to a run of several methods (``compare``, ``front``; away from its default) that
+    none of ``methods`` has is an error: it would change nothing."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    owned = {f.name for m in methods if get_method(m).args for f in dataclasses.fields(get_method(m).args)}
+    for name, owners in foreign_settings(methods[0]).items():
+        if name not in owned and getattr(cfg, name) != defaults.get(name):
+            raise MoalignError(f"--{name.replace('_', '-')} belongs to {', '.join(owners)}, none of the methods "
+                               f"compared ({', '.join(dict.fromkeys(methods))})")  # fmt: skip
+
+
 def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 

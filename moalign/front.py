@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moalign.config import GenerateConfig, for_method, versions
+from moalign.config import GenerateConfig, for_method, refuse_unused_method_flags, versions
 from moalign.data.prompts import demo_prompts_path, load_prompts
 from moalign.decoding.registry import get_method, loads_policy
 from moalign.errors import MoalignError, SettingError
@@ -53,6 +53,7 @@ def runs_of(cfg, names: list[str]) -> list[tuple[str, str, tuple[float, ...] | N
     both = sorted(set(weighted) & set(points))
     if both:
         raise MoalignError(f"{', '.join(both)} listed under both --weighted and --points")
+    refuse_unused_method_flags(cfg, weighted + points + (["sample"] if trained else []))
     base = GenerateConfig(**{k: v for k, v in asdict(cfg).items() if k in GenerateConfig.__dataclass_fields__})
     out = []
     for m in weighted:

@@ -157,6 +157,9 @@ def test_front_refuses_what_it_cannot_sweep(tmp_path, prompts_file):
     from moalign.config import FrontConfig
     from moalign.front import runs_of
 
+    with pytest.raises(MoalignError, match="--lam belongs to rmod, none of the methods"):
+        runs_of(FrontConfig(weighted="best-of-n", points="sample", lam=0.1), ["a", "b"])  # not silently dropped
+
     def cfg(**kw):
         return FrontConfig(**{"prompts": str(prompts_file), "out_dir": str(tmp_path), **kw})
 
