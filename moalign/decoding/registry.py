@@ -137,10 +137,6 @@ class MethodSpec:
             args.validate()
         return args
 
-    def settings_of(self, method) -> dict:
-        """``method`` (this method's settings object) as a mapping of its fields."""
-        return dataclasses.asdict(method) if method is not None else {}
-
 
 #: where the policy runs (``--backend``): name -> (module, opener, in process?, help). An opener is
 #: ``open(cfg, sampling, policy=None) -> (policy, Backend)``; ``local`` uses a passed policy, ``server`` ignores it
