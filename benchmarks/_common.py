@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import platform
 import sys
@@ -9,7 +10,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
-sys.path.insert(0, str(ROOT / "scripts"))  # development tools (the local llama.cpp server launcher)
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -34,3 +34,13 @@ def write_result(name: str, payload: dict, summary: str) -> Path:
     path.write_text(json.dumps({**payload, "summary": summary, "environment": environment()}, indent=2))
     print(summary)
     return path
+
+
+def load_script(name: str):
+    """A development tool of ``scripts/`` as a module (e.g. ``llama_server``, the local llama.cpp server
+    launcher), loaded from its file: ``scripts/`` is not a package and is never put on ``sys.path``."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import RESULTS, SHARED_DATA, write_result
-from darwin_mtbench import load_prompt_set
+from _tasks import load_prompt_set
 from harness import (
     COMPUTE,
     _num,
@@ -64,7 +64,9 @@ def variants(args) -> dict:
     }  # fmt: skip
 
 
-def _score_texts(prompts: list[str], responses: list[str], judges: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _score_texts(
+    prompts: list[str], responses: list[str], judges: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
     """Raw proxy and judge scores of (prompt, response) pairs (the best-so-far responses of earlier cycles)."""
     from moalign.decoding.values import ObjectiveScorer
     from moalign.evaluation import ensure_judges, judge_specs, parse_judges
@@ -87,12 +89,28 @@ def mc_points(records: list[dict], order: list[str], judges: list[str], pnorm, j
             cycles = [e for e in tr if e.get("cycle", 0) >= 1][:c]
             prompts.append(by[p]["prompt"])
             responses.append(cycles[-1]["best_so_far"]["response"])
-            pol.append(sum(e["forward_tokens"] + ((e.get("mutation") or {}).get("forward_tokens", 0)) for e in cycles))
+            pol.append(
+                sum(
+                    e["forward_tokens"] + ((e.get("mutation") or {}).get("forward_tokens", 0)) for e in cycles
+                )
+            )
             muts = [e.get("mutation") or {} for e in cycles]
-            sc.append(sum(e.get("scorer_tokens", 0) + m.get("scorer_tokens", 0) for e, m in zip(cycles, muts)))
+            sc.append(
+                sum(e.get("scorer_tokens", 0) + m.get("scorer_tokens", 0) for e, m in zip(cycles, muts))
+            )
             # FLOPs (NaN in traces written before they were counted)
-            pol_f.append(sum(_num(e.get("policy_flops")) + _num(m.get("policy_flops", 0.0)) for e, m in zip(cycles, muts)))
-            sc_f.append(sum(_num(e.get("scorer_flops")) + _num(m.get("scorer_flops", 0.0)) for e, m in zip(cycles, muts)))
+            pol_f.append(
+                sum(
+                    _num(e.get("policy_flops")) + _num(m.get("policy_flops", 0.0))
+                    for e, m in zip(cycles, muts)
+                )
+            )
+            sc_f.append(
+                sum(
+                    _num(e.get("scorer_flops")) + _num(m.get("scorer_flops", 0.0))
+                    for e, m in zip(cycles, muts)
+                )
+            )
             first = cycles[0].get("mutation")
             ok.append(first is None or bool(first.get("complete")))
         praw, jraw = _score_texts(prompts, responses, judges)
@@ -142,7 +160,9 @@ def analyse(args, out_dir: Path) -> dict:
 
     data = load_variants(out_dir, list(variants(args)), samples={f"sample{SAMPLES}": SAMPLES})
     runs, order, judges = data["runs"], data["prompts"], data["judges"]
-    pnorm = NormStats.from_dict(json.loads(meta_path(out_dir / f"sample{SAMPLES}.jsonl").read_text())["norm"]).subset(OBJ)
+    pnorm = NormStats.from_dict(
+        json.loads(meta_path(out_dir / f"sample{SAMPLES}.jsonl").read_text())["norm"]
+    ).subset(OBJ)
     samples = runs[f"sample{SAMPLES}"]
     jnorm = fit_norm_stats(np.array([[r["judge_scores"][n] for n in judges] for r in samples]), judges,
                            source=f"judges on the policy's {SAMPLES} samples x {len(order)} prompts")  # fmt: skip
@@ -212,8 +232,6 @@ def analyse(args, out_dir: Path) -> dict:
     (RESULTS / "darwin_128.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return result
-
-
 
 
 def main() -> None:

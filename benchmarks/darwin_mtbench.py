@@ -22,31 +22,20 @@ import json
 from pathlib import Path
 
 import numpy as np
+from _tasks import JUDGE_DIR, load_prompt_set
 from harness import RESULTS, SHARED_DATA, ci, fmt, parser, save_plot, start, write_result
 
 OUT = RESULTS / "darwin_mtbench"  # --out-dir changes it
-JUDGES = RESULTS / "judges"
 SETTINGS = {"helpful": "helpful", "worst": "worst-case"}
 CYCLES = 3
 BEAMS = 5
-
-
-def load_prompt_set(per_source: int):
-    from moalign.data.prompts import load_prompts
-
-    sources = []
-    for tag, f in (("mt", "mt-bench-questions.jsonl"), ("vicuna", "vicuna-bench-questions.jsonl")):
-        sources.append([dataclasses.replace(p, id=f"{tag}{p.id}")
-                        for p in load_prompts(str(SHARED_DATA / f), limit=per_source)])  # fmt: skip
-    # interleaved, so that a larger --per-source only appends prompts (and a rerun resumes)
-    return [p for pair in zip(*sources) for p in pair]
 
 
 def ensure_judges() -> dict[str, str]:
     """The two judges, trained on first use by the shared helper (CC-BY-NC PKU data: never shipped)."""
     from moalign.evaluation import ensure_judges as _ensure
 
-    return {name: str(path) for name, path in _ensure(JUDGES, SHARED_DATA).items()}
+    return {name: str(path) for name, path in _ensure(JUDGE_DIR, SHARED_DATA).items()}
 
 
 def run_generation(args) -> None:
@@ -73,12 +62,8 @@ def run_generation(args) -> None:
         sc = SETTINGS[s]
         runs.append((f"darwin-{s}", for_method(base, "darwin", scalarization=sc)))
         if s == "worst":
-            runs.append(
-                ("rmod-worst", for_method(base, "rmod", k=BEAMS, block_size=16, lam=5.0))
-            )
-        runs.append(
-            (f"sample-replace-{s}", for_method(base, "sample-replace", scalarization=sc))
-        )
+            runs.append(("rmod-worst", for_method(base, "rmod", k=BEAMS, block_size=16, lam=5.0)))
+        runs.append((f"sample-replace-{s}", for_method(base, "sample-replace", scalarization=sc)))
         runs.append((f"mutate-bon-{s}", for_method(base, "mutate-bon", scalarization=sc)))
     only = set(args.only or [r for r, _ in runs])
     for label, cfg in runs:

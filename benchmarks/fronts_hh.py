@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 
 from _common import RESULTS, SHARED_DATA, write_result
+from _tasks import heldout_prompts
 from harness import parser, start
-from rmod_hh import heldout_prompts
 
 OUT = RESULTS / "fronts_hh"  # runs (gitignored)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 
-import iama_length as il
+from _tasks import register_length_targets
 from harness import RESULTS, parser, start, write_result
 
 RUNS = RESULTS / "iama_kl_length"
@@ -26,11 +26,8 @@ def main() -> None:
     args = start(ap.parse_args())
     from moalign.config import FrontConfig
     from moalign.front import front, front_table
-    from moalign.objectives.base import register_objective
 
-    il.L_MAX = 32
-    for t in (4, 28):
-        register_objective(f"len{t}", lambda t=t: il.LengthTarget(t))
+    register_length_targets((4, 28), l_max=32)
     trained = ",".join(f"{arm}={RUNS / arm / f'checkpoint-{args.step}'}" for arm in ARMS)
     cfg = FrontConfig(objectives="len4,len28", prompts=str(RUNS / "eval_prompts.jsonl"), weighted="best-of-n,cd",
                       points="sample", trained=trained, steps=2, n=4, k=4, block_size=8, max_new_tokens=32,
@@ -40,7 +37,9 @@ def main() -> None:
     (RESULTS / "fronts_length.md").write_text(table + "\n")
     shutil.copy(f"{args.out_dir}/front.png", RESULTS / "fronts_length.png")
     hv = {m: f["hypervolume"] for m, f in res["spaces"]["proxy"]["methods"].items()}
-    summary = "fronts_length: hypervolume " + ", ".join(f"{m} {v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]" for m, v in hv.items())
+    summary = "fronts_length: hypervolume " + ", ".join(
+        f"{m} {v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]" for m, v in hv.items()
+    )
     write_result("fronts_length", {"config": vars(args), "result": {k: v for k, v in res.items() if k != "config"}},
                  summary)  # fmt: skip
     print(table)

@@ -35,7 +35,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the package from this checkout (the GPU machine has no install of it)
 
 METHODS = ["sample", "best-of-n", "cd", "rmod", "darwin", "sample-replace", "mutate-bon"]
 PROMPTS = [
@@ -134,7 +133,7 @@ class Skip(Exception):
 
 def main(argv=None) -> int:
     from harness import (
-        parser,  # the benchmarks' shared arguments (this folder is on sys.path as the script's own)
+        parser,  # the benchmarks' shared arguments
     )
 
     ap = parser(__doc__.splitlines()[0], out_dir=ROOT / "benchmarks" / "results" / "gpu_check", out_alias="--out",

@@ -4,4 +4,6 @@
 # (write the assets first, where the bundled policy is installed: python benchmarks/gpu_check.py --prepare benchmarks/gpu_assets)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the package from this checkout (the GPU machine has torch but no install of moalign)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 exec "${PYTHON:-python3}" benchmarks/gpu_check.py "$@"

@@ -20,28 +20,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from harness import RESULTS, SHARED_DATA, ci, parser, save_plot, start, write_result
-
-FILES = ("hh-helpful-base-test.jsonl.gz", "hh-harmless-base-test-2000.jsonl.gz")
-JUDGES = {"helpful": RESULTS / "judges" / "judge_helpful", "harmless": RESULTS / "judges" / "judge_harmless"}
-
-
-def split_prompts(out: Path, n_train: int, n_eval: int) -> tuple[Path, Path]:
-    """Train prompts from the first records of each file, held-out prompts from the last ones."""
-    from moalign.data.prompts import load_prompts
-
-    train, held = [], []
-    for f in FILES:
-        ps = load_prompts(str(SHARED_DATA / f), skip_invalid=True)
-        ps = [p for p in ps if len(p.text) <= 300]  # short prompts: CPU time goes to the responses
-        train += ps[: n_train // 2]
-        held += ps[-(n_eval // 2) :]
-    paths = []
-    for name, ps in (("train", train), ("eval", held)):
-        p = out / f"{name}_prompts.jsonl"
-        p.write_text("".join(json.dumps({"id": x.id, "messages": [dict(m) for m in x.messages]}) + "\n" for x in ps))
-        paths.append(p)
-    return paths[0], paths[1]
+from _tasks import JUDGES, split_prompts
+from harness import RESULTS, ci, parser, save_plot, start, write_result
 
 
 def main() -> None:
@@ -144,8 +124,12 @@ def main() -> None:
     paired = {}
     for a, b in (("iama-sum", "grpo"), ("iama-min", "grpo"), ("iama-sum", "base"), ("iama-min", "base"),
                  ("grpo", "base")):  # fmt: skip
-        paired[f"{a} - {b}"] = {k: ci(np.mean, objective[a][k] - objective[b][k], seed=args.seed) for k in objective[a]}
-    objective_ci = {n: {k: ci(np.mean, v, seed=args.seed) for k, v in o.items()} for n, o in objective.items()}
+        paired[f"{a} - {b}"] = {
+            k: ci(np.mean, objective[a][k] - objective[b][k], seed=args.seed) for k in objective[a]
+        }
+    objective_ci = {
+        n: {k: ci(np.mean, v, seed=args.seed) for k, v in o.items()} for n, o in objective.items()
+    }
 
     lines = ["| policy | selection | " + " | ".join(label[n] for n in names) + " | words |",
              "|---" * (len(names) + 3) + "|"]  # fmt: skip
@@ -156,7 +140,9 @@ def main() -> None:
     lines += ["", "Best-of-4 objective (mean over the criteria of best-of-4's value by that criterion's reward):", "",
               "| policy or difference | PROXY | JUDGE |", "|---|---|---|"]  # fmt: skip
     for n, o in list(objective_ci.items()) + list(paired.items()):
-        cells = [f"{o[k][0]:+.2f} [{o[k][1]:+.2f}, {o[k][2]:+.2f}]" if k in o else "—" for k in ("proxy", "judge")]
+        cells = [
+            f"{o[k][0]:+.2f} [{o[k][1]:+.2f}, {o[k][2]:+.2f}]" if k in o else "—" for k in ("proxy", "judge")
+        ]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     md = "\n".join(lines)
     (RESULTS / f"{tag}.md").write_text(md + "\n")

@@ -31,9 +31,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+from _tasks import JUDGES, register_length_targets, short_prompts, split_prompts
 from harness import RESULTS, SHARED_DATA, ci, fmt, markdown_table, parser, save_plot, start, write_result
 
-ARMS = {"iama": ("on", "batch"), "grpo-batch": ("off", "batch"), "grpo-group": ("off", "group"), "gdpo": ("off", "group")}
+ARMS = {
+    "iama": ("on", "batch"),
+    "grpo-batch": ("off", "batch"),
+    "grpo-group": ("off", "group"),
+    "gdpo": ("off", "group"),
+}
 #: TRL's aggregation of several rewards per arm (default: sum_then_normalize); gdpo: each reward normalised in
 #: its group, then summed (TRL's normalize_then_sum, the GDPO paper's)
 AGGREGATION = {"gdpo": "normalize_then_sum"}
@@ -98,7 +104,9 @@ def evaluate(name: str, policy: str, eval_prompts: Path, objectives: str, out: P
     return res
 
 
-def bon_objective(ev: dict, crit_cols: list[int], signal_cols: list[list[int]], mu, sd) -> dict[str, np.ndarray]:
+def bon_objective(
+    ev: dict, crit_cols: list[int], signal_cols: list[list[int]], mu, sd
+) -> dict[str, np.ndarray]:
     """Per prompt, mean over criteria c of signal(c) at best-of-4 picked by criterion c's proxy, per kind."""
     z = (np.array(ev["scores"], dtype=float) - mu) / sd  # [prompts, samples, signals]
     out = {}
@@ -145,23 +153,21 @@ def main() -> None:
     arms = args.arms.split(",")
 
     if args.task == "hh":
-        from iama_hh import JUDGES, split_prompts
-
-        train_prompts, eval_prompts = split_prompts(out, args.steps * args.prompts_per_step, args.eval_prompts)
+        train_prompts, eval_prompts = split_prompts(
+            out, args.steps * args.prompts_per_step, args.eval_prompts
+        )
         criteria, crit_names = ["helpful:bon:4", "harmless:bon:4"], ["helpful", "harmless"]
         judges = [f"rm:{JUDGES[c]}" for c in crit_names if JUDGES[c].exists()]
         args.normalize = "none"  # the shipped proxies' scales are comparable; the same as iama_hh
     else:
-        import iama_length as il
-
-        from moalign.objectives.base import register_objective
-
-        il.L_MAX = args.max_tokens
         targets = (4, 28)
-        for t in targets:
-            register_objective(f"len{t}", lambda t=t: il.LengthTarget(t))
-        train_prompts = il.short_prompts(SHARED_DATA / "ultrafeedback-binarized-1000.jsonl.gz", out / "train_prompts.jsonl")
-        eval_prompts = il.short_prompts(SHARED_DATA / "ultrafeedback-binarized-eval-200.jsonl.gz", out / "eval_all.jsonl")
+        register_length_targets(targets, l_max=args.max_tokens)
+        train_prompts = short_prompts(
+            SHARED_DATA / "ultrafeedback-binarized-1000.jsonl.gz", out / "train_prompts.jsonl"
+        )
+        eval_prompts = short_prompts(
+            SHARED_DATA / "ultrafeedback-binarized-eval-200.jsonl.gz", out / "eval_all.jsonl"
+        )
         lines = eval_prompts.read_text().splitlines()[: args.eval_prompts]
         eval_prompts = out / "eval_prompts.jsonl"
         eval_prompts.write_text("\n".join(lines) + "\n")
@@ -179,7 +185,11 @@ def main() -> None:
 
     base = evals[("base", 0)]
     base_z = np.array(base["scores"], dtype=float).reshape(-1, len(base["signals"]))
-    mu, sd = (base_z.mean(0), base_z.std(0)) if args.task == "hh" else (np.zeros(base_z.shape[1]), np.ones(base_z.shape[1]))
+    mu, sd = (
+        (base_z.mean(0), base_z.std(0))
+        if args.task == "hh"
+        else (np.zeros(base_z.shape[1]), np.ones(base_z.shape[1]))
+    )
     crit_cols = list(range(len(crit_names)))
     signal_cols = [crit_cols, list(range(len(crit_names), len(crit_names) + len(judges)))]
     kinds = ["proxy"] + (["judge"] if judges else [])
@@ -201,7 +211,9 @@ def main() -> None:
         for kl_i, obj_i in sorted(curves.get("iama", []), key=lambda p: p[0])[1:]:
             o = at_kl(curves[other], kl_i)
             key = f"iama - {other} at KL {kl_i:.2f}"
-            matched[key] = {k: ci(np.mean, obj_i[k] - o[k], seed=args.seed) for k in kinds} if o else "outside"
+            matched[key] = (
+                {k: ci(np.mean, obj_i[k] - o[k], seed=args.seed) for k in kinds} if o else "outside"
+            )
 
     rows = [[n, f"{p['step']}", fmt(p["kl"], digits=2), *[fmt(p[k], signed=True, digits=2) for k in kinds],
              f"{p['words']:.0f}", f"{p['tokens']:.1f}"] for n, p in points.items()]  # fmt: skip
@@ -236,11 +248,18 @@ def main() -> None:
     png = save_plot(fig, tag)
 
     last = {arm: points[f"{arm}-{args.steps}"] for arm in arms if f"{arm}-{args.steps}" in points}
-    summary = f"{tag}: after {args.steps} steps (beta {args.beta}) KL / best-of-4 objective " + ", ".join(
-        f"{a} {p['kl'][0]:.2f} / {p['proxy'][0]:+.2f}" + (f" (judge {p['judge'][0]:+.2f})" if "judge" in p else "")
-        for a, p in last.items()
-    ) + f"; base {points['base-0']['proxy'][0]:+.2f}; plot {png.name}"
-    write_result(tag, {"args": vars(args), "train": train_info, "points": points, "matched_kl": matched}, summary)
+    summary = (
+        f"{tag}: after {args.steps} steps (beta {args.beta}) KL / best-of-4 objective "
+        + ", ".join(
+            f"{a} {p['kl'][0]:.2f} / {p['proxy'][0]:+.2f}"
+            + (f" (judge {p['judge'][0]:+.2f})" if "judge" in p else "")
+            for a, p in last.items()
+        )
+        + f"; base {points['base-0']['proxy'][0]:+.2f}; plot {png.name}"
+    )
+    write_result(
+        tag, {"args": vars(args), "train": train_info, "points": points, "matched_kl": matched}, summary
+    )
 
 
 if __name__ == "__main__":

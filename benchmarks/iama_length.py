@@ -20,35 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _tasks import register_length_targets, short_prompts
 from harness import RESULTS, SHARED_DATA, parser, save_plot, start, write_result
 
-from moalign.objectives.base import Objective, register_objective  # noqa: E402
-
 L_MAX = 32  # the completion cap; set by --max-tokens
-
-
-class LengthTarget(Objective):
-    """``-(|len - target| / L_MAX)^2`` with ``len`` the response's length in policy tokens."""
-
-    def __init__(self, target: int):
-        from moalign.policies import load_tokenizer
-
-        self.target = target
-        self.name = f"len{target}"
-        self.tok = load_tokenizer("smollm2-135m-instruct")
-
-    def _score(self, prompts, responses):
-        lens = torch.tensor([len(self.tok(r, add_special_tokens=False)["input_ids"]) for r in responses])
-        return -(((lens - self.target).abs().double() / L_MAX) ** 2)
-
-
-def short_prompts(src: Path, dst: Path, max_chars: int = 200) -> Path:
-    """The prompts of ``src`` no longer than ``max_chars`` (long prompts cost CPU time and say nothing here)."""
-    from moalign.data.files import read_records
-
-    rows = [{"prompt": r["prompt"]} for r in read_records(str(src)) if 0 < len(r["prompt"].strip()) <= max_chars]
-    dst.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return dst
 
 
 def lengths_of(run: Path) -> list[list[int]]:
@@ -61,7 +36,9 @@ def lengths_of(run: Path) -> list[list[int]]:
     return list(groups.values())
 
 
-def sample_lengths(policy: str, prompts: Path, out: Path, n: int, limit: int, targets, seed: int) -> list[list[int]]:
+def sample_lengths(
+    policy: str, prompts: Path, out: Path, n: int, limit: int, targets, seed: int
+) -> list[list[int]]:
     from moalign.config import GenerateConfig
     from moalign.generate import generate
 
@@ -102,7 +79,9 @@ def summarise(groups: list[list[int]], targets, tol: int, seed: int = 0) -> dict
 
 def main() -> None:
     # --out-dir: the runs folder; its name also names the results files (default iama_length)
-    ap = parser(__doc__.splitlines()[0], out_dir=RESULTS / "iama_length", analyse_only=False, seed=0, threads=1)
+    ap = parser(
+        __doc__.splitlines()[0], out_dir=RESULTS / "iama_length", analyse_only=False, seed=0, threads=1
+    )
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--targets", default="4,28", help="two target lengths in tokens")
     ap.add_argument("--max-tokens", type=int, default=32, help="completion cap L_max (tokens)")
@@ -116,12 +95,15 @@ def main() -> None:
     global L_MAX
     L_MAX = args.max_tokens
     targets = [int(x) for x in args.targets.split(",")]
-    for t in targets:
-        register_objective(f"len{t}", lambda t=t: LengthTarget(t))
+    register_length_targets(targets, l_max=L_MAX)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_prompts = short_prompts(SHARED_DATA / "ultrafeedback-binarized-1000.jsonl.gz", out / "train_prompts.jsonl")
-    eval_prompts = short_prompts(SHARED_DATA / "ultrafeedback-binarized-eval-200.jsonl.gz", out / "eval_prompts.jsonl")
+    train_prompts = short_prompts(
+        SHARED_DATA / "ultrafeedback-binarized-1000.jsonl.gz", out / "train_prompts.jsonl"
+    )
+    eval_prompts = short_prompts(
+        SHARED_DATA / "ultrafeedback-binarized-eval-200.jsonl.gz", out / "eval_prompts.jsonl"
+    )
 
     from moalign.training.grpo import IAMAConfig, train_grpo
 
@@ -147,7 +129,8 @@ def main() -> None:
         train_info[name] = {
             "seconds": rec["result"]["seconds"],
             "mean_length_first5": sum(h["completions/mean_length"] for h in hist[:5]) / max(1, len(hist[:5])),
-            "mean_length_last5": sum(h["completions/mean_length"] for h in hist[-5:]) / max(1, len(hist[-5:])),
+            "mean_length_last5": sum(h["completions/mean_length"] for h in hist[-5:])
+            / max(1, len(hist[-5:])),
             "step_time_mean": sum(h.get("step_time", 0) for h in hist) / max(1, len(hist)),
         }
         runs[name] = str(d)

@@ -1,6 +1,6 @@
 """Over-optimisation, shown: selection pressure of each inference-time method against PROXY and JUDGE.
 
-On held-out HH prompts (``rmod_hh.heldout_prompts``: half helpful-base, half harmless-base, never seen by the
+On held-out HH prompts (``_tasks.heldout_prompts``: half helpful-base, half harmless-base, never seen by the
 shipped reward models), the decoding objectives are the shipped ``helpful``/``harmless`` reward models (the
 PROXY, z-scored with the shipped statistics); every response is also scored by the JUDGES
 (:mod:`moalign.evaluation.judges`, z-scored on the policy's own samples) and its length in words recorded.
@@ -35,8 +35,8 @@ import re
 import sys
 from pathlib import Path
 
+import _hh_runs as runs
 import numpy as np
-import rmod_hh
 from harness import RESULTS, fmt, parser, save_plot, start, write_result
 
 # generation order: the most informative first, so that a run cut short still answers the question
@@ -55,7 +55,7 @@ BON_N = (1, 2, 4, 8, 16)
 
 
 def main(argv=None) -> int:
-    ap = parser(__doc__.splitlines()[0], prompts=48, out_dir=rmod_hh.OUT_DIR, batch_size=8, seed=0, threads=1,
+    ap = parser(__doc__.splitlines()[0], prompts=48, out_dir=runs.OUT_DIR, batch_size=8, seed=0, threads=1,
                 analyse_only=False)  # analysis only unless --generate  # fmt: skip
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--block-size", type=int, default=16)
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         target = args.prompts
         for n in [s for s in args.stages if s < target] + [target]:
             args.prompts = n
-            rmod_hh.generate_runs(args.runs, args, out_dir)
+            runs.generate_runs(args.runs, args, out_dir)
         args.prompts = target
     return analyse(args, out_dir)
 
@@ -82,7 +82,7 @@ def points(data: dict) -> list[dict]:
     """Every sweep point: family, pressure, per-prompt arrays, KL estimate."""
     out = []
     for rule, fam in (("worst-case", "best-of-N (worst-case pick)"), ("uniform", "best-of-N (uniform pick)")):
-        for n, pt in rmod_hh.best_of_points(data, BON_N, rule).items():
+        for n, pt in runs.best_of_points(data, BON_N, rule).items():
             out.append({"family": fam, "label": f"{fam.split(' (')[0].replace('N', str(n))} ({rule})",
                         "pressure": n, "pressure_name": "N", "kl": kl_bon(n), "pt": pt})  # fmt: skip
     for label in data["runs"]:
@@ -93,7 +93,7 @@ def points(data: dict) -> list[dict]:
             fam, extra = f"RMOD λ={lam:g}", {"lam": lam}
         else:
             continue
-        pt = rmod_hh.single_point(label, data)
+        pt = runs.single_point(label, data)
         out.append({"family": fam, "label": label, "pressure": k, "pressure_name": "K", **extra,
                     "kl": float(np.mean(pt["blocks"])) * kl_bon(k), "pt": pt})  # fmt: skip
     fam_order = {"best-of-N (worst-case pick)": 0, "best-of-N (uniform pick)": 1, "CD-Uniform": 2}
@@ -108,24 +108,24 @@ CONTRASTS = [  # (a, b): a − b; "bonN" = best-of-N with the worst-case pick
 
 
 def paired_contrasts(data: dict) -> dict:
-    pts = {f"bon{n}": pt for n, pt in rmod_hh.best_of_points(data, BON_N, "worst-case").items()}
-    pts.update({lab: rmod_hh.single_point(lab, data) for lab in data["runs"] if lab != "sample16"})
+    pts = {f"bon{n}": pt for n, pt in runs.best_of_points(data, BON_N, "worst-case").items()}
+    pts.update({lab: runs.single_point(lab, data) for lab in data["runs"] if lab != "sample16"})
     out = {}
     for a, b in CONTRASTS:
         if a in pts and b in pts:
-            out[f"{a} − {b}"] = {side: rmod_hh.paired(pts[a][f"{side}_wc"], pts[b][f"{side}_wc"])
+            out[f"{a} − {b}"] = {side: runs.paired(pts[a][f"{side}_wc"], pts[b][f"{side}_wc"])
                                  for side in ("proxy", "judge")}  # fmt: skip
     return out
 
 
 def analyse(args, out_dir: Path) -> int:
-    data = rmod_hh.load_judged(out_dir, RUNS + EXTRA_RUNS)
+    data = runs.load_judged(out_dir, RUNS + EXTRA_RUNS)
     pts = points(data)
     ref = next(p["pt"] for p in pts if p["family"].startswith("best-of-N") and p["pressure"] == 1)
     rows = []
     for p in pts:
         row = {k: v for k, v in p.items() if k != "pt"}
-        row.update(rmod_hh.summarise(p["pt"], ref))
+        row.update(runs.summarise(p["pt"], ref))
         rows.append(row)
     n = len(data["prompts"])
     md = [f"Selection pressure on {n} held-out HH prompts ({n // 2} helpful-base + {n // 2} harmless-base; "
@@ -144,10 +144,7 @@ def analyse(args, out_dir: Path) -> int:
     contrasts = paired_contrasts(data)
     md += ["", "Paired contrasts (same prompts; worst case, z):", "", "| contrast | PROXY diff | JUDGE diff |",
            "|---|---|---|"]  # fmt: skip
-    md += [
-        f"| {k} | {fmt(v['proxy'], True)} | {fmt(v['judge'], True)} |"
-        for k, v in contrasts.items()
-    ]
+    md += [f"| {k} | {fmt(v['proxy'], True)} | {fmt(v['judge'], True)} |" for k, v in contrasts.items()]
     (RESULTS / "overoptimisation.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     plot(rows, RESULTS / "overoptimisation.png", n)

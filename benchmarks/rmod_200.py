@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import RESULTS, write_result
+from _tasks import heldout_prompts
 from harness import (
     COMPUTE,
     best_of_n_at,
@@ -45,13 +46,14 @@ from harness import (
     summary_row,
     whole_response_reads,
 )
-from rmod_hh import heldout_prompts
 
 from moalign.evaluation import paired_diff_ci, paired_win_ci
 
 OUT = RESULTS / "rmod_200"  # runs (gitignored)
 OBJ = ["helpful", "harmless"]
-SAMPLES = 32  # plain samples per prompt (--samples): best-of-N for N = 1, 2, 4, ... up to it, and the judges' z
+SAMPLES = (
+    32  # plain samples per prompt (--samples): best-of-N for N = 1, 2, 4, ... up to it, and the judges' z
+)
 
 
 def variants(args) -> dict:
@@ -172,15 +174,18 @@ def analyse(args, out_dir: Path) -> dict:
     return result
 
 
-
 def main() -> None:
     ap = parser(__doc__.splitlines()[0], prompts=200, out_dir=OUT, batch_size=8)
     ap.add_argument("--ks", default="8,4,16", help="candidates per block, the first run first")
     ap.add_argument("--lams", default="0.5,5")
-    ap.add_argument("--samples", type=int, default=SAMPLES, help="plain samples per prompt (best-of-N, judge z)")
+    ap.add_argument(
+        "--samples", type=int, default=SAMPLES, help="plain samples per prompt (best-of-N, judge z)"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--offset", type=int, default=32, help="held-out prompts skipped per source")
-    ap.add_argument("--name", default="rmod_200", help="the results' file names (benchmarks/results/NAME.{md,json})")
+    ap.add_argument(
+        "--name", default="rmod_200", help="the results' file names (benchmarks/results/NAME.{md,json})"
+    )
     args = ap.parse_args()
     args.ks = [int(x) for x in args.ks.split(",")]
     args.lams = [float(x) for x in args.lams.split(",")]
@@ -198,7 +203,11 @@ def main() -> None:
         if key:
             parts.append(f"K={k} RMOD λ=5 − CD-Uniform: PROXY {fmt(c[key]['proxy']['diff'], True)}, "
                          f"JUDGE {fmt(c[key]['judge']['diff'], True)}")  # fmt: skip
-    write_result(args.name, {"args": vars(args), **res}, f"{args.name}: {res['n_prompts']} prompts; " + "; ".join(parts))
+    write_result(
+        args.name,
+        {"args": vars(args), **res},
+        f"{args.name}: {res['n_prompts']} prompts; " + "; ".join(parts),
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import load_script  # noqa: E402
 from harness import parser, start, write_result  # noqa: E402
-from llama_server import LlamaServer, NativeLlamaServer  # noqa: E402  (scripts/, on the path through _common)
 
 from moalign.config import GenerateConfig, for_method  # noqa: E402
 from moalign.data.prompts import demo_prompts_path, load_prompts  # noqa: E402
@@ -136,9 +136,10 @@ def main() -> None:
 
     from moalign.decoding.completions import connect
 
-    servers = {"llama-cpp-python": LlamaServer(n_threads=1, n_ctx=4096)}
+    llama_server = load_script("llama_server")
+    servers = {"llama-cpp-python": llama_server.LlamaServer(n_threads=1, n_ctx=4096)}
     if native:
-        servers["llama.cpp"] = NativeLlamaServer(native, parallel=args.parallel, n_threads=1, n_ctx=512 * args.parallel)
+        servers["llama.cpp"] = llama_server.NativeLlamaServer(native, parallel=args.parallel, n_threads=1, n_ctx=512 * args.parallel)
     results = {"local": results["local"], **{k: {} for k in servers}}
     caps, starts = {}, {}
     for kind, srv in servers.items():

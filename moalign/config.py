@@ -136,7 +136,7 @@ class _GenerateSettings(ServerSettings, SamplingSettings, RunSettings):
         if self.backend not in BACKENDS:
             raise SettingError("generate", "backend", f"must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.backend == "server":
-            from moalign.decoding.completions import ServerCapabilities
+            from moalign.decoding.server_client import ServerCapabilities
 
             ServerCapabilities.parse(self.server_capabilities)  # an unknown capability fails before connecting
         self.refuse_foreign_settings()

@@ -4,7 +4,6 @@ and the real data in ../shared/data."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one intra-op thread 
     torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-# development tools the tests use but the package does not ship (the local llama.cpp server launcher)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ training (``precompute_ref_log_probs``).
 
 Layout: the config is :mod:`moalign.training.dpo_config`, the data :mod:`moalign.training.mo_data`, the log-prob
 math :mod:`moalign.training.logps`, the DeepSpeed/FSDP checks :mod:`moalign.training.sharding`; this module holds
-the loss, the trainer and the job.
+the trainer and the job; the loss and the combined gradient are :mod:`moalign.training.dpo_loss`.
 
 Renamed (old names still import, with a DeprecationWarning): ``MODPOConfig`` -> :class:`MultiObjectiveDPOConfig`,
 ``MODPOTrainer`` -> :class:`MultiObjectiveDPOTrainer`, ``MODPORun`` -> :class:`MultiObjectiveDPORun`.
@@ -61,8 +61,8 @@ from moalign.training.base import (
     resolve_resume,
     write_run_record,
 )
-from moalign.training.combiners import apply_weights, gram_matrix
 from moalign.training.dpo_config import META_FILE, MultiObjectiveDPOConfig
+from moalign.training.dpo_loss import _flatten_stats, dpo_loss, write_combined_gradient
 from moalign.training.logps import (
     implicit_reward_margins,
     pad_id,
@@ -74,10 +74,8 @@ from moalign.training.logps import (
 from moalign.training.lora import apply_lora, last_layers, lora_targets
 from moalign.training.mo_data import load_objective_data
 from moalign.training.sharding import (
-    as_shard_grad,
     check_fsdp_per_objective,
     check_unsharded_gradients,
-    sharded_gram_matrix,
     take_local_grads,
 )
 
@@ -89,65 +87,7 @@ __all__ = [  # the trainer, its config and run, and the log-prob helpers older c
 
 
 
-def dpo_loss(policy_logps, ref_logps, beta: float):
-    """Sigmoid DPO loss of a ``[2B]`` batch (chosen rows first): (loss, chosen rewards, rejected rewards)."""
-    import torch.nn.functional as F
-
-    b = policy_logps.shape[0] // 2
-    ratio = policy_logps - ref_logps
-    r_c, r_r = beta * ratio[:b], beta * ratio[b:]
-    return -F.logsigmoid(r_c - r_r).mean(), r_c.detach(), r_r.detach()
-
-
 # ------------------------------------------------------------------------------------------- trainer
-def _flatten_stats(names: list[str], stats: dict) -> dict[str, float]:
-    """Per-step combiner statistics as flat scalar log entries (``alpha/NAME``, ``cos/A~B``, ...)."""
-    out: dict[str, float] = {}
-    for key, per in (("alpha", "alpha"), ("losses", "loss"), ("grad_norms", "grad_norm")):
-        for n, v in zip(names, stats.get(key, [])):
-            out[f"{per}/{n}"] = float(v)
-    cos = stats.get("cosines")
-    if cos is not None:
-        for i in range(len(names)):
-            for j in range(i + 1, len(names)):
-                out[f"cos/{names[i]}~{names[j]}"] = float(cos[i][j])
-    if "common_descent" in stats:
-        out["common_descent"] = float(bool(stats["common_descent"]))
-    if "direction_norm" in stats:
-        out["direction_norm"] = float(stats["direction_norm"])
-    for n, v in zip(names, stats.get("accuracy", [])):
-        out[f"rewards_accuracy/{n}"] = float(v)
-    for n, v in zip(names, stats.get("margin", [])):
-        out[f"rewards_margin/{n}"] = float(v)
-    return out
-
-
-def write_combined_gradient(acc, losses, params, combiner, *, sharded: bool = False) -> dict:
-    """Weights from the K objectives' gradients ``acc[k][i]`` (parameter ``i``) and losses, and
-    ``d = sum_k alpha_k g_k`` added into each parameter's ``.grad``; returns the combiner's statistics.
-
-    ``acc`` and ``losses`` are those of the global batch. ``sharded``: ``acc`` holds each process's local FSDP2
-    shards, so the Gram matrix is the all-reduced sum of the shards' inner products and each process writes
-    only its own shards. ``acc`` is emptied as it goes (never more than K gradient copies).
-    """
-    gram = sharded_gram_matrix(acc) if sharded else gram_matrix(acc)
-    alpha, stats = combiner.weights_and_stats(losses, gram)
-    for i, p in enumerate(params):
-        d = apply_weights(alpha, [[acc[k][i]] for k in range(len(acc))])[0]
-        for k in range(len(acc)):
-            acc[k][i] = None
-        if d is None:
-            continue
-        d = d.to(p.dtype)
-        if sharded:
-            d = as_shard_grad(d, p)
-        if p.grad is None:
-            p.grad = d
-        else:
-            p.grad.add_(d)
-    return stats
-
-
 class _CombinerStateCallback(TrainerCallback):
     """Saves the combiner's state (groupdro weights, pcgrad RNG) into every checkpoint folder."""
 

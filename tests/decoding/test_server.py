@@ -23,7 +23,7 @@ from llama_server import LlamaServer, free_port, llama_cpp_available  # scripts/
 from moalign.config import GenerateConfig, for_method
 from moalign.data.prompts import Prompt
 from moalign.decoding.backend import Capabilities
-from moalign.decoding.completions import (
+from moalign.decoding.server_client import (
     ServerCapabilities,
     ServerClient,
     ServerUnreachable,

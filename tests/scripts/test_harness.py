@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
+import harness as H  # benchmarks/ (pytest's pythonpath)
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import harness as H  # noqa: E402
 
 from moalign.evaluation import bootstrap_ci, mean_ci, paired_win_ci  # noqa: E402
 

@@ -161,7 +161,6 @@ def _load_start(policy_dir: Path) -> dict:
 
 
 def test_two_processes_transform_whole_groups_after_the_gather(tiny_policy_dir, tmp_path):
-    sys.path.insert(0, str(ROOT / "tests"))
     from _grpo_worker import short, vowels
 
     from moalign.training.nonlinear import nonlinear_rewards
