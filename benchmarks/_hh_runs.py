@@ -104,7 +104,7 @@ def _arrays(recs: list[dict], data: dict) -> dict:
     pz, jz = data["proxy_norm"].apply(praw), data["judge_norm"].apply(jraw)
     return {"proxy_raw": praw, "proxy_z": pz, "proxy_wc": pz.min(1), "judge_raw": jraw, "judge_z": jz,
             "judge_wc": jz.min(1), "words": np.array([len(str(r["response"]).split()) for r in recs], float),
-            "forward_tokens": np.array([r.get("forward_tokens", 0) for r in recs], float),
+            "policy_tokens": np.array([r.get("policy_tokens", 0) for r in recs], float),
             "blocks": np.array([len(r.get("trace") or []) for r in recs], float)}  # fmt: skip
 
 
@@ -130,7 +130,7 @@ def best_of_points(data: dict, ns=(1, 2, 4, 8, 16), rule: str = "worst-case") ->
             score = a["proxy_z"].min(1) if rule == "worst-case" else a["proxy_z"].mean(1)
             picks = [g * n + int(np.argmax(score[g * n : (g + 1) * n])) for g in range(16 // n)]
             rows.append(
-                {k: (v[picks].mean(0) if k != "forward_tokens" else v[:n].sum()) for k, v in a.items()}
+                {k: (v[picks].mean(0) if k != "policy_tokens" else v[:n].sum()) for k, v in a.items()}
             )
         out[n] = {k: np.array([r[k] for r in rows]) for k in rows[0]}
     return out
@@ -143,7 +143,7 @@ def sample_mean_point(data: dict) -> dict:
         by.setdefault(r["prompt_id"], []).append(r)
     rows = [_arrays(by[p], data) for p in data["prompts"]]
     out = {k: np.array([r[k].mean(0) for r in rows]) for k in rows[0]}
-    out["forward_tokens"] = np.array([r["forward_tokens"].mean() for r in rows])
+    out["policy_tokens"] = np.array([r["policy_tokens"].mean() for r in rows])
     return out
 
 
@@ -161,7 +161,7 @@ def summarise(point: dict, ref: dict | None = None) -> dict:
     row = {"n_prompts": len(point["proxy_wc"]), "proxy_worst_case_z": mean_cis(point["proxy_wc"]),
            "judge_worst_case_z": mean_cis(point["judge_wc"]), "proxy_means_raw": mean_cis(point["proxy_raw"]),
            "judge_means_raw": mean_cis(point["judge_raw"]), "words": mean_cis(point["words"]),
-           "forward_tokens": round(float(point["forward_tokens"].mean()), 1)}  # fmt: skip
+           "policy_tokens": round(float(point["policy_tokens"].mean()), 1)}  # fmt: skip
     if ref is not None:
         for side in ("proxy", "judge"):
             row[f"{side}_worst_case_diff"] = paired(point[f"{side}_wc"], ref[f"{side}_wc"])

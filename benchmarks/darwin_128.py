@@ -91,7 +91,7 @@ def mc_points(records: list[dict], order: list[str], judges: list[str], pnorm, j
             responses.append(cycles[-1]["best_so_far"]["response"])
             pol.append(
                 sum(
-                    e["forward_tokens"] + ((e.get("mutation") or {}).get("forward_tokens", 0)) for e in cycles
+                    e["policy_tokens"] + ((e.get("mutation") or {}).get("policy_tokens", 0)) for e in cycles
                 )
             )
             muts = [e.get("mutation") or {} for e in cycles]

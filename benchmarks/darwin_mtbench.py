@@ -76,7 +76,7 @@ def run_generation(args) -> None:
 
 # ------------------------------------------------------------------------------------------------ analysis
 def _variants(setting: str, runs: dict[str, list[dict]]) -> dict[str, dict[str, dict]]:
-    """variant -> prompt_id -> {response, forward_tokens, seconds}."""
+    """variant -> prompt_id -> {response, policy_tokens, seconds}."""
     from moalign.decoding.scalarize import parse_scalarization
     from moalign.objectives.normalize import shipped_norm_stats
 
@@ -95,13 +95,13 @@ def _variants(setting: str, runs: dict[str, list[dict]]) -> dict[str, dict[str, 
         raw = np.array([[r["scores"]["helpful"], r["scores"]["harmless"]] for r in rs])
         z = (raw - np.array(norm.mean)) / np.array(norm.std)
         s = scal(torch.tensor(z)).numpy()
-        out.setdefault("sample", {})[pid] = {"response": rs[0]["response"], "forward_tokens": rs[0]["forward_tokens"],
+        out.setdefault("sample", {})[pid] = {"response": rs[0]["response"], "policy_tokens": rs[0]["policy_tokens"],
                                              "seconds": rs[0]["seconds"]}  # fmt: skip
         for n in (5, 10, 15):
             j = int(np.argmax(s[:n]))
             out.setdefault(f"best-of-{n}", {})[pid] = {
                 "response": rs[j]["response"],
-                "forward_tokens": sum(r["forward_tokens"] for r in rs[:n]),
+                "policy_tokens": sum(r["policy_tokens"] for r in rs[:n]),
                 "seconds": sum(r["seconds"] for r in rs[:n]),
             }
     for method in ("darwin", "sample-replace", "mutate-bon"):
@@ -109,19 +109,19 @@ def _variants(setting: str, runs: dict[str, list[dict]]) -> dict[str, dict[str, 
             tr = r["trace"]
             fwd = 0
             for c, e in enumerate(tr):
-                fwd += e["forward_tokens"] + ((e.get("mutation") or {}).get("forward_tokens", 0))
+                fwd += e["policy_tokens"] + ((e.get("mutation") or {}).get("policy_tokens", 0))
                 if c == 0:
                     continue
                 resp = e["best_so_far"]["response"]  # the seed sample's while no cycle has beaten it
                 out.setdefault(f"{method} MC{c}", {})[r["prompt_id"]] = {
-                    "response": resp, "forward_tokens": fwd,
-                    "seconds": r["seconds"] * fwd / max(1, r["forward_tokens"]),
+                    "response": resp, "policy_tokens": fwd,
+                    "seconds": r["seconds"] * fwd / max(1, r["policy_tokens"]),
                 }  # fmt: skip
     if setting == "worst":
         for r in runs.get("rmod-worst", []):
             out.setdefault("rmod (K=5, B=16, λ=5)", {})[r["prompt_id"]] = {
                 "response": r["response"],
-                "forward_tokens": r["forward_tokens"],
+                "policy_tokens": r["policy_tokens"],
                 "seconds": r["seconds"],
             }
     return out
@@ -172,11 +172,11 @@ def analyse(args) -> None:
             proxy = pz[:, 0] if setting == "helpful" else pz.min(axis=1)
             judge = jz[:, 0] if setting == "helpful" else jz.min(axis=1)
             words = np.array([len(per[pid]["response"].split()) for pid in common], dtype=float)
-            fwd = np.array([per[pid]["forward_tokens"] for pid in common], dtype=float)
+            fwd = np.array([per[pid]["policy_tokens"] for pid in common], dtype=float)
             sec = np.array([per[pid]["seconds"] for pid in common], dtype=float)
             cols = {"proxy_helpful_raw": S[:, 0], "proxy_harmless_raw": S[:, 1], "proxy_scalarised_z": proxy,
                     "judge_helpful_raw": S[:, 2], "judge_harmless_raw": S[:, 3], "judge_scalarised_z": judge,
-                    "judge_relevant": S[:, 4], "words": words, "forward_tokens": fwd, "seconds": sec}  # fmt: skip
+                    "judge_relevant": S[:, 4], "words": words, "policy_tokens": fwd, "seconds": sec}  # fmt: skip
             rows[name] = {k: ci(np.mean, v) for k, v in cols.items()}
             rows[name]["_proxy"], rows[name]["_judge"] = proxy, judge
         paired = {}
@@ -214,7 +214,7 @@ def _table(setting: str, n: int, rows: dict, paired: dict) -> list[str]:
         out.append(
             f"| {name} | {fmt(r['proxy_scalarised_z'])} | {r['proxy_helpful_raw'][0]:.3f} | {r['proxy_harmless_raw'][0]:.3f} "
             f"| {fmt(r['judge_scalarised_z'])} | {r['judge_helpful_raw'][0]:.3f} | {r['judge_harmless_raw'][0]:.3f} "
-            f"| {r['judge_relevant'][0]:.3f} | {r['words'][0]:.1f} | {r['forward_tokens'][0]:.0f} | {r['seconds'][0]:.1f} |"
+            f"| {r['judge_relevant'][0]:.3f} | {r['words'][0]:.1f} | {r['policy_tokens'][0]:.0f} | {r['seconds'][0]:.1f} |"
         )  # fmt: skip
     out += ["", "Paired by prompt, against best-of-N at the matched number of beams (5 per cycle):", "",
             "| comparison | PROXY diff | JUDGE diff |", "|---|---|---|"]  # fmt: skip
@@ -256,7 +256,7 @@ def _plot(report: dict, path: Path) -> None:
                     if " MC" in name
                     else ("best-of-N" if name.startswith("best-of") else name)
                 )
-                fams.setdefault(fam, []).append((r["forward_tokens"][0], r[key]))
+                fams.setdefault(fam, []).append((r["policy_tokens"][0], r[key]))
             for fam, pts in fams.items():
                 pts.sort()
                 x = [p[0] for p in pts]

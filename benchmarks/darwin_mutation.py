@@ -67,7 +67,7 @@ def main() -> None:
             instr, info, _ = decoder._mutate(batch, seed=args.seed + first)
             for p, i, slots in zip(batch, info, instr):
                 shares.append(i["parsed"] / args.mutations)
-                tokens.append(i["forward_tokens"])
+                tokens.append(i["policy_tokens"])
                 scorer_tokens.append(i.get("scorer_tokens", 0))
                 if mode == "one":
                     verdicts.update(i["verdicts"])

@@ -67,7 +67,7 @@ def child(args) -> None:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {
         "seconds": seconds,
-        "forward_tokens": sum(r["forward_tokens"] for r in recs),
+        "policy_tokens": sum(r["policy_tokens"] for r in recs),
         "scorer_tokens": sum(r["scorer_tokens"] for r in recs),
         "response_tokens": sum(r["n_tokens"] for r in recs),
         "peak_rss_mb": peak_rss / 1024,
@@ -111,12 +111,12 @@ def main() -> None:
             "runs": runs,
             "median_seconds": med,
             "ratio_vs_best_of_5": {v: med[v] / med["best-of-5"] for v in VARIANTS},
-            "forward_tokens_ratio_vs_best_of_5": {
-                v: rs[0]["forward_tokens"] / runs["best-of-5"][0]["forward_tokens"] for v, rs in runs.items()
+            "policy_tokens_ratio_vs_best_of_5": {
+                v: rs[0]["policy_tokens"] / runs["best-of-5"][0]["policy_tokens"] for v, rs in runs.items()
             },
             "total_tokens_ratio_vs_best_of_5": {
-                v: (rs[0]["forward_tokens"] + rs[0]["scorer_tokens"])
-                / (runs["best-of-5"][0]["forward_tokens"] + runs["best-of-5"][0]["scorer_tokens"])
+                v: (rs[0]["policy_tokens"] + rs[0]["scorer_tokens"])
+                / (runs["best-of-5"][0]["policy_tokens"] + runs["best-of-5"][0]["scorer_tokens"])
                 for v, rs in runs.items()
             },
             "peak_rss_mb": {v: max(x["peak_rss_mb"] for x in rs) for v, rs in runs.items()},

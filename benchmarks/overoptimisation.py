@@ -140,7 +140,7 @@ def analyse(args, out_dir: Path) -> int:
         md.append(f"| {r['family']} | {r['pressure_name']}={r['pressure']} | {r['kl']:.2f} | "
                   f"{fmt(r['proxy_worst_case_z'], True)} | {fmt(r['judge_worst_case_z'], True)} | "
                   f"{fmt(r['proxy_worst_case_diff'], True)} | {fmt(r['judge_worst_case_diff'], True)} | "
-                  f"{r['words'][0]:.1f} | {r['forward_tokens']:.0f} |")  # fmt: skip
+                  f"{r['words'][0]:.1f} | {r['policy_tokens']:.0f} |")  # fmt: skip
     contrasts = paired_contrasts(data)
     md += ["", "Paired contrasts (same prompts; worst case, z):", "", "| contrast | PROXY diff | JUDGE diff |",
            "|---|---|---|"]  # fmt: skip

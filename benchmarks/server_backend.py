@@ -12,7 +12,7 @@ models, shipped z-score statistics) score the candidates in both, so wall time i
 
 Reported per (method, backend): wall time of decoding the batch, the tokens sampled by the policy (every
 candidate's tokens, counted block by block from the selector's view), sampled tokens per second, the
-records' ``forward_tokens`` (same accounting in both backends) and, for the server, the requests sent and the
+records' ``policy_tokens`` (same accounting in both backends) and, for the server, the requests sent and the
 prompt tokens it was sent (what its prefix cache may save). Policy load and server start-up are timed apart.
 
     python benchmarks/server_backend.py [--prompts 4] [--max-new-tokens 48]
@@ -91,7 +91,7 @@ def run(engine, policy, cfg: GenerateConfig, scorer, prompts, stats=None) -> dic
         "sampled_tokens": counting.sampled,
         "sampled_tokens_per_s": round(counting.sampled / wall, 1),
         "output_tokens": sum(len(r.token_ids) for r in recs),
-        "forward_tokens": sum(r.forward_tokens for r in recs),
+        "policy_tokens": sum(r.policy_tokens for r in recs),
         "finished": sum(r.finished for r in recs),
     }
     if stats is not None:

@@ -157,10 +157,9 @@ def _generate(cfg: GenerateConfig, policy, objectives, prompts, progress: bool) 
                     "finished": r.finished,
                     # compute spent on this response: the policy's tokens and the scorers' (objectives and
                     # value functions on whole or partial responses, as the method scored them)
-                    "policy_tokens": r.forward_tokens,
+                    "policy_tokens": r.policy_tokens,
                     "scorer_tokens": r.scorer_tokens,
                     "scored_pairs": r.scored_pairs,
-                    "forward_tokens": r.forward_tokens,  # the older name of policy_tokens
                     # FLOPs: 2 x non-embedding parameters x tokens read, per model (moalign.compute)
                     "policy_flops": r.policy_flops,
                     "scorer_flops": r.scorer_flops,

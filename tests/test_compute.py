@@ -73,7 +73,7 @@ def _for_prompt(log, prompt: Prompt):
 def test_sample_scores_nothing(tiny_policy, no_eos):
     res, log = _decode(tiny_policy, "sample", n=3, max_new_tokens=8)
     assert log == []
-    assert all(r.scorer_tokens == 0 and r.scored_pairs == 0 and r.forward_tokens > 0 for rs in res for r in rs)
+    assert all(r.scorer_tokens == 0 and r.scored_pairs == 0 and r.policy_tokens > 0 for rs in res for r in rs)
 
 
 def test_best_of_n_scores_n_whole_responses(tiny_policy, no_eos):
@@ -95,10 +95,10 @@ def test_blockwise_methods_score_k_candidates_every_block(tiny_policy, no_eos, m
         assert len(pairs) == K * 3 and r.scored_pairs == K * 3  # K partial responses per block
         assert r.scorer_tokens == _hand_tokens(pairs)
         assert r.scorer_flops == 2 * 1000 * r.scorer_tokens and r.scorer_reads == {"word reader": r.scorer_tokens}
-        assert r.policy_flops == 2 * TINY_LLAMA_PARAMS * r.forward_tokens
+        assert r.policy_flops == 2 * TINY_LLAMA_PARAMS * r.policy_tokens
         # the policy: the prompt once, then every fed token of K rows (the last sampled token is not fed)
         n_prompt = len(TransformersBackend(tiny_policy).encode([TransformersBackend(tiny_policy).render(prompt)]).input_ids[0])
-        assert r.forward_tokens == n_prompt + K * (T - 1)
+        assert r.policy_tokens == n_prompt + K * (T - 1)
 
 
 def test_darwin_counts_every_replacement_and_the_seed_row(tiny_policy, no_eos):
@@ -114,17 +114,17 @@ def test_darwin_counts_every_replacement_and_the_seed_row(tiny_policy, no_eos):
         per_cycle = [c["scorer_tokens"] for c in r.trace if "scorer_tokens" in c]
         assert len(per_cycle) == 2 and sum(per_cycle) == r.scorer_tokens
         # the policy's FLOPs cover the beams and the mutations (the mutator is the same model)
-        mutation = sum(c["mutation"]["forward_tokens"] for c in r.trace if c.get("mutation"))
-        decoding = sum(c["forward_tokens"] for c in r.trace if "cycle" in c and c.get("cycle", 0) > 0)
-        assert mutation > 0 and r.forward_tokens == mutation + decoding
-        assert r.policy_flops == 2 * TINY_LLAMA_PARAMS * r.forward_tokens
+        mutation = sum(c["mutation"]["policy_tokens"] for c in r.trace if c.get("mutation"))
+        decoding = sum(c["policy_tokens"] for c in r.trace if "cycle" in c and c.get("cycle", 0) > 0)
+        assert mutation > 0 and r.policy_tokens == mutation + decoding
+        assert r.policy_flops == 2 * TINY_LLAMA_PARAMS * r.policy_tokens
 
 
 def test_records_carry_policy_and_scorer_tokens(tiny_policy, tmp_path):
     recs = generate(GenerateConfig(method="best-of-n", n=3, max_new_tokens=8, normalize="none", out=str(tmp_path / "r.jsonl")),
                     policy=tiny_policy, objectives=[WordReader()], prompts=PROMPTS, progress=False)  # fmt: skip
     for r in recs:
-        assert r["policy_tokens"] == r["forward_tokens"] > 0
+        assert r["policy_tokens"] > 0 and "forward_tokens" not in r  # the older name is only read
         assert r["scored_pairs"] == 3 and r["scorer_tokens"] > 0
         # FLOPs: 2 x non-embedding parameters x tokens, per model
         assert r["policy_flops"] == 2 * TINY_LLAMA_PARAMS * r["policy_tokens"]

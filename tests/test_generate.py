@@ -153,7 +153,7 @@ def test_torch_is_seeded_independently_of_global_state(tmp_path, tiny_policy):
 def test_every_method_resumes_mid_batch_to_identical_records(tmp_path, tiny_policy, one_thread, method, kw):
     """An interrupted run (cut inside a batch) resumed gives the same whole records as an uninterrupted one;
     the random selection rules draw from the run seed, so a different seed changes them."""
-    keys = ("record_id", "prompt_id", "sample_index", "response", "scores", "trace", "n_tokens", "forward_tokens")
+    keys = ("record_id", "prompt_id", "sample_index", "response", "scores", "trace", "n_tokens", "policy_tokens")
     full = _cfg(tmp_path, method, out=str(tmp_path / "full.jsonl"), **kw)
     a = generate(full, policy=tiny_policy, objectives=_objs(), prompts=PROMPTS, progress=False)
     part = _cfg(tmp_path, method, out=str(tmp_path / "part.jsonl"), **kw)

@@ -164,7 +164,7 @@ class DecodeResult:
     candidates: list[str] | None = None  # every row's final text (keep_all=True)
     token_logprobs: list[float] | None = None  # log pi(token | prefix) of each response token, untempered
     rows: list[DecodeResult] | None = None  # every row's result (keep_all=True)
-    forward_tokens: int = 0  # tokens the policy processed for this group (prefill included)
+    policy_tokens: int = 0  # tokens the policy processed for this group (prefill included)
     row_prompt: Prompt | None = None  # the prompt this row decoded from (when it differs from ``prompt``)
     scorer_tokens: int = 0  # tokens the scorers (objectives, value functions) read for this group
     scored_pairs: int = 0  # (prompt, response) pairs the scorers scored for this group
@@ -177,8 +177,9 @@ class DecodeResult:
     scorer_seconds: float = 0.0  # wall time in the selector (scoring and selection), this group's share
 
     @property
-    def policy_tokens(self) -> int:
-        return self.forward_tokens
+    def forward_tokens(self) -> int:
+        """The older name of :attr:`policy_tokens` (read only)."""
+        return self.policy_tokens
 
     @classmethod
     def holder(cls, prompt: Prompt | None = None) -> DecodeResult:
@@ -187,7 +188,7 @@ class DecodeResult:
 
     def add_compute(self, other: DecodeResult) -> None:
         """Add ``other``'s compute (tokens, FLOPs, seconds) to this result's (a search of several passes)."""
-        self.forward_tokens += other.forward_tokens
+        self.policy_tokens += other.policy_tokens
         self.scorer_tokens += other.scorer_tokens
         self.scored_pairs += other.scored_pairs
         self.policy_flops = None if self.policy_flops is None or other.policy_flops is None \
@@ -200,7 +201,7 @@ class DecodeResult:
 
     def take_share(self, group: DecodeResult, k: int) -> None:
         """This row's compute: a 1/k share of its group's (k rows that are each an output, plain sampling)."""
-        self.forward_tokens, self.scorer_tokens = group.forward_tokens // k, group.scorer_tokens // k
+        self.policy_tokens, self.scorer_tokens = group.policy_tokens // k, group.scorer_tokens // k
         self.scored_pairs = group.scored_pairs // k
         self.policy_flops = group.policy_flops / k if group.policy_flops is not None else None
         self.scorer_flops = group.scorer_flops / k

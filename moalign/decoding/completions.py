@@ -20,7 +20,7 @@ backend declares it in its ``capabilities``:
 Every request carries a seed derived from the run seed, the block and the row, so a run is reproducible on
 the same server. Hidden states are not part of the API: value heads (``--values PATH``) are refused.
 
-The policy's compute (``DecodeResult.forward_tokens``) is counted as in process, i.e. the tokens a policy with
+The policy's compute (``DecodeResult.policy_tokens``) is counted as in process, i.e. the tokens a policy with
 perfect KV reuse processes for the group: each distinct prompt once, every generated token, and the prompt +
 copied tokens of a row re-prefilled under its own prompt (Darwin). What the server itself processed depends
 on its prefix cache; what was sent is in :attr:`ServerClient.stats` (prompt and completion tokens, requests,

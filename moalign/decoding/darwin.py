@@ -338,7 +338,7 @@ class DarwinDecoder:
             out.append([parts.join(t) for t in kept] + [whole[i]] * (n - len(kept)))
             info.append({"mode": "one", "replies": [row.response for row in r.rows],
                          "verdicts": [why for _, why in verdicts], "parsed": len(kept),
-                         "complete": len(kept) == n, "forward_tokens": r.forward_tokens, "similarity": similarity,
+                         "complete": len(kept) == n, "policy_tokens": r.policy_tokens, "similarity": similarity,
                          "scorer_tokens": drift.cost[i].scorer_tokens if drift is not None else 0})  # fmt: skip
             if drift is not None:
                 r.add_compute(drift.cost[i])
@@ -366,7 +366,7 @@ class DarwinDecoder:
             base = parent.messages[-1]["content"]
             out.append(items + [base] * (n - len(items)))
             info.append({"mode": "list", "reply": r.response, "parsed": len(items), "complete": len(items) == n,
-                         "forward_tokens": r.forward_tokens, "policy_flops": r.policy_flops,
+                         "policy_tokens": r.policy_tokens, "policy_flops": r.policy_flops,
                          "scorer_flops": r.scorer_flops})  # fmt: skip
         return out, info, res
 
@@ -451,7 +451,7 @@ class DarwinDecoder:
             st.best, st.best_r = r.rows[0], seed_r
             st.trace.append({"cycle": 0, "seed_sample": True, "reward": round(seed_r, 4),
                              "values": rounded(sel.final_values[i, 0]), "response": r.rows[0].response,
-                             "forward_tokens": 0, "decoded_with_cycle": 1})  # fmt: skip
+                             "policy_tokens": 0, "decoded_with_cycle": 1})  # fmt: skip
         s = scores[i, seed_row:]
         rows = r.rows[seed_row:]
         j = int(s.argmax())
@@ -486,7 +486,7 @@ class DarwinDecoder:
             "archive_added": added,
             "archive": [[pp.messages[-1]["content"], round(rw, 4)] for pp, rw in st.archive],
             "best_so_far": {"cycle": st.best_cycle, "reward": round(st.best_r, 4), "response": st.best.response},
-            "forward_tokens": r.forward_tokens,  # this cycle's decoding (the seed row's too in cycle 1)
+            "policy_tokens": r.policy_tokens,  # this cycle's decoding (the seed row's too in cycle 1)
             "scorer_tokens": r.scorer_tokens,  # this cycle's scoring (replacements and the final one)
             "policy_flops": r.policy_flops,
             "scorer_flops": r.scorer_flops,

@@ -15,7 +15,7 @@ the copied response tokens (``recache="reprefill"``, only those rows are), or ta
 (``recache="copy"``: cheaper, but the row then continues conditioned on the parent's prompt).
 
 Rows that reach an end-of-turn token stop. The final block may be shorter than B. Every result carries what
-the policy read for its group (``forward_tokens``, alias ``policy_tokens``) and what the scorers read
+the policy read for its group (``policy_tokens``) and what the scorers read
 (``scorer_tokens``, ``scored_pairs``), so methods can be compared at matched compute.
 """
 
@@ -186,7 +186,7 @@ def decode(
     for p in range(P):
         i = indices[p]
         results.append(result(
-            p, int(chosen[p]), trace=traces[p], forward_tokens=int(policy[p]),
+            p, int(chosen[p]), trace=traces[p], policy_tokens=int(policy[p]),
             scorer_tokens=cost.tokens.get(i, 0), scored_pairs=cost.pairs.get(i, 0),
             policy_flops=cost_model.flops(int(policy[p])) if cost_model is not None else None,
             scorer_flops=cost.flops.get(i, 0.0), scorer_reads=dict(cost.models.get(i, {})),

@@ -161,7 +161,7 @@ def _mean_by_prompt(prompt_ids: Sequence[str], values: np.ndarray) -> tuple[list
 
 def compute_per_response(records: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
     """Mean compute per response: tokens read by the policy (``policy_tokens``, or the older
-    ``forward_tokens``), by the scorers (``scorer_tokens``) and both (``total_tokens``), and the same in FLOPs
+    ``policy_tokens``), by the scorers (``scorer_tokens``) and both (``total_tokens``), and the same in FLOPs
     (``policy_flops``, ``scorer_flops``, ``total_flops``: 2 x non-embedding parameters x tokens read, per
     model). None when a record lacks the token counts (runs written before they were recorded); the FLOPs are
     left out when a record lacks them (older runs, or a served policy whose size is unknown)."""

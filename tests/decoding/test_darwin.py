@@ -119,8 +119,8 @@ def test_darwin_trace_archive_and_reward_on_original(tmp_path, tiny_policy, one_
             assert e["archive"]  # never empty
         # the output's reward is recomputed from the record's own scores (worst case of the raw scores)
         assert min(rec["scores"].values()) == pytest.approx(final["reward"], abs=1e-3)
-        assert rec["forward_tokens"] == sum(e["forward_tokens"] + (e.get("mutation") or {}).get(
-            "forward_tokens", 0) for e in tr)  # fmt: skip
+        assert rec["policy_tokens"] == sum(e["policy_tokens"] + (e.get("mutation") or {}).get(
+            "policy_tokens", 0) for e in tr)  # fmt: skip
 
 
 def test_darwin_is_seeded_and_resumes_identically(tmp_path, tiny_policy, one_thread):
@@ -131,7 +131,7 @@ def test_darwin_is_seeded_and_resumes_identically(tmp_path, tiny_policy, one_thr
     generate(cfg, policy=tiny_policy, objectives=_objs(), prompts=PROMPTS[:2], progress=False)
     generate(cfg, policy=tiny_policy, objectives=_objs(), prompts=PROMPTS, progress=False)
     b = read_records(cfg.out)
-    keys = ("record_id", "response", "scores", "trace", "forward_tokens")
+    keys = ("record_id", "response", "scores", "trace", "policy_tokens")
     assert [{k: r[k] for k in keys} for r in a] == [{k: r[k] for k in keys} for r in b]
     c = generate(_cfg(tmp_path / "c", "darwin", seed=4), policy=tiny_policy, objectives=_objs(),
                  prompts=PROMPTS, progress=False)  # fmt: skip
@@ -183,7 +183,7 @@ def test_darwin_real_policy(tmp_path, real_policy, shared_data):
         assert cyc["cycle_best_reward"] == max(cyc["beam_rewards"])
         # at least one instruction parsed from the real policy's reply or an honest fallback to copies
         assert 0 <= cyc["mutation"]["parsed"] <= 3 and len(cyc["instructions"]) == 3
-        assert rec["forward_tokens"] > 0
+        assert rec["policy_tokens"] > 0
         # the drift check: accepted rewrites clear the threshold, dropped ones do not, and the beams take the
         # most faithful distinct ones, best first
         m = cyc["mutation"]
@@ -387,7 +387,7 @@ def test_mutation_mode_one_keeps_usable_rewrites_and_counts_the_rest(tiny_policy
         assert len(got) == 3 and i["mode"] == "one"
         assert len(i["replies"]) == len(i["verdicts"]) == 6  # oversampled 2x
         assert i["parsed"] == sum(t != p.messages[-1]["content"] for t in got)
-        assert i["forward_tokens"] > 0
+        assert i["policy_tokens"] > 0
         # the drift check reads only rewrites the rule accepted (and then their references): its count says so
         assert len(i["similarity"]) == 6
         assert (i["scorer_tokens"] > 0) == any(s is not None for s in i["similarity"])

@@ -233,22 +233,22 @@ def test_recache_copy_continues_under_parent_prompt(tiny_policy):
         assert torch.allclose(torch.tensor(r.token_logprobs), under_parent, atol=1e-4)
 
 
-def test_forward_tokens_count_prefill_and_running_rows(tiny_policy):
-    """forward_tokens: each distinct prompt of a group prefilled once, then one token per running row."""
+def test_policy_tokens_count_prefill_and_running_rows(tiny_policy):
+    """policy_tokens: each distinct prompt of a group prefilled once, then one token per running row."""
     eng = TransformersBackend(tiny_policy, SamplingConfig(temperature=0))
     p = to_prompt(PROMPTS[1])
     n_prompt = len(eng.tok(eng.render(p), add_special_tokens=False).input_ids)
     res = eng.decode([p], k=3, block_size=5, max_new_tokens=5)
     # greedy rows are identical; the last sampled token is never fed
     assert not res[0].finished
-    assert res[0].forward_tokens == n_prompt + 3 * 4
+    assert res[0].policy_tokens == n_prompt + 3 * 4
     rows = [[p, p, to_prompt(PROMPTS[0])]]
     n0 = len(eng.tok(eng.render(rows[0][2]), add_special_tokens=False).input_ids)
     res = eng.decode([p], k=3, block_size=5, max_new_tokens=5, row_prompts=rows, keep_all=True)
     # a row that ended at token t was fed t tokens (its end-of-turn included), never the 5th
     fed = [min(len(r.token_ids) + 1, 4) if r.finished else 4 for r in res[0].rows]
     assert res[0].rows[2].finished  # the other prompt ends early here: the count must stop with it
-    assert res[0].forward_tokens == n_prompt + n0 + sum(fed)
+    assert res[0].policy_tokens == n_prompt + n0 + sum(fed)
 
 
 def test_bad_parents_and_row_prompts(tiny_policy):

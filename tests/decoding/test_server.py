@@ -175,7 +175,7 @@ def test_every_method_through_the_server(method, llama_server, tiny_policy, tmp_
         assert r["policy"] == "smollm2" and set(r["scores"]) == {"positive", "concise"}
         assert 0 < r["n_tokens"] <= SMALL["max_new_tokens"] + 2  # local re-tokenisation of the server's text
         assert r["response"].strip() and isinstance(r["finished"], bool)
-        assert r["forward_tokens"] > r["n_tokens"]
+        assert r["policy_tokens"] > r["n_tokens"]
     meta = json.loads(meta_path(cfg.out).read_text())
     assert meta["config"]["backend"] == "server" and meta["config"]["base_url"] == llama_server.base_url
     assert meta["policy"]["backend"] == "server" and meta["policy"]["capabilities"]["token_ids"] is False
