@@ -9,6 +9,7 @@ reference) load on first use.
 from moalign.evaluation.metrics import (
     EvaluationResult,
     Interval,
+    JudgeSummary,
     MethodSummary,
     NormStats,
     bootstrap_ci,
@@ -25,6 +26,7 @@ from moalign.evaluation.metrics import (
     worst_case_win_indicator,
     worst_case_win_rate,
 )
+from moalign.evaluation.results import SignalSummary
 
 # name -> module of the helpers imported on first use (they pull in the objectives and records)
 _LAZY = {
@@ -47,8 +49,10 @@ def __getattr__(name: str):
 __all__ = [
     "EvaluationResult",
     "Interval",
+    "JudgeSummary",
     "MethodSummary",
     "NormStats",
+    "SignalSummary",
     "bootstrap_ci",
     "compute_per_response",
     "ensure_judges",

@@ -1,5 +1,6 @@
-"""The result schema of an evaluation: per method its summaries with intervals (:class:`MethodSummary`, the judges'
-in :class:`JudgeSummary`) and the whole comparison (:class:`EvaluationResult`), each to and from a JSON dict."""
+"""The result schema of an evaluation: per method one :class:`SignalSummary` for the proxy objectives
+(:class:`MethodSummary`) and one for the judges (:class:`JudgeSummary`), and the whole comparison
+(:class:`EvaluationResult`), each to and from a JSON dict."""
 
 from __future__ import annotations
 
@@ -12,79 +13,82 @@ from moalign.evaluation.statistics import Interval
 from moalign.objectives.normalize import NormStats
 
 
-@dataclass
-class JudgeSummary:
-    """One method scored by the judges: raw judge means, the mean worst case over z-scored judges and its
-    win rate vs the reference (``None`` for the reference itself), the gap ``proxy worst case - judge worst
-    case`` (per prompt, paired), the mean response length in words, and the judges this run decoded with
-    (``optimised``: not independent judges of it)."""
+def _iv(d: Mapping[str, Any], key: str) -> Interval | None:
+    return None if d.get(key) is None else Interval.from_dict(d[key])
+
+
+@dataclass(kw_only=True)
+class SignalSummary:
+    """What a method's summary reports for one set of signals (the proxy objectives, or the judges): raw means
+    per signal, the mean worst case and, against the reference (``None`` for the reference itself or without
+    one), the win rate and the mean paired worst-case gain. :class:`MethodSummary` (the proxy, with counts and
+    compute) and :class:`JudgeSummary` (the judges, with length and the proxy-judge gap) extend it."""
 
     objective_means: dict[str, Interval]
     worst_case: Interval
-    length_words: Interval
-    gap: Interval
     win_rate: Interval | None = None
-    optimised: list[str] = field(default_factory=list)
-    gain: Interval | None = None  # mean paired judge worst-case gain over the reference
+    gain: Interval | None = None
 
-    def to_dict(self) -> dict:
+    def _signal_dict(self) -> dict:
         return {
             "objective_means": {k: v.to_dict() for k, v in self.objective_means.items()},
             "worst_case": self.worst_case.to_dict(),
             "win_rate": None if self.win_rate is None else self.win_rate.to_dict(),
-            "proxy_minus_judge_worst_case": self.gap.to_dict(),
-            "length_words": self.length_words.to_dict(),
-            "optimised": list(self.optimised),
             "gain": None if self.gain is None else self.gain.to_dict(),
         }
 
+    @staticmethod
+    def _signal_fields(d: Mapping[str, Any]) -> dict:
+        return {
+            "objective_means": {k: Interval.from_dict(v) for k, v in d["objective_means"].items()},
+            "worst_case": Interval.from_dict(d["worst_case"]),
+            "win_rate": _iv(d, "win_rate"),
+            "gain": _iv(d, "gain"),
+        }
+
+
+@dataclass(kw_only=True)
+class JudgeSummary(SignalSummary):
+    """One method scored by the judges: the signal summary on judges z-scored by the judges' statistics, the
+    gap ``proxy worst case - judge worst case`` (per prompt, paired), the mean response length in words, and
+    the judges this run decoded with (``optimised``: not independent judges of it)."""
+
+    length_words: Interval
+    gap: Interval
+    optimised: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {**self._signal_dict(), "proxy_minus_judge_worst_case": self.gap.to_dict(),
+                "length_words": self.length_words.to_dict(), "optimised": list(self.optimised)}  # fmt: skip
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> JudgeSummary:
-        return cls(
-            objective_means={k: Interval.from_dict(v) for k, v in d["objective_means"].items()},
-            worst_case=Interval.from_dict(d["worst_case"]),
-            length_words=Interval.from_dict(d["length_words"]),
-            gap=Interval.from_dict(d["proxy_minus_judge_worst_case"]),
-            win_rate=None if d.get("win_rate") is None else Interval.from_dict(d["win_rate"]),
-            optimised=[str(x) for x in d.get("optimised", [])],
-            gain=None if d.get("gain") is None else Interval.from_dict(d["gain"]),
-        )
+        return cls(**cls._signal_fields(d), length_words=Interval.from_dict(d["length_words"]),
+                   gap=Interval.from_dict(d["proxy_minus_judge_worst_case"]),
+                   optimised=[str(x) for x in d.get("optimised", [])])  # fmt: skip
 
 
-@dataclass
-class MethodSummary:
-    """Metrics of one method. ``objective_means`` are on raw scores; ``worst_case``, ``win_rate`` and ``gain``
-    (the mean paired worst-case gain over the reference) on the result's ``score_space``; ``win_rate`` and
-    ``gain`` are ``None`` for the reference method or without a reference."""
+@dataclass(kw_only=True)
+class MethodSummary(SignalSummary):
+    """Metrics of one method: the signal summary on the proxy objectives (``objective_means`` raw; the worst
+    case, win rate and gain on the result's ``score_space``), its prompt and response counts, its compute, and
+    the judges' view of it (``judge``, only when judges were given)."""
 
     method: str
     n: int
-    objective_means: dict[str, Interval]
-    worst_case: Interval
-    win_rate: Interval | None = None
     n_paired: int | None = None
     n_responses: int | None = None  # records (responses); ``n`` counts prompts. None: one per prompt
-    judge: JudgeSummary | None = None  # the judges' view of this method (only when judges were given)
+    judge: JudgeSummary | None = None
     #: mean tokens per response read by the policy / the scorers / both (None: records without the counts)
     compute: dict[str, float] | None = None
-    gain: Interval | None = None
 
     @property
     def samples_per_prompt(self) -> float:
         return 1.0 if self.n_responses is None else self.n_responses / self.n
 
     def to_dict(self) -> dict:
-        d = {
-            "method": self.method,
-            "n": self.n,
-            "n_responses": self.n if self.n_responses is None else self.n_responses,
-            "objective_means": {k: v.to_dict() for k, v in self.objective_means.items()},
-            "worst_case": self.worst_case.to_dict(),
-            "win_rate": None if self.win_rate is None else self.win_rate.to_dict(),
-            "n_paired": self.n_paired,
-            "gain": None if self.gain is None else self.gain.to_dict(),
-            "compute": self.compute,
-        }
+        d = {"method": self.method, "n": self.n, "n_responses": self.n if self.n_responses is None else self.n_responses,
+             **self._signal_dict(), "n_paired": self.n_paired, "compute": self.compute}  # fmt: skip
         if self.judge is not None:
             d["judge"] = self.judge.to_dict()
         return d
@@ -92,16 +96,13 @@ class MethodSummary:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MethodSummary:
         return cls(
+            **cls._signal_fields(d),
             method=str(d["method"]),
             n=int(d["n"]),
-            objective_means={k: Interval.from_dict(v) for k, v in d["objective_means"].items()},
-            worst_case=Interval.from_dict(d["worst_case"]),
-            win_rate=None if d.get("win_rate") is None else Interval.from_dict(d["win_rate"]),
             n_paired=None if d.get("n_paired") is None else int(d["n_paired"]),
             n_responses=None if d.get("n_responses") is None else int(d["n_responses"]),
             judge=None if d.get("judge") is None else JudgeSummary.from_dict(d["judge"]),
             compute=None if d.get("compute") is None else {k: float(v) for k, v in d["compute"].items()},
-            gain=None if d.get("gain") is None else Interval.from_dict(d["gain"]),
         )
 
 
