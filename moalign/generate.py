@@ -17,7 +17,7 @@ from moalign.compute import FORMULA, KNOWN
 from moalign.config import GenerateConfig, versions
 from moalign.data.prompts import Prompt, load_prompts
 from moalign.decoding.backend import Backend, SamplingConfig
-from moalign.decoding.registry import MethodContext, get_method, open_backend
+from moalign.decoding.registry import MethodContext, foreign_settings, get_method, open_backend
 from moalign.decoding.values import ObjectiveScorer
 from moalign.errors import SettingError
 from moalign.objectives.base import Objective, move_objectives, resolve_objectives
@@ -125,7 +125,9 @@ def _generate(cfg: GenerateConfig, policy, objectives, prompts, progress: bool) 
         "prompts_read": prompt_report or None,  # records read, skipped (--skip-invalid) and why
         "versions": versions(),
     }
-    writer = RecordWriter(cfg.out, meta) if cfg.out else None
+    # another method's setting cannot change this method's records (a run written before it moved to its
+    # method, or by a shared base config, may hold any value of it): not compared on resume
+    writer = RecordWriter(cfg.out, meta, ignore=foreign_settings(cfg.method)) if cfg.out else None
     records: list[dict] = []
     n_per = decoder.n_outputs
     bar = tqdm(total=len(prompts), desc=cfg.method, unit="prompt", disable=not progress)

@@ -38,7 +38,10 @@ def read_records(path: str | Path) -> list[dict]:
 class RecordWriter:
     """Append records to a JSONL file, flushing each one, and know which keys are already done."""
 
-    def __init__(self, path: str | Path, meta: dict, resume_keys: Iterable[str] = ("config",)):
+    def __init__(self, path: str | Path, meta: dict, resume_keys: Iterable[str] = ("config",),
+                 ignore: Iterable[str] = ()):  # fmt: skip
+        """``ignore``: settings that cannot change the records (e.g. other methods' settings), not compared
+        when resuming."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done: set[str] = set()
@@ -49,7 +52,7 @@ class RecordWriter:
             self.meta_before = old
             if old is not None:
                 for key in resume_keys:
-                    a, b = _comparable(old.get(key)), _comparable(meta.get(key))
+                    a, b = _comparable(old.get(key), ignore), _comparable(meta.get(key), ignore)
                     # a setting the interrupted run's version did not have yet is not a difference
                     b = {k: v for k, v in b.items() if k in a}
                     if a != b:
@@ -101,7 +104,8 @@ _RESUMABLE = {"limit", "out", "out_dir", "device", "methods", "n_boot", "base_ur
               "encoder_api_key_env"}  # fmt: skip
 
 
-def _comparable(cfg) -> dict:
+def _comparable(cfg, ignore: Iterable[str] = ()) -> dict:
     if not isinstance(cfg, dict):
         return {}
-    return {k: v for k, v in cfg.items() if k not in _RESUMABLE}
+    skip = _RESUMABLE | set(ignore)
+    return {k: v for k, v in cfg.items() if k not in skip}

@@ -100,6 +100,27 @@ def test_resume_refuses_a_different_config(tmp_path, tiny_policy):
         generate(cfg, policy=tiny_policy, objectives=_objs(), prompts=PROMPTS, progress=False)
 
 
+def test_resume_ignores_settings_the_method_does_not_have(tmp_path, tiny_policy):
+    """A run whose meta holds another method's setting at another value (a run written while that setting was
+    shared, or from a base config) resumes; its own settings are still compared."""
+    import json
+
+    from moalign.records import meta_path
+
+    cfg = _cfg(tmp_path, "best-of-n")
+    first = generate(cfg, policy=tiny_policy, objectives=_objs(), prompts=PROMPTS[:1], progress=False)
+    mp = meta_path(cfg.out)
+    meta = json.loads(mp.read_text())
+    meta["config"]["k"], meta["config"]["lam"] = 8, 5.0  # CD's and RMOD's, never best-of-N's
+    mp.write_text(json.dumps(meta))
+    generate(cfg, policy=tiny_policy, objectives=_objs(), prompts=PROMPTS, progress=False)
+    recs = read_records(cfg.out)
+    assert len(recs) == len(PROMPTS) and recs[0] == first[0]  # resumed: the first record kept, not redone
+    cfg.n += 1
+    with pytest.raises(MoalignError, match=r"different config \(n\)"):
+        generate(cfg, policy=tiny_policy, objectives=_objs(), prompts=PROMPTS, progress=False)
+
+
 def test_nan_objective_is_rejected(tmp_path, tiny_policy):
     bad = CallableObjective("bad", lambda p, r: [float("nan")] * len(r))
     with pytest.raises(MoalignError, match="non-finite"):
