@@ -1,4 +1,5 @@
-"""The serving backend against the in-process engine: best-of-8 and CD (K = 8, B = 16) on the same prompts.
+"""The serving backend against the in-process engine, and each search against the sampling it is made of: plain
+sampling of 8 per prompt, best-of-8, CD and RMOD (K = 8, B = 16) on the same prompts and tokens.
 
 In-process: the bundled SmolLM2-135M-Instruct de-quantised to float32, batched through transformers on one
 torch thread. Servers, on the same model's GGUF (Q4_1), one thread, started here (``scripts/llama_server.py``):
@@ -14,8 +15,10 @@ Reported per (method, backend): wall time of decoding the batch, the tokens samp
 candidate's tokens, counted block by block from the selector's view), sampled tokens per second, the
 records' ``policy_tokens`` (same accounting in both backends) and, for the server, the requests sent and the
 prompt tokens it was sent (what its prefix cache may save). Policy load and server start-up are timed apart.
+``over_sampling``: each method's wall time over plain sampling's on the same backend (medians of ``--repeats``
+runs in rotating order, one process): what a search costs over the sampling it is made of.
 
-    python benchmarks/server_backend.py [--prompts 4] [--max-new-tokens 48]
+    python benchmarks/server_backend.py [--prompts 4] [--max-new-tokens 48] [--repeats 3] [--servers llama.cpp]
 """
 
 from __future__ import annotations
@@ -114,6 +117,9 @@ def main() -> None:
     ap.add_argument("--max-concurrency", type=int, default=8)
     ap.add_argument("--native", default=None, help="llama.cpp's llama-server binary (default: the installed one)")
     ap.add_argument("--parallel", type=int, default=32, help="llama.cpp's slots (--parallel): every row of the batch at once")
+    ap.add_argument("--name", default="server_backend", help="results file name (benchmarks/results/NAME.json)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each method per backend (medians; rotating order)")
+    ap.add_argument("--servers", default="llama-cpp-python,llama.cpp", help="which servers (comma-separated; none: '')")
     args = start(ap.parse_args())
     native = args.native or _installed_native()
     prompts = load_prompts(demo_prompts_path(), limit=args.prompts)
@@ -122,23 +128,37 @@ def main() -> None:
     scorer.raw(["warm up"], ["the objectives' models load here, outside the timings"])
     base = GenerateConfig(max_new_tokens=args.max_new_tokens, seed=0, normalize="none")
     methods = {
+        "sample-8": for_method(base, "sample", n=8),
         "best-of-8": for_method(base, "best-of-n", n=8),
         "cd-k8-b16": for_method(base, "cd", k=8, block_size=16),
+        "rmod-k8-b16": for_method(base, "rmod", k=8, block_size=16),
     }
+
+    def runs(engine, spolicy, cfgs, stats=None) -> dict:
+        """Every method ``--repeats`` times in rotating order; per method the median run by wall time."""
+        out: dict[str, list] = {name: [] for name in cfgs}
+        names = list(cfgs)
+        for rep_i in range(args.repeats):
+            for name in names[rep_i % len(names):] + names[: rep_i % len(names)]:
+                out[name].append(run(engine, spolicy, cfgs[name], scorer, prompts, stats=stats))
+        med = {}
+        for name, rs in out.items():
+            walls = sorted(r["wall_s"] for r in rs)
+            med[name] = {**next(r for r in rs if r["wall_s"] == walls[len(walls) // 2]), "walls_s": [r["wall_s"] for r in rs]}
+        return med
     t0 = time.perf_counter()
     policy = load_policy(DEFAULT_POLICY)
     local_load = time.perf_counter() - t0
     local = TransformersBackend(policy, SamplingConfig())
-    results: dict = {"local": {}, "server": {}}
-    for name, cfg in methods.items():
-        results["local"][name] = run(local, policy, cfg, scorer, prompts)
-        print("local", name, results["local"][name], flush=True)
+    results: dict = {"local": runs(local, policy, methods)}
+    print("local", results["local"], flush=True)
 
     from moalign.decoding.completions import connect
 
     llama_server = load_script("llama_server")
-    servers = {"llama-cpp-python": llama_server.LlamaServer(n_threads=1, n_ctx=4096)}
-    if native:
+    wanted = [x for x in args.servers.split(",") if x]
+    servers = {"llama-cpp-python": llama_server.LlamaServer(n_threads=1, n_ctx=4096)} if "llama-cpp-python" in wanted else {}
+    if native and "llama.cpp" in wanted:
         servers["llama.cpp"] = llama_server.NativeLlamaServer(native, parallel=args.parallel, n_threads=1, n_ctx=512 * args.parallel)
     results = {"local": results["local"], **{k: {} for k in servers}}
     caps, starts = {}, {}
@@ -148,21 +168,22 @@ def main() -> None:
             starts[kind] = round(time.perf_counter() - t0, 2)
             scfg = replace(base, backend="server", base_url=srv.base_url, max_concurrency=args.max_concurrency)
             spolicy, sengine = connect(scfg, SamplingConfig())
-            for name, cfg in methods.items():
-                cfg = replace(cfg, backend="server", base_url=srv.base_url, max_concurrency=args.max_concurrency)
-                results[kind][name] = run(sengine, spolicy, cfg, scorer, prompts, stats=sengine.stats)
-                print(kind, name, results[kind][name], flush=True)
+            cfgs = {name: replace(cfg, backend="server", base_url=srv.base_url, max_concurrency=args.max_concurrency)
+                    for name, cfg in methods.items()}  # fmt: skip
+            results[kind] = runs(sengine, spolicy, cfgs, stats=sengine.stats)
+            print(kind, results[kind], flush=True)
             caps[kind] = spolicy.describe()["capabilities"]
             sengine.close()
 
     def ratio(kind, name):
         return round(results[kind][name]["wall_s"] / results["local"][name]["wall_s"], 2)
 
-    summary = f"server_backend: {args.prompts} prompts x {args.max_new_tokens} tokens, 1 thread each; " + "; ".join(
-        f"{name}: in-process {results['local'][name]['wall_s']} s, "
-        + ", ".join(f"{kind} x{ratio(kind, name)}" for kind in servers)
-        for name in methods
-    )
+    def over_sampling(kind):
+        return {name: round(results[kind][name]["wall_s"] / results[kind]["sample-8"]["wall_s"], 2) for name in methods}
+
+    summary = (f"{args.name}: {args.prompts} prompts x {args.max_new_tokens} tokens, 1 thread each; over sampling 8: "
+               + "; ".join(f"{kind} " + ", ".join(f"{n} {r}" for n, r in over_sampling(kind).items() if n != "sample-8")
+                           for kind in results))  # fmt: skip
     payload = {
         "prompts": args.prompts,
         "max_new_tokens": args.max_new_tokens,
@@ -176,10 +197,12 @@ def main() -> None:
         "capabilities": caps,
         "n_threads": 1,
         "max_concurrency": args.max_concurrency,
+        "repeats": args.repeats,
         "ratios": {kind: {name: ratio(kind, name) for name in methods} for kind in servers},
+        "over_sampling": {kind: over_sampling(kind) for kind in results},
         "results": results,
     }
-    write_result("server_backend", payload, summary)
+    write_result(args.name, payload, summary)
 
 
 if __name__ == "__main__":

@@ -290,6 +290,8 @@ class DarwinDecoder:
                 self.mutator = TransformersBackend(policy, sampling, system_prompt=None)
             else:  # the policy itself, on the run's backend (in-process or server)
                 self.mutator = ctx.backend_with(sampling)
+            if hasattr(self.mutator, "share_prefix"):  # in process: the requests' few-shot prefix is prefilled
+                self.mutator.share_prefix = 32  # once per batch (a server's prefix cache does this itself)
         #: where the drift check's sentence encoder runs: --objective-device, else the policy's device
         spec = getattr(ctx.cfg, "objective_device", None)
         policy_device = getattr(ctx.policy, "device", None)
@@ -312,20 +314,22 @@ class DarwinDecoder:
         drift = DriftCheck(split, self.args.mutation_min_similarity, self.encoder_device) \
             if self.args.mutation_min_similarity > 0 else None  # fmt: skip
         res = self.mutator.decode(
-            [rewrite_request(pt.request, self.template, pt.before) for pt in split], k=m, block_size=8, max_new_tokens=budget,
+            [rewrite_request(pt.request, self.template, pt.before) for pt in split], k=m, block_size=4, max_new_tokens=budget,
             seed=seed, selector=_stop_when_decided(bases, n if drift is None else None, stopped), keep_all=True,
         )  # fmt: skip
+        every = [[(None, "enough rewrites") if (i, k) in stopped else
+                  parse_rewrite(row.response, parts.request, finished=row.finished) for k, row in enumerate(r.rows)]
+                 for i, (parts, r) in enumerate(zip(split, res))]  # fmt: skip
+        ok = [(i, k) for i, verdicts in enumerate(every) for k, (_, why) in enumerate(verdicts) if why == "ok"]
+        sims = dict(zip(ok, drift.similarity([(i, every[i][k][0]) for i, k in ok]))) if drift is not None else {}
         out, info = [], []
         for i, (parts, r) in enumerate(zip(split, res)):
-            base = parts.request
-            verdicts = [(None, "enough rewrites") if (i, k) in stopped else
-                        parse_rewrite(row.response, base, finished=row.finished) for k, row in enumerate(r.rows)]  # fmt: skip
+            verdicts = every[i]
             similarity: list[float | None] = [None] * len(verdicts)
-            if drift is not None:
-                ok = [k for k, (_, why) in enumerate(verdicts) if why == "ok"]
-                for k, sim in zip(ok, drift.similarity([(i, verdicts[k][0]) for k in ok])):
-                    similarity[k] = round(sim, 4)
-                    if sim < drift.threshold:
+            for k in range(len(verdicts)):  # the drift check, all prompts' rewrites encoded in one batch
+                if (i, k) in sims:
+                    similarity[k] = round(sims[(i, k)], 4)
+                    if sims[(i, k)] < drift.threshold:
                         verdicts[k] = (None, "drift")
             # the first n distinct usable rewrites; with the drift check, the n most faithful (every reply decoded)
             order = sorted(range(len(verdicts)), key=lambda k: -(similarity[k] or 0.0)) if drift is not None \

@@ -1,9 +1,11 @@
 """The in-process backend: a transformers causal LM with one KV cache for every row of a decode.
 
 Rows are sampled together in one batch. A reindex follows the parents by an index-select of the cache (no
-re-encoding); a row re-prefilled under its own prompt is re-encoded alone and spliced back into the batch
-(left-padding whichever side is shorter). Ended rows keep their place (later positions are padding and are
-not counted). Hidden states of each row's last token are returned when a decode asks for them.
+re-encoding); a row re-prefilled under its own prompt keeps its prompt's cache and reads only the copied
+response on top of it (a row that had left the batch is re-encoded whole and spliced back, left-padding
+whichever side is shorter). With ``share_prefix`` the prompts' common token prefix is prefilled once. Ended rows
+keep their place (later positions are padding and are not counted). Hidden states of each row's last token are
+returned when a decode asks for them.
 """
 
 from __future__ import annotations
@@ -100,9 +102,13 @@ class TransformersBackend(BlockwiseDecoding):
     capabilities = Capabilities(hidden_states=True, token_ids=True, n_choices=True)
 
     def __init__(
-        self, policy: Policy, sampling: SamplingConfig | None = None, system_prompt: str | None = None
-    ):
+        self, policy: Policy, sampling: SamplingConfig | None = None, system_prompt: str | None = None,
+        share_prefix: int = 0,
+    ):  # fmt: skip
         self.policy = policy
+        #: prefill the token prefix every prompt of a decode shares once, when it is at least this long (0: never),
+        #: e.g. Darwin's few-shot mutation requests
+        self.share_prefix = share_prefix
         self.model = policy.model
         self.tok = policy.tokenizer
         self.model_cost = model_cost(self.model, policy.name)
@@ -122,9 +128,9 @@ class TransformersBackend(BlockwiseDecoding):
         self.warpers = LogitsProcessorList(warpers)
 
     def with_sampling(
-        self, sampling: SamplingConfig, system_prompt: str | None = None
+        self, sampling: SamplingConfig, system_prompt: str | None = None, share_prefix: int = 0
     ) -> TransformersBackend:
-        return TransformersBackend(self.policy, sampling, system_prompt)
+        return TransformersBackend(self.policy, sampling, system_prompt, share_prefix)
 
     def close(self) -> None:
         pass
@@ -175,13 +181,17 @@ class TransformersBackend(BlockwiseDecoding):
                 first[(g, text)] = len(uniq)
                 uniq.append(text)
             inv.append(first[(g, text)])
-        enc = self.encode(uniq)
-        attn = enc.attention_mask.to(device)
-        lengths = attn.sum(dim=1).tolist()
+        cache = _new_cache(self.model.config)
+        shared = self._prefill_shared(uniq, cache, hidden) if self.share_prefix > 0 and len(uniq) > 1 else None
+        if shared is not None:
+            attn, logits, hid, lengths = shared
+        else:
+            enc = self.encode(uniq)
+            attn = enc.attention_mask.to(device)
+            lengths = attn.sum(dim=1).tolist()
+            logits, hid = self._forward(enc.input_ids.to(device), attn, cache, hidden)
         for (_, _), u in first.items():
             read[inv.index(u)] = int(lengths[u])
-        cache = _new_cache(self.model.config)
-        logits, hid = self._forward(enc.input_ids.to(device), attn, cache, hidden)
         expand = torch.tensor(inv, device=device)
         cache.reorder_cache(expand)
         R = len(rendered)
@@ -195,6 +205,34 @@ class TransformersBackend(BlockwiseDecoding):
             live=torch.arange(R, device=device),
         )  # fmt: skip
         return rows, read
+
+    def _prefill_shared(self, texts: list[str], cache, hidden: bool):
+        """Prefill ``texts`` whose token ids share a prefix of at least :attr:`share_prefix` tokens: the prefix
+        once (one row, expanded), then each text's own suffix on top of it (left-padded between the two, the
+        positions following the attention mask). Returns (attention mask, logits, hidden, tokens read per text:
+        its suffix and an equal share of the prefix), or None when the shared prefix is shorter."""
+        ids = [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        n = min(len(x) for x in ids) - 1  # every text keeps at least one token of its own
+        k = 0
+        while k < n and all(x[k] == ids[0][k] for x in ids):
+            k += 1
+        if k < self.share_prefix:
+            return None
+        device = self.policy.device
+        U = len(ids)
+        self._forward(torch.tensor([ids[0][:k]], device=device), torch.ones((1, k), dtype=torch.long, device=device),
+                      cache, False)  # fmt: skip
+        cache.reorder_cache(torch.zeros(U, dtype=torch.long, device=device))
+        S = max(len(x) - k for x in ids)
+        suf = torch.full((U, S), self.pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((U, S), dtype=torch.long, device=device)
+        for u, x in enumerate(ids):
+            suf[u, S - (len(x) - k) :] = torch.tensor(x[k:], device=device)
+            mask[u, S - (len(x) - k) :] = 1
+        attn = torch.cat([torch.ones((U, k), dtype=torch.long, device=device), mask], dim=1)
+        logits, hid = self._forward(suf, attn, cache, hidden)
+        lengths = [len(x) - k + k // U + (1 if u < k % U else 0) for u, x in enumerate(ids)]
+        return attn, logits, hid, lengths
 
     def extend(self, rows: _Rows, steps: int, last: bool):
         """Sample up to ``steps`` tokens per row; the logits of the next token are computed after each one
@@ -250,6 +288,9 @@ class TransformersBackend(BlockwiseDecoding):
         """Row r takes row ``src[r]``'s state. Rows that run afterwards copy a running row, which is in the
         batch; the batch is rebuilt from them (ended rows stay out of it)."""
         device = rows.attn.device
+        # a re-prefilled row still in the batch keeps its own prompt's cache: saved before the rows move, only
+        # the copied response is then read under it (the others are re-encoded whole)
+        own = self._own_prompts(rows, reprefill)
         idx = torch.tensor(src, device=device)
         rows.resp, rows.done, rows.logp = rows.resp[idx], rows.done[idx], rows.logp[idx]
         if rows.hidden is not None:
@@ -263,9 +304,55 @@ class TransformersBackend(BlockwiseDecoding):
         rows.cache.reorder_cache(at)
         rows.attn, rows.logits, rows.live = rows.attn[at], rows.logits[at], live
         read = torch.zeros(len(src), dtype=torch.long)
-        if reprefill:
-            read[reprefill] = self._reprefill(rows, torch.tensor(reprefill, device=device)).cpu()
+        if own is not None:
+            read[own[0]] = self._continue_own_prompts(rows, *own).cpu()
+        rest = [r for r in reprefill if own is None or r not in own[0]]
+        if rest:
+            read[rest] = self._reprefill(rows, torch.tensor(rest, device=device)).cpu()
         return read
+
+    def _own_prompts(self, rows: _Rows, reprefill: list[int]):
+        """The prompt part of the cache (keys, values, attention mask) of each row of ``reprefill`` that is still
+        in the batch, before a reindex moves rows: (rows, [(keys, values) per layer], mask), or None."""
+        t = rows.resp.shape[1]
+        if not reprefill or t == 0 or any(getattr(layer, "is_sliding", False) for layer in rows.cache.layers):
+            return None
+        device = rows.attn.device
+        pos = torch.full((len(rows.rendered),), -1, dtype=torch.long, device=device)
+        pos[rows.live] = torch.arange(len(rows.live), device=device)
+        own = [r for r in reprefill if int(pos[r]) >= 0]
+        if not own:
+            return None
+        at, w = pos[torch.tensor(own, device=device)], rows.attn.shape[1] - t  # the prompt columns
+        kv = [(layer.keys[at][:, :, :w].clone(), layer.values[at][:, :, :w].clone()) for layer in rows.cache.layers]
+        return own, kv, rows.attn[at][:, :w].clone()
+
+    def _continue_own_prompts(self, rows: _Rows, own: list[int], kv, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """Rows ``own`` (moved, now holding their parents' responses) read those responses under their own
+        prompt's saved cache; their cache entries, mask, logits and hidden states are replaced. Returns the
+        tokens read per row (the response's)."""
+        device = rows.attn.device
+        which = torch.tensor(own, device=device)
+        pos = torch.full((len(rows.rendered),), -1, dtype=torch.long, device=device)
+        pos[rows.live] = torch.arange(len(rows.live), device=device)
+        at = pos[which]  # their places in the batch now (they run, so they are in it)
+        cache = _new_cache(self.model.config)
+        for i, (k, v) in enumerate(kv):
+            cache.update(k, v, i)
+        ids = rows.resp[which]
+        attn = torch.cat([prompt_mask, torch.ones_like(ids)], dim=1)
+        lg, hid = self._forward(ids, attn, cache, rows.want_hidden)
+        for old, new in zip(rows.cache.layers, cache.layers):
+            old.keys[at] = new.keys
+            old.values[at] = new.values
+        rows.attn = rows.attn.clone()
+        rows.attn[at] = attn
+        rows.logits = rows.logits.clone()
+        rows.logits[at] = lg.to(rows.logits.dtype)
+        if rows.hidden is not None and hid is not None:
+            rows.hidden = rows.hidden.clone()
+            rows.hidden[which] = hid
+        return torch.full((len(own),), ids.shape[1], dtype=torch.long)
 
     def _reprefill(self, rows: _Rows, which: torch.Tensor) -> torch.Tensor:
         """Re-encode rows ``which`` as their own prompt + their (copied) response tokens and splice the new

@@ -312,8 +312,12 @@ class DriftCheck:
         """Cosine similarity of each (group, rewrite) with the group's closest reference, encoding only the
         texts not seen before, in one batch."""
         new = list(dict.fromkeys(it for it in items if it not in self._sim))
-        for i in sorted({i for i, _ in new} - set(self._refs)):
-            self._refs[i] = self._encode(self.refs[i], [i] * len(self.refs[i]))
+        groups = sorted({i for i, _ in new} - set(self._refs))
+        if groups:  # every new group's references in one batch
+            texts = [(i, t) for i in groups for t in self.refs[i]]
+            emb = self._encode([t for _, t in texts], [i for i, _ in texts])
+            for i in groups:
+                self._refs[i] = emb[[j for j, (g, _) in enumerate(texts) if g == i]]
         if new:
             emb = self._encode([t for _, t in new], [i for i, _ in new])
             for (i, t), e in zip(new, emb):

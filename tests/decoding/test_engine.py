@@ -180,14 +180,15 @@ def _row_logprobs(policy, engine, prompt, ids):
     return _full_logprobs(policy, engine, prompt, ids)
 
 
-def test_row_prompts_and_reprefill_match_full_forward(tiny_policy):
+@pytest.mark.parametrize("share_prefix", [0, 8])
+def test_row_prompts_and_reprefill_match_full_forward(tiny_policy, share_prefix):
     """Rows with their own prompts; after parents move rows between prompts, a re-prefilled row's next
     tokens are scored under ITS OWN prompt + the copied tokens (checked against a fresh full forward pass),
     and only rows whose prompt differs from their parent's are re-prefilled."""
     group = [to_prompt(PROMPTS[0]), to_prompt(PROMPTS[1])]
     rows = [[to_prompt(PROMPTS[0]), to_prompt(PROMPTS[2]), to_prompt("Name a colour.")],
             [to_prompt(PROMPTS[1]), to_prompt(PROMPTS[1]), to_prompt("Say something kind.")]]  # fmt: skip
-    eng = TransformersBackend(tiny_policy, SamplingConfig(temperature=1.0))
+    eng = TransformersBackend(tiny_policy, SamplingConfig(temperature=1.0), share_prefix=share_prefix)
     seen = []
 
     def selector(step: BlockStep) -> Selection:
@@ -249,6 +250,28 @@ def test_policy_tokens_count_prefill_and_running_rows(tiny_policy):
     fed = [min(len(r.token_ids) + 1, 4) if r.finished else 4 for r in res[0].rows]
     assert res[0].rows[2].finished  # the other prompt ends early here: the count must stop with it
     assert res[0].policy_tokens == n_prompt + n0 + sum(fed)
+
+
+def test_shared_prefix_prefill_matches_the_plain_one(tiny_policy):
+    """share_prefix: the prompts' common token prefix is prefilled once and each suffix on top of it; the rows'
+    tokens and log-probs are those of the plain prefill (greedy), and the prefix is read once in all."""
+    system = "You rewrite requests. Keep every number, name and format of the request. " * 3
+    prompts = [to_prompt(p) for p in PROMPTS]
+    plain = TransformersBackend(tiny_policy, SamplingConfig(temperature=0), system_prompt=system)
+    shared = TransformersBackend(tiny_policy, SamplingConfig(temperature=0), system_prompt=system, share_prefix=16)
+    a = plain.decode(prompts, k=2, block_size=3, max_new_tokens=9, keep_all=True)
+    b = shared.decode(prompts, k=2, block_size=3, max_new_tokens=9, keep_all=True)
+    ids = [plain.tok(plain.render(p), add_special_tokens=False).input_ids for p in prompts]
+    common = next(i for i in range(min(map(len, ids))) if len({tuple(x[: i + 1]) for x in ids}) > 1)
+    assert common >= 16
+    for ra, rb in zip(a, b):
+        assert [r.token_ids for r in ra.rows] == [r.token_ids for r in rb.rows]
+        for x, y in zip(ra.rows, rb.rows):
+            assert torch.allclose(torch.tensor(x.token_logprobs), torch.tensor(y.token_logprobs), atol=1e-4)
+    assert sum(r.policy_tokens for r in a) - sum(r.policy_tokens for r in b) == (len(prompts) - 1) * common
+    # a shorter shared prefix than asked for: the plain prefill
+    assert TransformersBackend(tiny_policy, share_prefix=10**6)._prefill_shared(
+        [plain.render(p) for p in prompts], None, False) is None  # fmt: skip
 
 
 def test_bad_parents_and_row_prompts(tiny_policy):
