@@ -40,7 +40,7 @@ REWRITE_ASK = "Rewrite this instruction in other words, without answering it: {i
 #: the set-up kept around a question (:func:`split_request`), shown above the request: without it the policy
 #: rewrote questions that depend on it into other ones ("Implement a function to find B_n." -> "a function that
 #: returns b multiplied by 2"); with it, 79% of the accepted rewrites of MT-Bench/Vicuna 1-40 were usable by hand
-#: against 65% (benchmarks/results/darwin_mutation_handcheck_2.md)
+#: against 65% (a hand check of 50 replies; in the git history of benchmarks/results/)
 REWRITE_CONTEXT = "Context (keep it as it is): {context}"
 REWRITE_EXAMPLES = (
     ("Give me a recipe for banana bread.", "Could you share a recipe I can follow to bake banana bread at home?"),
