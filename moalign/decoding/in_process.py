@@ -63,6 +63,13 @@ class _GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
 
+def _batch_places(rows) -> torch.Tensor:
+    """Each row's place in the batch (its index into the cache), -1 for a row that has left it."""
+    pos = torch.full((len(rows.rendered),), -1, dtype=torch.long, device=rows.attn.device)
+    pos[rows.live] = torch.arange(len(rows.live), device=rows.attn.device)
+    return pos
+
+
 def _new_cache(config) -> DynamicCache:
     """A ``DynamicCache`` for ``config`` whose full-attention layers grow in place (:class:`_GrowingLayer`)."""
     cache = DynamicCache(config=config)
@@ -128,9 +135,9 @@ class TransformersBackend(BlockwiseDecoding):
         self.warpers = LogitsProcessorList(warpers)
 
     def with_sampling(
-        self, sampling: SamplingConfig, system_prompt: str | None = None, share_prefix: int = 0
+        self, sampling: SamplingConfig, system_prompt: str | None = None
     ) -> TransformersBackend:
-        return TransformersBackend(self.policy, sampling, system_prompt, share_prefix)
+        return TransformersBackend(self.policy, sampling, system_prompt)
 
     def close(self) -> None:
         pass
@@ -295,8 +302,7 @@ class TransformersBackend(BlockwiseDecoding):
         rows.resp, rows.done, rows.logp = rows.resp[idx], rows.done[idx], rows.logp[idx]
         if rows.hidden is not None:
             rows.hidden = rows.hidden[idx]
-        pos = torch.full((len(src),), -1, dtype=torch.long, device=device)
-        pos[rows.live] = torch.arange(len(rows.live), device=device)  # a row's place in the batch
+        pos = _batch_places(rows)
         live = torch.arange(len(src), device=device) if len(rows.live) == len(src) else (~rows.done).nonzero().squeeze(1)
         at = pos[idx[live]]
         if bool((at < 0).any()):  # an ended row copied into a row that runs: cannot happen (it would be ended)
@@ -318,8 +324,7 @@ class TransformersBackend(BlockwiseDecoding):
         if not reprefill or t == 0 or any(getattr(layer, "is_sliding", False) for layer in rows.cache.layers):
             return None
         device = rows.attn.device
-        pos = torch.full((len(rows.rendered),), -1, dtype=torch.long, device=device)
-        pos[rows.live] = torch.arange(len(rows.live), device=device)
+        pos = _batch_places(rows)
         own = [r for r in reprefill if int(pos[r]) >= 0]
         if not own:
             return None
@@ -333,8 +338,7 @@ class TransformersBackend(BlockwiseDecoding):
         tokens read per row (the response's)."""
         device = rows.attn.device
         which = torch.tensor(own, device=device)
-        pos = torch.full((len(rows.rendered),), -1, dtype=torch.long, device=device)
-        pos[rows.live] = torch.arange(len(rows.live), device=device)
+        pos = _batch_places(rows)
         at = pos[which]  # their places in the batch now (they run, so they are in it)
         cache = _new_cache(self.model.config)
         for i, (k, v) in enumerate(kv):
@@ -366,8 +370,7 @@ class TransformersBackend(BlockwiseDecoding):
         enc = self.encode([rows.rendered[r] for r in which.tolist()])
         ids = torch.cat([enc.input_ids.to(device), rows.resp[which]], dim=1)
         a_new = torch.cat([enc.attention_mask.to(device), torch.ones_like(rows.resp[which])], dim=1)
-        pos = torch.full((len(rows.rendered),), -1, dtype=torch.long, device=device)
-        pos[rows.live] = torch.arange(len(rows.live), device=device)
+        pos = _batch_places(rows)
         at = pos[which]  # the re-encoded rows' places in the batch (they run, so they are in it)
         new_cache = _new_cache(self.model.config)
         lg, hid = self._forward(ids, a_new, new_cache, rows.want_hidden)

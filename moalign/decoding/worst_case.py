@@ -87,15 +87,21 @@ class WeightSolution:
 # --------------------------------------------------------------------------------------------- validation
 
 
+def _real_tensor(x: object, what: str, shapes: str) -> torch.Tensor:
+    """``x`` as a real-valued tensor, or a one-line error naming ``what`` and the ``shapes`` it may have."""
+    if not isinstance(x, torch.Tensor):
+        try:
+            x = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise MoalignError(f"{what} must be a tensor of shape {shapes}: {exc}") from exc
+    if x.dtype == torch.bool or x.is_complex():
+        raise MoalignError(f"{what} must be a real-valued tensor, got dtype {x.dtype}")
+    return x
+
+
 def _as_values(v: object) -> tuple[torch.Tensor, bool]:
     """Return ``v`` as a ``[P, K, G]`` tensor and whether the input was batched."""
-    if not isinstance(v, torch.Tensor):
-        try:
-            v = torch.as_tensor(v)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise MoalignError(f"values v must be a tensor of shape [K, G] or [P, K, G]: {exc}") from exc
-    if v.dtype == torch.bool or v.is_complex():
-        raise MoalignError(f"values v must be a real-valued tensor, got dtype {v.dtype}")
+    v = _real_tensor(v, "values v", "[K, G] or [P, K, G]")
     if v.ndim == 2:
         v, batched = v.unsqueeze(0), False
     elif v.ndim == 3:
@@ -171,13 +177,7 @@ def _as_lam(lam: object, p: int, device: torch.device) -> torch.Tensor:
 
 def _as_weights(w: object, p: int, g: int, batched: bool, device: torch.device) -> torch.Tensor:
     """Return weights as a ``[P, G]`` float64 tensor (a ``[G]`` vector is broadcast over prompts)."""
-    if not isinstance(w, torch.Tensor):
-        try:
-            w = torch.as_tensor(w)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise MoalignError(f"weights w must be a tensor of shape [G] or [P, G]: {exc}") from exc
-    if w.dtype == torch.bool or w.is_complex():
-        raise MoalignError(f"weights w must be real-valued, got dtype {w.dtype}")
+    w = _real_tensor(w, "weights w", "[G] or [P, G]")
     if w.ndim == 1 and w.shape[0] == g:
         w = w.unsqueeze(0).expand(p, g)
     elif not (w.ndim == 2 and tuple(w.shape) == (p, g) and batched):
